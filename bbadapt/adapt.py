@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BbadaptError, ModelError, WeightsError
+from .errors import ModelError, OptionError, WeightsError
 from .layers import Identity, bn_constants, get_block, make_frozen_affine, param_value, replace_block, set_conv
 from .spec import InputSpec, affine_map, parse_spec
 from .trace import Graph, trace
@@ -30,10 +30,6 @@ FOLDS = ("auto", "bn", "conv")
 BN_MODES = ("global-stats", "affine", "fused")
 TINY_VAR = 1e-6  # running_var below this: the frozen scale is driven by eps alone
 FP16_MAX = 65504.0
-
-
-class OptionError(BbadaptError, ValueError):
-    exit_code = 2
 
 
 @dataclass
@@ -143,16 +139,23 @@ def _global_stats_bn(template, gamma, beta, mean, var, fix_gamma: bool):
     return new
 
 
-def _bn_for_affine(template, scale: np.ndarray, shift: np.ndarray):
-    """A global-stats BatchNorm computing ``x * scale + shift``, keeping fix_gamma when possible."""
+def _bn_for_affine(template, scale: np.ndarray, shift: np.ndarray, step: dict):
+    """A global-stats BatchNorm computing ``x * scale + shift``, keeping fix_gamma when possible.
+
+    With fix_gamma the scale must come from the variance alone (``1/sqrt(var+eps)``), which
+    needs ``1/scale^2 >= eps``; otherwise gamma is switched on. The choice is recorded in
+    ``step`` so that replaying the plan on other values builds the same structure.
+    """
     eps = float(template._kwargs["eps"])
     beta = param_value(template.beta)
     safe = np.where(scale == 0, 1.0, scale)
     mean = np.where(scale == 0, 0.0, (beta - shift) / safe)
     beta = np.where(scale == 0, shift, beta)
     var_fixed = 1.0 / safe ** 2 - eps
-    if template._kwargs["fix_gamma"] and np.all(var_fixed >= 0) and np.all(scale > 0):
-        return _global_stats_bn(template, np.ones_like(scale), beta, mean, var_fixed, True)
+    if "fix_gamma" not in step:
+        step["fix_gamma"] = bool(template._kwargs["fix_gamma"] and np.all(var_fixed >= 0) and np.all(scale > 0))
+    if step["fix_gamma"]:
+        return _global_stats_bn(template, np.ones_like(scale), beta, mean, np.maximum(var_fixed, 0.0), True)
     var = np.abs(param_value(template.running_var))
     return _global_stats_bn(template, scale * np.sqrt(var + eps), beta, mean, var, False)
 
@@ -195,7 +198,7 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
             set_conv(net, step["conv"], weight[:, inv], None)
             if op == "input_bn":
                 bn = get_block(net, step["bn"])
-                new = (_bn_for_affine(bn, scale, shift) if step["form"] == "global-stats"
+                new = (_bn_for_affine(bn, scale, shift, step) if step["form"] == "global-stats"
                        else make_frozen_affine(3, bn.prefix, scale, shift))
                 replace_block(net, step["bn"], new)
             else:

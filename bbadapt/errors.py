@@ -29,3 +29,9 @@ class WeightsError(BbadaptError):
 
 class OutputError(BbadaptError):
     """An output directory that exists, or a bundle that cannot be read."""
+
+
+class OptionError(BbadaptError, ValueError):
+    """An invalid option value (fold, BN mode, sizes ...)."""
+
+    exit_code = 2

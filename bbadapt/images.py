@@ -31,8 +31,8 @@ def _fit(img, size: tuple[int, int]) -> np.ndarray:
     iw, ih = img.size
     scale = min(iw / w, ih / h)
     cw, ch = w * scale, h * scale
-    left, top = (iw - cw) / 2, (ih - ch) / 2
-    img = img.convert("RGB").resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    left, top = max(0.0, (iw - cw) / 2), max(0.0, (ih - ch) / 2)
+    img = img.convert("RGB").resize((w, h), Image.BILINEAR, box=(left, top, min(iw, left + cw), min(ih, top + ch)))
     return np.asarray(img, dtype=np.float64).transpose(2, 0, 1)
 
 

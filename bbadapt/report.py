@@ -49,7 +49,11 @@ def _row(p: dict) -> list[str]:
             _fmt(p.get("max_abs")), _fmt(p.get("max_rel")), _fmt(p.get("mean_abs")),
             _fmt(p.get("median_abs")), _fmt(p.get("p99_abs")), _fmt(p.get("cosine"), ".8f"),
             _fmt(_get(p, "border", "max_abs")), _fmt(_get(p, "interior", "max_abs")),
-            _fmt(_get(p, "fp64", "ratio")), "PASS" if p.get("passed") else "FAIL"]
+            _fmt(_get(p, "fp64", "ratio")), _RESULT[p.get("passed")]]
+
+
+# None: not judged (after an approximate fold, padding differences reach these by design)
+_RESULT = {True: "PASS", False: "FAIL", None: "info"}
 
 
 def _header(r: dict) -> str:
@@ -61,17 +65,25 @@ def _classification(r: dict) -> str | None:
     c = r.get("classification")
     if not c:
         return None
-    return (f"classification agreement on {c.get('n')} images: "
+    line = (f"classification agreement on {c.get('n')} images: "
             f"top-1 {_fmt(c.get('top1_agreement'), '.1%')}, "
             f"top-5 {_fmt(c.get('top5_agreement'), '.1%')}")
+    lab = c.get("labelled")
+    if lab:
+        line += (f"; on {lab.get('n')} labelled images: accuracy original {_fmt(lab.get('accuracy_original'), '.1%')}, "
+                 f"adapted {_fmt(lab.get('accuracy_adapted'), '.1%')}, top-1 agreement {_fmt(lab.get('top1_agreement'), '.1%')}")
+    return line
 
 
 def _verdict(r: dict) -> str:
     passed = bool(r.get("passed"))
+    word = "PASSED" if passed else "FAILED"
+    tol = _fmt(_get(r, "tolerance", "max_rel"))
+    if not r.get("exact", True):
+        return (f"{word} (APPROXIMATE fold: stem interior judged against {tol}; "
+                f"worst max rel incl. border {_fmt(r.get('worst_max_rel'))})")
     op = "<=" if passed else ">"
-    line = (f"{'PASSED' if passed else 'FAILED'}  worst max rel {_fmt(r.get('worst_max_rel'))} "
-            f"{op} {_fmt(_get(r, 'tolerance', 'max_rel'))}")
-    return line if r.get("exact", True) else line + "  (approximate)"
+    return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {tol}"
 
 
 def render_markdown(report: dict) -> str:

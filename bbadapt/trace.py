@@ -145,11 +145,11 @@ def trace(net) -> Graph:
         if producer["op"] == "Convolution" and consumers.get(src, 0) == 1 and block_of(producer):
             graph.pairs.append((block_of(producer), bn))  # type: ignore[arg-type]
         elif producer["op"] == "Convolution":
-            graph.unfusable[bn] = "its conv output is also read elsewhere"
+            graph.unfusable[bn] = "its conv's output is also read elsewhere (a residual branch)"
         elif producer["op"] == "null":
             graph.unfusable[bn] = "reads the network input (before zero padding)"
         else:
-            graph.unfusable[bn] = f"pre-activation: reads a {producer['op']} output, not a conv"
+            graph.unfusable[bn] = f"pre-activation: reads the output of {producer['op']}, not of a conv"
     if not graph.first_conv:
         raise ModelError("cannot adapt: no convolution found in the network")
     _receptive_fields(net, nodes, graph)

@@ -13,7 +13,9 @@ named in the error, never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +166,23 @@ def randomize(net, seed: int, calibration: np.ndarray) -> None:
     try:
         for bn in bns:
             bn._kwargs["momentum"] = 0.0
-        with autograd.train_mode():
-            net(mx.nd.array(calibration))
+        with autograd.train_mode(), native_stderr_silenced():
+            net(mx.nd.array(calibration)).wait_to_read()
     finally:
         for bn, momentum in zip(bns, saved):
             bn._kwargs["momentum"] = momentum
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Hide MKLDNN's per-layer log lines that training-mode pooling prints from C++."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

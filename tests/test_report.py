@@ -87,7 +87,7 @@ def test_markdown_failed(failed_report):
     assert "Reasons:" in md and failed_report["reasons"][0] in md
     last = _last_line(md)
     assert last.startswith("FAILED")
-    assert "approximate" in last
+    assert "APPROXIMATE" in last
     assert "FAIL |" in md
 
 

@@ -1,0 +1,136 @@
+"""Output directories: manifest + parameters + reports, written atomically, and reloaded.
+
+A bundle stores the adapted parameters (``save_parameters`` form) and the *plan* that
+produced its structure. :func:`load_backbone` rebuilds the zoo architecture, replays the
+plan to get the same block tree, then loads the parameters strictly, so a reloaded
+backbone keeps its stages addressable (the detector builder needs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "backbone.params"
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``out`` only if the block succeeds.
+
+    Nothing partial is ever left at ``out``: on failure the staging directory is removed;
+    with ``force`` an existing ``out`` is swapped out only after the new one is complete.
+    """
+    out = Path(out)
+    refuse_existing(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any directory
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+
+
+def versions() -> dict:
+    import mxnet
+    import numpy
+
+    from . import __version__
+
+    found = {"bbadapt": __version__, "mxnet": mxnet.__version__, "numpy": numpy.__version__,
+             "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        found["gluoncv"] = version("gluoncv")
+    except Exception:  # noqa: BLE001 - gluoncv is optional for gluon-only models
+        pass
+    return found
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    manifest = {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **manifest, "versions": versions()}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a bundle, with one-line errors for anything unusable."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise OutputError(f"no bbadapt output at {directory}")
+    if not path.is_file():
+        raise OutputError(f"{directory} is not a bbadapt output ({MANIFEST} missing)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OutputError(f"{path} is not valid JSON") from None
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise OutputError(f"{path} has schema version {version}; this bbadapt reads up to {SCHEMA_VERSION} (upgrade bbadapt)")
+    for key in ("model", "source", "target", "plan"):
+        if key not in manifest:
+            raise OutputError(f"{path} lacks {key!r}")
+    if not (directory / manifest.get("params_file", PARAMS)).is_file():
+        raise OutputError(f"{directory} lacks its parameters file {manifest.get('params_file', PARAMS)}")
+    return manifest
+
+
+def save_backbone(adapted, directory: Path) -> str:
+    """Write the adapted parameters; returns their sha256."""
+    from .weights import sha256_of
+
+    path = directory / PARAMS
+    adapted.net.save_parameters(str(path))
+    return sha256_of(path)
+
+
+def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
+    """Rebuild an adapted backbone: a HybridBlock taking the bundle's target-spec input.
+
+    ``net``: the original architecture, for networks that are not zoo models.
+    """
+    from . import zoo
+    from .adapt import apply_plan
+    from .spec import InputSpec
+    from .weights import load_into
+
+    manifest = read_manifest(directory)
+    if net is None:
+        net = zoo.build(manifest["model"])
+    apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
+               InputSpec.from_dict(manifest["target"]))
+    load_into(net, Path(directory) / manifest.get("params_file", PARAMS))
+    if ctx is not None:
+        net.collect_params().reset_ctx(ctx)
+    return net

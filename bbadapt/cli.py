@@ -1,0 +1,182 @@
+"""``bbadapt`` command line: convert, check, list. Mirrors the Python API.
+
+Exit codes: 0 the check passed; 3 the check failed (the report is still written and says
+why); 2 invalid arguments (unknown model, bad spec or option); 1 any other error (bad
+weights file, missing download, existing output). Errors are one line on stderr;
+``BBADAPT_DEBUG=1`` shows the traceback of unexpected ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import BbadaptError, OptionError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn model-zoo ResNets into verified, detection-ready backbones.")
+out_console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+EXIT_CHECK_FAILED = 3
+
+
+class Fold(str, Enum):
+    auto = "auto"
+    bn = "bn"
+    conv = "conv"
+
+
+class BNMode(str, Enum):
+    global_stats = "global-stats"
+    affine = "affine"
+    fused = "fused"
+
+
+def fail(message: str, code: int) -> None:
+    err_console.print(f"bbadapt: error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn bbadapt's errors into one stderr line and an exit code."""
+    try:
+        yield
+    except BbadaptError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, traceback on request
+        if os.environ.get("BBADAPT_DEBUG"):
+            raise
+        fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+             "(rerun with BBADAPT_DEBUG=1 for the traceback)", 1)
+
+
+@contextlib.contextmanager
+def progress_line() -> Iterator:
+    """A spinner on stderr that shows the current long step (quiet when not a terminal)."""
+    if err_console.is_terminal:
+        with err_console.status("starting") as status:
+            yield lambda msg: status.update(msg)
+    else:
+        yield lambda msg: err_console.print(f"... {msg}", markup=False)
+
+
+def parse_sizes(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    if not text:
+        return None
+    sizes = []
+    for part in text.split(","):
+        h, sep, w = part.strip().lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit() and int(h) >= 8 and int(w) >= 8):
+            raise OptionError(f"bad size {part!r}; use HxW[,HxW...] with sides >= 8, e.g. 224x224,161x193")
+        sizes.append((int(h), int(w)))
+    return sizes
+
+
+def _summary(report: dict, out: Path) -> None:
+    cls = report.get("classification") or {}
+    agree = f"; top-1 agreement {cls['top1_agreement']:.0%}" if cls.get("top1_agreement") is not None else ""
+    lab = cls.get("labelled")
+    if lab:
+        agree += (f"; accuracy on {lab['n']} labelled tiles: original {lab['accuracy_original']:.0%}, "
+                  f"adapted {lab['accuracy_adapted']:.0%}")
+    n_sizes = len({tuple(i["size"]) for i in report["inputs"]})
+    if report["exact"]:
+        out_console.print(f"check {report['verdict']}: worst max rel {report['worst_max_rel']:.2e} "
+                          f"(tolerance {report['tolerance']['max_rel']:.0e}) over {len(report['probes'])} probes, "
+                          f"{len(report['inputs'])} images at {n_sizes} sizes{agree}", markup=False)
+    else:
+        err_console.print("bbadapt: warning: this fold is APPROXIMATE (fold=conv with a non-zero shift): "
+                          "results differ near the image border; see the report", markup=False)
+        out_console.print(f"check {report['verdict']} (approximate fold): stem interior within tolerance; "
+                          f"worst max rel including the border {report['worst_max_rel']:.2e}{agree}", markup=False)
+    for reason in report["reasons"]:
+        out_console.print(f"  - {reason}", markup=False)
+    out_console.print(f"report: {out / 'report.md'} (and report.html)", markup=False)
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="zoo model name, e.g. resnet50_v2 (see `bbadapt list`)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory [default: out/MODEL]"),
+    weights: str = typer.Option("pretrained", help="pretrained (download; cached in $MXNET_HOME), random, or a .params file"),
+    source: Optional[str] = typer.Option(None, "--from", help="input spec the weights expect [default: the model's own]"),
+    target: str = typer.Option("rgb255", "--to", help="input spec you will feed: preset or order=..,scale=..,mean=a/b/c,std=a/b/c"),
+    fold: Fold = typer.Option(Fold.auto, help="where the input map goes: bn (exact), conv (approximate at borders), auto"),
+    bn: BNMode = typer.Option(BNMode.fused, help="frozen BatchNorm form"),
+    force: bool = typer.Option(False, help="replace an existing output directory"),
+    images: Optional[Path] = typer.Option(None, help="directory of photos for the check [default: packaged photos]"),
+    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,161x193; 32x32,37x29 for CIFAR]"),
+    seed: int = typer.Option(0, help="seed for --weights random"),
+) -> None:
+    """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone."""
+    from .convert import convert as run_convert
+    from .spec import parse_spec
+    from .zoo import model_info
+
+    with user_errors():
+        model_info(model)
+        parse_spec(target)
+        if source:
+            parse_spec(source)
+        out = out or Path("out") / model
+        with progress_line() as say:
+            report, adapted = run_convert(model, out, weights=weights, source=source, target=target, fold=fold.value,
+                                          bn=bn.value, force=force, images=str(images) if images else None,
+                                          sizes=parse_sizes(sizes), seed=seed, progress=say)
+        steps = [s["op"] for s in adapted.plan]
+        out_console.print(f"{model}: {adapted.source.to_string()} -> {adapted.target.to_string()}, fold={adapted.fold}"
+                          f"{'' if adapted.exact else ' (APPROXIMATE)'}, bn={bn.value}: {steps.count('fuse')} BN fused, "
+                          f"{steps.count('affine')} affine, {steps.count('global_stats')} global-stats"
+                          f"{', input folded' if adapted.fold != 'none' else ''}", markup=False)
+        _summary(report, out)
+        out_console.print(f"wrote {out}", markup=False)
+    if not report["passed"]:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+def check(
+    directory: Path = typer.Argument(..., help="an output directory of `bbadapt convert`"),
+    images: Optional[Path] = typer.Option(None, help="directory of photos for the check"),
+    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW"),
+) -> None:
+    """Re-run the equivalence check of an existing output (rewrites its reports)."""
+    from .convert import recheck
+
+    with user_errors():
+        with progress_line() as say:
+            report = recheck(directory, images=str(images) if images else None, sizes=parse_sizes(sizes), progress=say)
+        _summary(report, directory)
+    if not report["passed"]:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("list")
+def list_models(all_models: bool = typer.Option(False, "--all", help="also list the further ResNet kin (SE, ResNeXt, pruned)")) -> None:
+    """The supported models and the input spec their pretrained weights expect."""
+    from rich.table import Table
+
+    from .zoo import list_models as models
+
+    table = Table("model", "family", "default --from", "library", "status")
+    for m in models(core_only=not all_models):
+        table.add_row(m.name, m.family, m.source_spec, m.library, "supported" if m.core else "generic (stretch)")
+    out_console.print(table)
+
+
+def main() -> None:
+    app(prog_name="bbadapt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The whole job, as one function the CLI and Python users share.
+
+source weights -> Gluon net + source spec -> adapt -> check -> bundle. ``bbadapt convert``
+and :func:`convert` take the same arguments; ``bbadapt check DIR`` is :func:`recheck`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import images as imgs
+from . import zoo
+from .adapt import Adapted, adapt
+from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
+from .check import check
+from .errors import WeightsError
+from .report import write_reports
+from .spec import InputSpec, parse_spec
+from .weights import load_into, randomize, sha256_of
+
+Progress = Callable[[str], None]
+N_CALIBRATION_PHOTOS = 8
+N_CALIBRATION_TILES = 32
+
+
+def params_digest(net) -> str:
+    """sha256 over every parameter (structural name + float32 bytes): identifies weights in memory."""
+    digest = hashlib.sha256()
+    for key, param in sorted(net._collect_params_with_prefix().items()):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(param.data().asnumpy(), dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def calibration_images(info: zoo.ModelInfo) -> tuple[np.ndarray, str]:
+    """Real images for BN calibration of random weights: CIFAR tiles or the packaged photos."""
+    if info.is_cifar:
+        tiles, _ = imgs.cifar_tiles()
+        return tiles[:N_CALIBRATION_TILES], f"{N_CALIBRATION_TILES} packaged CIFAR-10 tiles"
+    size = (info.input_size, info.input_size)
+    raw, _ = imgs.photos(size, limit=N_CALIBRATION_PHOTOS)
+    return raw, f"{len(raw)} packaged raccoon photos at {size[0]}x{size[1]}"
+
+
+def load_source(model: str, weights: str = "pretrained", seed: int = 0, source: InputSpec | None = None,
+                progress: Progress | None = None):
+    """Build ``model`` with ``weights`` (``pretrained``, ``random`` or a ``.params`` path).
+
+    Returns the net and a provenance dict for the manifest.
+    """
+    say = progress or (lambda _m: None)
+    info = zoo.model_info(model)
+    if weights == "pretrained":
+        say(f"getting pretrained {model} (cache: {os.environ.get('MXNET_HOME', '~/.mxnet')}/models)")
+        net = zoo.build(model, pretrained=True)
+        return net, {"kind": "pretrained", "library": info.library, "sha256": params_digest(net)}
+    net = zoo.build(model)
+    if weights == "random":
+        raw, what = calibration_images(info)
+        say(f"random weights (seed {seed}), calibrating BatchNorm statistics on {what}")
+        randomize(net, seed, parse_spec(source or info.source_spec).normalize(raw))
+        return net, {"kind": "random", "seed": seed, "calibration": what, "sha256": params_digest(net),
+                     "note": "seeded random weights with BN statistics calibrated on real photos; NOT pretrained"}
+    say(f"loading {weights}")
+    sha = load_into(net, weights)
+    return net, {"kind": "file", "path": str(Path(weights).resolve()), "sha256": sha}
+
+
+def _labelled(info: zoo.ModelInfo, net) -> tuple[np.ndarray, np.ndarray] | None:
+    """CIFAR-10 classifiers also get their accuracy on the 100 packaged tiles."""
+    if not info.is_cifar:
+        return None
+    tiles, labels = imgs.cifar_tiles()
+    return tiles, labels
+
+
+def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", source: str | None = None,
+            target: str = "rgb255", fold: str = "auto", bn: str = "fused", force: bool = False,
+            images: str | None = None, sizes: list[tuple[int, int]] | None = None, seed: int = 0,
+            progress: Progress | None = None) -> tuple[dict, Adapted]:
+    """Adapt ``model``, check it and write the output directory ``out`` (atomically).
+
+    Returns the report and the :class:`~bbadapt.adapt.Adapted` net.
+    """
+    say = progress or (lambda _m: None)
+    info = zoo.model_info(model)
+    src = parse_spec(source or info.source_spec)
+    tgt = parse_spec(target)
+    refuse_existing(Path(out), force)  # fail before minutes of work, not after
+    if images:
+        imgs.photo_files(images)
+    net, provenance = load_source(model, weights, seed, src, say)
+    say(f"adapting: fold={fold}, bn={bn}")
+    adapted = adapt(net, src, tgt, fold=fold, bn=bn)
+    report = check(net, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
+                   labelled=_labelled(info, net), progress=say)
+    report["model"] = model
+    say(f"writing {out}")
+    with staged_output(out, force) as stage:
+        params_sha = save_backbone(adapted, stage)
+        write_manifest(stage, {
+            "kind": "backbone", "model": model, "family": info.family, "weights": provenance,
+            "source": src.to_dict(), "target": tgt.to_dict(), "fold_requested": fold, "fold": adapted.fold,
+            "bn": bn, "exact": adapted.exact, "plan": adapted.plan, "health": adapted.health,
+            "graph": {"data_consumer": adapted.graph.data_consumer, "first_conv": adapted.graph.first_conv,
+                      "stages": [s.path for s in adapted.graph.stages], "fusable_pairs": len(adapted.graph.pairs),
+                      "unfusable": adapted.graph.unfusable},
+            "params_file": PARAMS, "params_sha256": params_sha,
+            "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"]},
+        })
+        write_reports(report, stage)
+    return report, adapted
+
+
+def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,
+            progress: Progress | None = None) -> dict:
+    """Re-run the equivalence check of an existing output and rewrite its reports."""
+    say = progress or (lambda _m: None)
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    info = zoo.model_info(manifest["model"])
+    src, tgt = InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"])
+    prov = manifest.get("weights", {})
+    if prov.get("kind") == "file":
+        if not Path(prov["path"]).is_file():
+            raise WeightsError(f"the original weights {prov['path']} are gone; cannot re-check")
+        if sha256_of(prov["path"]) != prov.get("sha256"):
+            raise WeightsError(f"{prov['path']} changed since the conversion (sha256 differs)")
+        spec = prov["path"]
+    else:
+        spec = prov.get("kind", "pretrained")
+    original, again = load_source(manifest["model"], spec, int(prov.get("seed", 0)), src, say)
+    say("rebuilding the adapted backbone from the bundle")
+    net = load_backbone(directory)
+    adapted = Adapted(net, src, tgt, manifest.get("fold", "bn"), manifest.get("bn", ""), manifest["plan"], None)  # type: ignore[arg-type]
+    report = check(original, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
+                   labelled=_labelled(info, original), progress=say)
+    report["model"] = manifest["model"]
+    if again.get("sha256") != prov.get("sha256"):
+        report["notes"].append("the regenerated original weights differ bitwise from those converted "
+                               "(random calibration on another machine?); errors include that difference")
+    tmp = Path(tempfile.mkdtemp(prefix=".recheck-", dir=directory))
+    try:  # each report file is replaced whole, never left half-written
+        write_reports(report, tmp)
+        for name in ("report.json", "report.md", "report.html"):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
