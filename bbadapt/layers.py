@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ModelError
-from .trace import block_paths
 
 
 def make_frozen_affine(channels: int, prefix: str, scale: np.ndarray, shift: np.ndarray):
@@ -63,25 +62,31 @@ def _define():
 FrozenAffine, Identity = _define()
 
 
+def _walk(net, path: str) -> list:
+    """The blocks from the root down to ``path`` (inclusive)."""
+    chain = [net]
+    for name in path.split(".") if path else []:
+        children = chain[-1]._children
+        if name not in children:
+            raise ModelError(f"no block at {path}")
+        chain.append(children[name])
+    return chain
+
+
 def replace_block(net, path: str, new) -> None:
     """Put ``new`` where the block at ``path`` was (attribute children included)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = block_paths(net)[parent_path]
-    if name not in parent._children:
-        raise ModelError(f"no block at {path}")
+    chain = _walk(net, path)
+    parent, name = chain[-2], path.rpartition(".")[2]
     parent._children[name] = new
     if name in parent.__dict__:  # attribute children (self.bn1 = ...) bypass __setattr__'s type lock
         object.__setattr__(parent, name, new)
-    for block in block_paths(net).values():
+    for block in chain[:-1]:  # cached graphs of the ancestors are stale now
         if hasattr(block, "_clear_cached_op"):
             block._clear_cached_op()
 
 
 def get_block(net, path: str):
-    try:
-        return block_paths(net)[path]
-    except KeyError:
-        raise ModelError(f"no block at {path}") from None
+    return _walk(net, path)[-1]
 
 
 def param_value(param) -> np.ndarray:

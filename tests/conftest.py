@@ -1,0 +1,45 @@
+"""Shared fixtures: nets with calibrated random weights, cached per model name.
+
+Random weights are seeded He-normal with BatchNorm statistics measured on real photos
+(bbadapt.weights.randomize), so activations have the scale pretrained weights give.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from bbadapt import images, zoo
+from bbadapt.spec import PRESETS
+from bbadapt.weights import randomize
+
+SMALL_SIZES = [(48, 48), (37, 41)]
+CIFAR_SIZES = [(32, 32), (37, 29)]
+
+
+@functools.lru_cache(maxsize=4)
+def calibrated(name: str, seed: int = 0):
+    """A zoo net with calibrated random weights (do not mutate: it is shared)."""
+    info = zoo.model_info(name)
+    net = zoo.build(name)
+    if info.is_cifar:
+        raw, _ = images.cifar_tiles(16)
+    else:
+        raw, _ = images.photos((96, 96), limit=4)
+    randomize(net, seed, PRESETS[info.source_spec].normalize(raw))
+    return net
+
+
+def check_sizes(name: str):
+    return CIFAR_SIZES if zoo.model_info(name).is_cifar else SMALL_SIZES
+
+
+@pytest.fixture
+def net18v2():
+    return calibrated("resnet18_v2")
+
+
+@pytest.fixture
+def net18v1():
+    return calibrated("resnet18_v1")
