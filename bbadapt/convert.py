@@ -19,7 +19,7 @@ from . import images as imgs
 from . import zoo
 from .adapt import Adapted, adapt
 from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
-from .check import check
+from .equivalence import check
 from .errors import WeightsError
 from .report import write_reports
 from .spec import InputSpec, parse_spec

@@ -48,16 +48,21 @@ def photo_files(directory: str | Path | None = None) -> list[Path]:
 
 def photos(size: tuple[int, int], limit: int | None = None, directory: str | Path | None = None) -> tuple[np.ndarray, list[str]]:
     """Real photos resized to ``size``: the packaged raccoon photos unless ``directory``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     files = photo_files(directory)[:limit]
     arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                arrays.append(_fit(img, size))
-        except (UnidentifiedImageError, OSError):
-            raise BbadaptError(f"cannot read image {f}: not an image, or truncated") from None
+    # importing gluoncv sets PIL's global LOAD_TRUNCATED_IMAGES, which silently grey-fills cut photos
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    arrays.append(_fit(img, size))
+            except (UnidentifiedImageError, OSError):
+                raise BbadaptError(f"cannot read image {f}: not an image, or truncated") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return np.stack(arrays), [f.name for f in files]
 
 

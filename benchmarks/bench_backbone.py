@@ -140,26 +140,40 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def bench_model(name: str, warmup: int, runs: int) -> None:
-    """Time and print one model's variants and the two target ratios."""
+Timings = dict[str, dict[str, float]]  # "infer"/"train" -> variant -> median seconds
+
+
+def bench_model(name: str, warmup: int, runs: int) -> Timings:
+    """Median inference and training-step time of every variant of one model."""
     nets = build_variants(name)
     x = mx.nd.random.uniform(0, 255, shape=(1, 3, SIZE, SIZE))
-    inf = round_robin(nets, infer, x, warmup, runs)
+    infer_s = round_robin(nets, infer, x, warmup, runs)
     for variant, net in nets.items():  # a trainable parameter silently left without gradient is a bug
         train_step(net, x)
         check_gradients_flow(net, variant)
-    trn = round_robin(nets, train_step, x, warmup, runs)
-    print(f"\n{name}  {SIZE}x{SIZE}, batch 1, median of {runs} (after {warmup} warm-up), ms")
-    print(f"  {'variant':<13}{'inference':>10}{'/floor':>8}{'train step':>12}{'gs/this':>9}")
+    return {"infer": infer_s, "train": round_robin(nets, train_step, x, warmup, runs)}
+
+
+def print_table(results: dict[str, Timings]) -> None:
+    """One row per variant, the models side by side; then the target ratios."""
+    header = f"{'variant':<13}" + "".join(f"| {name:<38}" for name in results)
+    sub = f"{'':<13}" + f"| {'infer ms':>9}{'/floor':>7}{'train ms':>10}{'gs/this':>9}   " * len(results)
+    print(header, sub, "-" * len(sub), sep="\n")
     for variant in VARIANTS:
-        print(f"  {variant:<13}{inf[variant] * 1e3:>10.1f}{inf[variant] / inf['no-BN floor']:>8.3f}"
-              f"{trn[variant] * 1e3:>12.1f}{trn['global-stats'] / trn[variant]:>9.3f}")
-    train_ratio = trn["global-stats"] / trn["fused"]
-    infer_ratio = inf["fused"] / inf["no-BN floor"]
-    print(f"  train  global-stats/fused  = {train_ratio:.3f}  (target >= {TRAIN_TARGET})  {verdict(train_ratio >= TRAIN_TARGET)}")
-    print(f"  train  global-stats/affine = {trn['global-stats'] / trn['affine']:.3f}  (information)")
-    print(f"  infer  fused/floor         = {infer_ratio:.3f}  (target <= {INFER_TARGET})  {verdict(infer_ratio <= INFER_TARGET)}")
-    print(f"  infer  affine/floor        = {inf['affine'] / inf['no-BN floor']:.3f}  (information)")
+        cells = ""
+        for t in results.values():
+            inf, trn = t["infer"], t["train"]
+            cells += (f"| {inf[variant] * 1e3:>9.1f}{inf[variant] / inf['no-BN floor']:>7.3f}"
+                      f"{trn[variant] * 1e3:>10.1f}{trn['global-stats'] / trn[variant]:>9.3f}   ")
+        print(f"{variant:<13}{cells}")
+    for name, t in results.items():
+        inf, trn = t["infer"], t["train"]
+        train_ratio, infer_ratio = trn["global-stats"] / trn["fused"], inf["fused"] / inf["no-BN floor"]
+        print(f"\n{name}")
+        print(f"  train  global-stats/fused  = {train_ratio:.3f}  (target >= {TRAIN_TARGET})  {verdict(train_ratio >= TRAIN_TARGET)}")
+        print(f"  train  global-stats/affine = {trn['global-stats'] / trn['affine']:.3f}  (information)")
+        print(f"  infer  fused/floor         = {infer_ratio:.3f}  (target <= {INFER_TARGET})  {verdict(infer_ratio <= INFER_TARGET)}")
+        print(f"  infer  affine/floor        = {inf['affine'] / inf['no-BN floor']:.3f}  (information)")
 
 
 def bench_convert() -> None:
@@ -188,11 +202,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, skip the convert timing (smoke run)")
     args = parser.parse_args()
-    warmup, runs = (1, 3) if args.quick else (3, 15)
+    warmup, runs = (1, 3) if args.quick else (2, 11)
     print(f"mxnet {mx.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
           f"MKLDNN {'on' if mx.runtime.Features().is_enabled('MKLDNN') else 'off'}")
-    for name in MODELS:
-        bench_model(name, warmup, runs)
+    print(f"{SIZE}x{SIZE}, batch 1, CPU; median of {runs} round-robin runs after {warmup} warm-up\n")
+    print_table({name: bench_model(name, warmup, runs) for name in MODELS})
     if not args.quick:
         bench_convert()
 

@@ -9,7 +9,7 @@ from mxnet.gluon import nn
 import bbadapt
 from bbadapt import images
 from bbadapt.adapt import clone
-from bbadapt.check import check
+from bbadapt.equivalence import check
 from bbadapt.errors import WeightsError
 from bbadapt.layers import FrozenAffine, Identity
 from bbadapt.spec import PRESETS, parse_spec

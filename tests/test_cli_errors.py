@@ -72,6 +72,7 @@ def assert_refused(result: subprocess.CompletedProcess, code: int, *, tmp_path: 
     if out is not None:
         assert not out.exists(), f"{out} was left behind\n{context}"
     assert not leftovers(tmp_path), f"staging leftovers {leftovers(tmp_path)}\n{context}"
+    print("\nERRLINE", line)
     return line
 
 

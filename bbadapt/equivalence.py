@@ -7,8 +7,11 @@ Three nets run on the same raw images: the original in float32, the original in 
 adapted net in float32. A probe passes when
 
 * ``max_rel`` (max abs error / max |reference|) is within tolerance, and
-* the adapted net's error against float64 is at most ``fp64_factor`` times the original
-  fp32 net's own error against float64 (floored at fp32 resolution of the probe's scale).
+* the adapted net's RMS error against float64 is at most ``fp64_factor`` times the original
+  fp32 net's own RMS error against float64 (floored at fp32 resolution). RMS, not max:
+  the maximum of rounding noise over a million values is an extreme statistic that
+  wobbles by 2x between correct runs, while a real slip (a wrong eps, a lost beta) moves
+  the RMS by orders of magnitude.
 
 For the approximate ``fold=conv`` the verdict uses the stem interior only, and the report
 says how large the border error is; it never calls that fold exact.
@@ -176,9 +179,9 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
         ref_max = max(float(np.abs(v).max()) for v in c["o32"]) or 1.0
         err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"])]
         flat_err = np.concatenate([e.ravel() for e in err_list])
-        e64_orig = max(float(np.abs(o.astype(np.float64) - r).max()) for o, r in zip(c["o32"], c["o64"]))
-        e64_adapt = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(c["a32"], c["o64"]))
-        floor = FP32_RESOLUTION * ref_max
+        e64_orig, rms_orig = _vs_float64(c["o32"], c["o64"])
+        e64_adapt, rms_adapt = _vs_float64(c["a32"], c["o64"])
+        rms_floor = FP32_RESOLUTION * _rms(c["o64"])
         ring = probes.rings.get(name)
         border, interior = zip(*(_ring_split(e, ring) for e in err_list))
         border_v, interior_v = np.concatenate(border), np.concatenate(interior)
@@ -197,10 +200,11 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
             "ring": ring if c["o32"][0].ndim == 4 else None,
             "border": _stats(border_v, ref_max) if c["o32"][0].ndim == 4 else None,
             "interior": _stats(interior_v, ref_max),
-            "fp64": {"original": e64_orig, "adapted": e64_adapt, "ratio": e64_adapt / max(e64_orig, floor)},
+            "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
+                     "ratio": rms_adapt / max(rms_orig, rms_floor)},
         }
         if exact:
-            rec["passed"] = rec["max_rel"] <= tolerance and e64_adapt <= fp64_factor * max(e64_orig, floor)
+            rec["passed"] = rec["max_rel"] <= tolerance and rec["fp64"]["ratio"] <= fp64_factor
         elif name == "stem" and rec["interior"] is not None:
             rec["passed"] = rec["interior"]["max_rel"] <= tolerance
         else:
@@ -238,6 +242,16 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
     return report
 
 
+def _rms(arrays: list[np.ndarray]) -> float:
+    return float(np.sqrt(np.mean(np.concatenate([np.square(a.astype(np.float64)).ravel() for a in arrays]))))
+
+
+def _vs_float64(fp32: list[np.ndarray], fp64: list[np.ndarray]) -> tuple[float, float]:
+    """Max abs and RMS error of float32 results against the float64 reference."""
+    diffs = [a.astype(np.float64) - r for a, r in zip(fp32, fp64)]
+    return max(float(np.abs(d).max()) for d in diffs), _rms(diffs)
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Smallest per-image cosine similarity."""
     a = a.reshape(len(a), -1).astype(np.float64)
@@ -267,8 +281,9 @@ def _verdict(probes: list[dict], exact: bool, tolerance: float, fp64_factor: flo
             if exact and p["max_rel"] > tolerance:
                 reasons.append(f"{p['name']}: max rel {p['max_rel']:.2e} > tolerance {tolerance:.0e}")
             elif exact:
-                reasons.append(f"{p['name']}: error vs float64 {p['fp64']['adapted']:.2e} is {p['fp64']['ratio']:.1f}x "
-                               f"the original fp32 net's ({p['fp64']['original']:.2e}), above {fp64_factor}x")
+                reasons.append(f"{p['name']}: RMS error vs float64 {p['fp64']['adapted_rms']:.2e} is {p['fp64']['ratio']:.1f}x "
+                               f"the original fp32 net's own ({p['fp64']['original_rms']:.2e}), above {fp64_factor}x: "
+                               "more than rounding")
             else:
                 reasons.append(f"{p['name']}: interior max rel {p['interior']['max_rel']:.2e} > tolerance {tolerance:.0e}")
     if not exact and not any(p["passed"] is not None for p in probes):

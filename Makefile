@@ -1,0 +1,31 @@
+# The two front-door commands (see README): `make demo` and `make test`.
+# Each creates .venv on first use and installs the project with what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[cpu,test]"
+	touch $(STAMP)
+
+# Offline: converts the packaged, real pretrained CIFAR ResNet-20 v2 (gluoncv export files)
+# to raw-RGB-0..255 input, and an ImageNet ResNet-50 v2 with calibrated random weights.
+demo: $(STAMP)
+	$(BIN)/bbadapt convert cifar_resnet20_v2 --weights bbadapt/data/cifar_resnet20_v2-0000.params --to rgb255 --out out/cifar_resnet20_v2 --force
+	$(BIN)/bbadapt convert resnet50_v2 --weights random --to rgb255 --out out/resnet50_v2 --force
+	@echo "reports: out/cifar_resnet20_v2/report.html  out/resnet50_v2/report.html"
+
+# One thread per worker, two workers: the 2-core CI machine, without oversubscription.
+test: $(STAMP)
+	OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home $(BIN)/python -m pytest -n 2 -p no:cacheprovider --durations=10
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/bench_backbone.py
+
+clean:
+	rm -rf out .pytest-mxnet-home
