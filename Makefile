@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # One thread per worker, two workers: the 2-core CI machine, without oversubscription.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home $(BIN)/python -m pytest -n 2 -p no:cacheprovider --durations=10
+	OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider --durations=10
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_backbone.py

@@ -2,16 +2,29 @@
 
 Data flows one way: weights -> Gluon net + input spec -> :func:`adapt` -> :func:`check`
 -> bundle (:func:`convert` writes one, :func:`load_backbone` reads it back).
+
+The public names are imported on first use, so ``import bbadapt.errors`` (and every CLI
+argument error) does not pay for importing mxnet.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .adapt import Adapted, adapt
-from .bundle import load_backbone, read_manifest
-from .convert import convert, recheck
-from .equivalence import check
-from .errors import BbadaptError
-from .spec import PRESETS, InputSpec, affine_map, parse_spec
+_PUBLIC = {
+    "Adapted": "rewrite", "adapt": "rewrite",
+    "load_backbone": "bundle", "read_manifest": "bundle",
+    "convert": "pipeline", "recheck": "pipeline",
+    "check": "equivalence",
+    "BbadaptError": "errors",
+    "PRESETS": "spec", "InputSpec": "spec", "affine_map": "spec", "parse_spec": "spec",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = ["Adapted", "BbadaptError", "InputSpec", "PRESETS", "adapt", "affine_map", "check", "convert",
-           "load_backbone", "parse_spec", "read_manifest", "recheck"]
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bbadapt' has no attribute {name!r}")

@@ -34,8 +34,11 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     """
     out = Path(out)
     refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create output {out}: {exc.strerror or exc}") from None
     umask = os.umask(0)
     os.umask(umask)
     stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any directory
@@ -45,10 +48,16 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
         shutil.rmtree(stage, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(stage, out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(stage, out)
+    except OSError as exc:  # put things back as they were: no stage left, the old output in place
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)
+        raise OutputError(f"cannot replace output {out}: {exc.strerror or exc}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -58,6 +67,14 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise OutputError(f"output {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
+    if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise OutputError(f"output {out} is (or contains) the current directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        # --force replaces an earlier output, never an unrelated directory (a typo must not delete a source tree)
+        raise OutputError(f"refusing to replace {out}: it is not a bbadapt output (no {MANIFEST}); choose another --out")
+    ancestor = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise OutputError(f"cannot create output {out}: {ancestor} is not a directory")
 
 
 def versions() -> dict:
@@ -95,12 +112,25 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise OutputError(f"{path} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise OutputError(f"{path} is not a bbadapt manifest (not a JSON object)")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int):
+        raise OutputError(f"{path} has no valid schema_version")
+    if version > SCHEMA_VERSION:
         raise OutputError(f"{path} has schema version {version}; this bbadapt reads up to {SCHEMA_VERSION} (upgrade bbadapt)")
     for key in ("model", "source", "target", "plan"):
         if key not in manifest:
             raise OutputError(f"{path} lacks {key!r}")
+    from .spec import InputSpec
+
+    for key in ("source", "target"):
+        try:
+            InputSpec.from_dict(manifest[key])
+        except (KeyError, TypeError, ValueError):  # SpecError is a ValueError
+            raise OutputError(f"{path} has an invalid {key} spec") from None
+    if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
+        raise OutputError(f"{path} has a malformed plan")
     if not (directory / manifest.get("params_file", PARAMS)).is_file():
         raise OutputError(f"{directory} lacks its parameters file {manifest.get('params_file', PARAMS)}")
     return manifest
@@ -121,7 +151,7 @@ def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
     ``net``: the original architecture, for networks that are not zoo models.
     """
     from . import zoo
-    from .adapt import apply_plan
+    from .rewrite import apply_plan
     from .spec import InputSpec
     from .weights import load_into
 

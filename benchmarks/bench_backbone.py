@@ -43,8 +43,8 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 from bbadapt import zoo
-from bbadapt.adapt import adapt, clone
-from bbadapt.convert import load_source
+from bbadapt.rewrite import adapt, clone
+from bbadapt.pipeline import load_source
 from bbadapt.layers import Identity, replace_block
 from bbadapt.trace import block_paths, trace
 
@@ -59,7 +59,7 @@ CONVERT_MODEL, CONVERT_WALL_S, CONVERT_RSS_GB = "resnet152_v2", 60.0, 3.0
 def rearm_grads(net) -> None:
     """Re-register trainable parameters with autograd.
 
-    Workaround: ``bbadapt.adapt.clone`` deep-copies the net, and the copied NDArrays lose
+    Workaround: ``bbadapt.rewrite.clone`` deep-copies the net, and the copied NDArrays lose
     their autograd marking, so without this a backward pass fails (or, in ``fused``, the
     parameters that were not rebuilt, e.g. the classifier, silently get zero gradients).
     Toggling grad_req through 'null' makes MXNet mark them again.

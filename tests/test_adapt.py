@@ -8,7 +8,7 @@ from mxnet.gluon import nn
 
 import bbadapt
 from bbadapt import images
-from bbadapt.adapt import clone
+from bbadapt.rewrite import clone
 from bbadapt.equivalence import check
 from bbadapt.errors import WeightsError
 from bbadapt.layers import FrozenAffine, Identity
@@ -60,7 +60,7 @@ def test_global_stats_mode_keeps_batchnorms_frozen_and_untrained(net18v1):
 
 
 @pytest.mark.parametrize("bn", ["affine", "fused", "global-stats"])
-def test_gradients_reach_the_input_and_the_convs_but_never_the_frozen_constants(net18v2, bn):
+def test_gradients_reach_the_input_and_every_trainable_weight_but_never_the_frozen_constants(net18v2, bn):
     adapted = bbadapt.adapt(net18v2, "imagenet", "rgb255", bn=bn).net
     x = mx.nd.array(_raw(1))
     x.attach_grad()
@@ -71,8 +71,11 @@ def test_gradients_reach_the_input_and_the_convs_but_never_the_frozen_constants(
     frozen = [p for b in block_paths(adapted).values() if isinstance(b, (FrozenAffine, nn.BatchNorm))
               for p in b.params.values()]
     assert frozen and all(p.grad_req == "null" for p in frozen)
+    trainable = [p for p in adapted.collect_params().values() if p.grad_req != "null"]
     convs = [b for b in block_paths(adapted).values() if isinstance(b, nn.Conv2D)]
     assert all(c.weight.grad_req == "write" for c in convs)
+    assert {id(c.weight) for c in convs} <= {id(p) for p in trainable}
+    assert all(float(p.grad().abs().sum().asscalar()) > 0 for p in trainable)  # every trainable weight learns
 
 
 def test_fix_gamma_ignores_a_stored_gamma_that_is_not_one():
@@ -146,7 +149,8 @@ def test_an_adapted_backbone_stays_symbol_traceable_and_hybridizable(net18v2):
     raw = _raw()
     eager = adapted(mx.nd.array(raw)).asnumpy()
     adapted.hybridize(static_alloc=True)
-    np.testing.assert_allclose(adapted(mx.nd.array(raw)).asnumpy(), eager, rtol=1e-5, atol=1e-5)
+    hybrid = adapted(mx.nd.array(raw)).asnumpy()  # MKLDNN may fuse ops here: equal to fp32 rounding
+    assert np.abs(hybrid - eager).max() <= 1e-5 * np.abs(eager).max()
 
 
 def test_parameter_names_keep_the_prefixes_of_the_blocks_they_replace(net18v1):

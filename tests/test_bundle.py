@@ -6,7 +6,7 @@ import pytest
 
 import bbadapt
 from bbadapt import images
-from bbadapt.convert import convert
+from bbadapt.pipeline import convert
 from bbadapt.trace import find_stages
 
 
@@ -27,7 +27,7 @@ def test_a_converted_bundle_reloads_to_the_same_network(tmp_path, model, bn):
 
 
 def test_random_weights_are_reproducible_from_their_seed():
-    from bbadapt.convert import load_source
+    from bbadapt.pipeline import load_source
 
     a, pa = load_source("cifar_resnet20_v1", "random", seed=3)
     b, pb = load_source("cifar_resnet20_v1", "random", seed=3)

@@ -4,7 +4,7 @@ import mxnet as mx
 import numpy as np
 
 import bbadapt
-from bbadapt.adapt import clone
+from bbadapt.rewrite import clone
 from bbadapt.layers import FrozenAffine
 from bbadapt.trace import block_paths
 

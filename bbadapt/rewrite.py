@@ -183,7 +183,7 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
         elif op == "affine":
             bn = get_block(net, step["bn"])
             s, t = bn_constants(bn)
-            replace_block(net, step["bn"], make_frozen_affine(len(s), bn.prefix, s, t))
+            replace_block(net, step["bn"], make_frozen_affine(len(s), bn.prefix, s, t, bn.running_var.list_ctx()))
         elif op == "global_stats":
             bn = get_block(net, step["bn"])
             fix = bool(bn._kwargs["fix_gamma"])
@@ -199,12 +199,12 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
             if op == "input_bn":
                 bn = get_block(net, step["bn"])
                 new = (_bn_for_affine(bn, scale, shift, step) if step["form"] == "global-stats"
-                       else make_frozen_affine(3, bn.prefix, scale, shift))
+                       else make_frozen_affine(3, bn.prefix, scale, shift, bn.running_var.list_ctx()))
                 replace_block(net, step["bn"], new)
             else:
                 conv = get_block(net, step["conv"])
                 seq = nn.HybridSequential(prefix=conv.prefix + "input_")
-                seq.add(make_frozen_affine(3, conv.prefix + "input_affine_", scale, shift))
+                seq.add(make_frozen_affine(3, conv.prefix + "input_affine_", scale, shift, conv.weight.list_ctx()))
                 seq.add(conv)
                 replace_block(net, step["conv"], seq)
             step["exact"] = True
@@ -240,6 +240,9 @@ def clone(net):
     for block in _blocks(twin):
         if hasattr(block, "_clear_cached_op"):
             block._clear_cached_op()
+    for param in twin.collect_params().values():
+        if param._data is not None and param.grad_req != "null":
+            param._init_grad()  # copied arrays are not marked for autograd; without this backward() fails
     return twin
 
 

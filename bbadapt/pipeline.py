@@ -17,7 +17,7 @@ import numpy as np
 
 from . import images as imgs
 from . import zoo
-from .adapt import Adapted, adapt
+from .rewrite import Adapted, adapt
 from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
 from .equivalence import check
 from .errors import WeightsError
@@ -87,7 +87,7 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
             progress: Progress | None = None) -> tuple[dict, Adapted]:
     """Adapt ``model``, check it and write the output directory ``out`` (atomically).
 
-    Returns the report and the :class:`~bbadapt.adapt.Adapted` net.
+    Returns the report and the :class:`~bbadapt.rewrite.Adapted` net.
     """
     say = progress or (lambda _m: None)
     info = zoo.model_info(model)
