@@ -77,7 +77,7 @@ def parse_sizes(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     for part in text.split(","):
         h, sep, w = part.strip().lower().partition("x")
         if not (sep and h.isdecimal() and w.isdecimal() and int(h) >= 8 and int(w) >= 8):
-            raise OptionError(f"bad size {part!r}; use HxW[,HxW...] with sides >= 8, e.g. 224x224,161x193")
+            raise OptionError(f"bad size {part!r}; use HxW[,HxW...] with sides >= 8, e.g. 224x224,129x161")
         sizes.append((int(h), int(w)))
     return sizes
 
@@ -99,6 +99,9 @@ def _summary(report: dict, out: Path) -> None:
                           "results differ near the image border; see the report", markup=False)
         out_console.print(f"check {report['verdict']} (approximate fold): stem interior within tolerance; "
                           f"worst max rel including the border {report['worst_max_rel']:.2e}{agree}", markup=False)
+    for note in report["notes"]:
+        if note.startswith("BatchNorm "):
+            err_console.print(f"bbadapt: note: {note}", markup=False)
     for reason in report["reasons"]:
         out_console.print(f"  - {reason}", markup=False)
     out_console.print(f"report: {out / 'report.md'} (and report.html)", markup=False)
@@ -115,7 +118,7 @@ def convert(
     bn: BNMode = typer.Option(BNMode.fused, help="frozen BatchNorm form"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
     images: Optional[Path] = typer.Option(None, help="directory of photos for the check [default: packaged photos]"),
-    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,161x193; 32x32,37x29 for CIFAR]"),
+    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,129x161; 32x32,37x29 for CIFAR]"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
     """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone."""

@@ -98,10 +98,10 @@ def default_sizes(input_size: int) -> list[tuple[int, int]]:
     """Two sizes, one of them odd and non-square (odd sizes catch padding/stride slips)."""
     if input_size <= 32:
         return [(32, 32), (37, 29)]
-    return [(224, 224), (161, 193)]
+    return [(224, 224), (129, 161)]
 
 
-def probe_images(size: tuple[int, int], cifar: bool, photos_dir=None, n_photos: int = 4, n_noise: int = 2,
+def probe_images(size: tuple[int, int], cifar: bool, photos_dir=None, n_photos: int = 2, n_noise: int = 1,
                  seed: int = 0) -> tuple[np.ndarray, list[dict]]:
     """Real photos (CIFAR tiles for CIFAR nets), noise and flat colours at ``size``."""
     if cifar and photos_dir is None:
@@ -138,14 +138,14 @@ class Reference:
 
 def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | None = None,
               sizes: list[tuple[int, int]] | None = None, photos_dir=None, cifar: bool = False,
-              n_photos: int = 4, progress: Callable[[str], None] | None = None) -> Reference:
+              n_photos: int = 2, progress: Callable[[str], None] | None = None) -> Reference:
     """Run the original pipeline (source normalization, original net, fp32 and fp64)."""
     say = progress or (lambda _msg: None)
     source = parse_spec(source)
     say("tracing the original network")
     probes = ProbeSet.from_graph(trace(original))
-    ref32 = clone(original) if getattr(original, "_active", False) else original
-    ref64 = clone(original)
+    ref32 = clone(original, trainable=False) if getattr(original, "_active", False) else original
+    ref64 = clone(original, trainable=False)
     ref64.cast("float64")
     if images is None:
         batches, inputs = [], []
@@ -167,7 +167,7 @@ def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | N
 
 def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None, *,
           images: list[np.ndarray] | None = None, sizes: list[tuple[int, int]] | None = None,
-          photos_dir=None, cifar: bool = False, n_photos: int = 4, tolerance: float = 1e-5,
+          photos_dir=None, cifar: bool = False, n_photos: int = 2, tolerance: float = 1e-5,
           fp64_factor: float = 2.0, labelled: tuple[np.ndarray, np.ndarray] | None = None,
           ref: Reference | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
@@ -196,7 +196,7 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
     elif ref.original is not original or not ref.source.same_function(source):
         raise ValueError("the reference was computed for another network or source spec")
     probes, inputs, ref32 = ref.probes, ref.inputs, ref.original
-    test32 = clone(adapted_net) if getattr(adapted_net, "_active", False) else adapted_net
+    test32 = clone(adapted_net, trainable=False) if getattr(adapted_net, "_active", False) else adapted_net
     collected: dict[str, dict[str, list]] = {name: {"o32": [], "o64": [], "a32": []} for name in probes.names()}
     for k, raw in enumerate(ref.batches):
         say(f"running the adapted net on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{len(ref.batches)})")
@@ -237,8 +237,10 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
             "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
                      "ratio": rms_adapt / max(rms_orig, rms_floor)},
         }
+        # Equivalence cannot be shown finer than the original's own fp32 evaluation error.
+        rec["tolerance"] = max(tolerance, fp64_factor * e64_orig / ref_max)
         if exact:
-            rec["passed"] = rec["max_rel"] <= tolerance and rec["fp64"]["ratio"] <= fp64_factor
+            rec["passed"] = rec["max_rel"] <= rec["tolerance"] and rec["fp64"]["ratio"] <= fp64_factor
         elif name == "stem" and rec["interior"] is not None:
             rec["passed"] = rec["interior"]["max_rel"] <= tolerance
         else:
@@ -251,6 +253,14 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
             histogram = {"probe": name, "edges": edges.tolist(), "counts": counts.tolist()}
 
     report = _verdict(probe_reports, exact, tolerance, fp64_factor)
+    raised = [p for p in probe_reports if p["tolerance"] > tolerance]
+    if raised:
+        report["tolerance"]["raised"] = {p["name"]: p["tolerance"] for p in raised}
+        report["notes"].append(
+            "the original network itself is ill-conditioned in float32: at " + ", ".join(
+                f"{p['name']} its own error against float64 is max rel {p['fp64']['original'] / p['ref_max_abs']:.1e}"
+                for p in raised)
+            + f"; max-rel tolerance raised there to {fp64_factor}x that (the RMS-vs-float64 criterion is unchanged)")
     report.update({
         "source": source.to_string(), "target": target.to_string(),
         "fold": meta_extra.get("fold"), "bn": meta_extra.get("bn"),
@@ -312,8 +322,8 @@ def _verdict(probes: list[dict], exact: bool, tolerance: float, fp64_factor: flo
     reasons = []
     for p in probes:
         if p["passed"] is False:
-            if exact and p["max_rel"] > tolerance:
-                reasons.append(f"{p['name']}: max rel {p['max_rel']:.2e} > tolerance {tolerance:.0e}")
+            if exact and p["max_rel"] > p["tolerance"]:
+                reasons.append(f"{p['name']}: max rel {p['max_rel']:.2e} > tolerance {p['tolerance']:.1e}")
             elif exact:
                 reasons.append(f"{p['name']}: RMS error vs float64 {p['fp64']['adapted_rms']:.2e} is {p['fp64']['ratio']:.1f}x "
                                f"the original fp32 net's own ({p['fp64']['original_rms']:.2e}), above {fp64_factor}x: "

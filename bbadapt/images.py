@@ -15,7 +15,7 @@ import numpy as np
 from .errors import BbadaptError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
-FLAT_COLOURS = ((0, 0, 0), (255, 255, 255), (124, 116, 104), (255, 0, 0))
+FLAT_COLOURS = ((0, 0, 0), (255, 255, 255), (124, 116, 104))
 
 
 def data_dir() -> Path:

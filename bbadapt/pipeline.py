@@ -99,9 +99,12 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
     net, provenance = load_source(model, weights, seed, src, say)
     say(f"adapting: fold={fold}, bn={bn}")
     adapted = adapt(net, src, tgt, fold=fold, bn=bn)
+    for param in net.collect_params().values():
+        param.grad_req = "null"  # the original only serves as the reference now: free its gradients
     report = check(net, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
                    labelled=_labelled(info, net), progress=say)
     report["model"] = model
+    report["notes"] += health_notes(adapted.health)
     say(f"writing {out}")
     with staged_output(out, force) as stage:
         params_sha = save_backbone(adapted, stage)
@@ -117,6 +120,19 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
         })
         write_reports(report, stage)
     return report, adapted
+
+
+def health_notes(health: list[dict]) -> list[str]:
+    """One line per BatchNorm whose statistics deserve a look (the fold stays exact)."""
+    notes = []
+    for h in health:
+        parts = []
+        if h["tiny_var_channels"]:
+            parts.append(f"{h['tiny_var_channels']} channels with running_var < 1e-6 (scale up to {h['max_abs_scale']:.3g}, set by eps)")
+        if h["fp16_overflow_channels"]:
+            parts.append(f"{h['fp16_overflow_channels']} channels with running_var > 65504 (overflows fp16)")
+        notes.append(f"BatchNorm {h['bn']}: " + "; ".join(parts))
+    return notes
 
 
 def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,

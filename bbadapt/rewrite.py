@@ -225,8 +225,11 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
     return health
 
 
-def clone(net):
+def clone(net, trainable: bool = True):
     """An independent copy (parameters included) that can be rewritten freely.
+
+    ``trainable=False`` gives a copy without gradient buffers (for reference runs: half
+    the memory of a trainable copy).
 
     deepcopy would pickle every NDArray; seeding its memo with plain array copies makes
     cloning a ResNet-152 a memcpy instead of a serialization round trip.
@@ -241,7 +244,9 @@ def clone(net):
         if hasattr(block, "_clear_cached_op"):
             block._clear_cached_op()
     for param in twin.collect_params().values():
-        if param._data is not None and param.grad_req != "null":
+        if not trainable:
+            param.grad_req = "null"  # drops the copied gradient buffers
+        elif param._data is not None and param.grad_req != "null":
             param._init_grad()  # copied arrays are not marked for autograd; without this backward() fails
     return twin
 

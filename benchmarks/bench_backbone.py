@@ -56,21 +56,6 @@ INFER_TARGET = 1.05  # inference: fused / floor <= this
 CONVERT_MODEL, CONVERT_WALL_S, CONVERT_RSS_GB = "resnet152_v2", 60.0, 3.0
 
 
-def rearm_grads(net) -> None:
-    """Re-register trainable parameters with autograd.
-
-    Workaround: ``bbadapt.rewrite.clone`` deep-copies the net, and the copied NDArrays lose
-    their autograd marking, so without this a backward pass fails (or, in ``fused``, the
-    parameters that were not rebuilt, e.g. the classifier, silently get zero gradients).
-    Toggling grad_req through 'null' makes MXNet mark them again.
-    """
-    for param in net.collect_params().values():
-        if param.grad_req != "null":
-            req = param.grad_req
-            param.grad_req = "null"
-            param.grad_req = req
-
-
 def check_grad_reqs(net, variant: str) -> None:
     """Convs and the classifier train ('write'); every other (frozen BN) parameter is 'null'."""
     for path, block in block_paths(net).items():
@@ -96,7 +81,6 @@ def build_variants(name: str) -> dict[str, object]:
     nets["no-BN floor"] = no_bn_floor(net)
     for variant, variant_net in nets.items():
         check_grad_reqs(variant_net, variant)
-        rearm_grads(variant_net)
         variant_net.hybridize(static_alloc=True, static_shape=True)
     return nets
 

@@ -33,3 +33,28 @@ def test_random_weights_are_reproducible_from_their_seed():
     b, pb = load_source("cifar_resnet20_v1", "random", seed=3)
     c, pc = load_source("cifar_resnet20_v1", "random", seed=4)
     assert pa["sha256"] == pb["sha256"] != pc["sha256"]
+
+
+def test_tiny_batchnorm_variances_are_reported_in_manifest_report_and_terminal(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from bbadapt import images, zoo
+    from bbadapt.weights import assign, read_params_file
+
+    arrays = read_params_file(images.data_dir() / "cifar_resnet20_v1-0000.params")
+    key = next(k for k in sorted(arrays) if k.endswith("running_var"))
+    arrays[key][:2] = [0.0, 1e-9]
+    net = zoo.build("cifar_resnet20_v1")
+    assign(net, arrays, "test")
+    weights = tmp_path / "tiny.params"
+    net.save_parameters(str(weights))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "bbadapt.cli", "convert", "cifar_resnet20_v1", "--weights", str(weights),
+                             "-o", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "2 channels with running_var < 1e-6" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["health"][0]["tiny_var_channels"] == 2
+    assert any("running_var < 1e-6" in n for n in json.loads((out / "report.json").read_text())["notes"])
