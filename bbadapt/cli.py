@@ -97,8 +97,10 @@ def _summary(report: dict, out: Path) -> None:
     else:
         err_console.print("bbadapt: warning: this fold is APPROXIMATE (fold=conv with a non-zero shift): "
                           "results differ near the image border; see the report", markup=False)
-        out_console.print(f"check {report['verdict']} (approximate fold): stem interior within tolerance; "
-                          f"worst max rel including the border {report['worst_max_rel']:.2e}{agree}", markup=False)
+        judged = [p["name"] for p in report["probes"] if p["passed"] is not None]
+        verdict = "within tolerance" if report["passed"] else "NOT within tolerance"
+        out_console.print(f"check {report['verdict']} (approximate fold): interiors of {', '.join(judged) or 'no probe'} "
+                          f"{verdict}; worst max rel including the border {report['worst_max_rel']:.2e}{agree}", markup=False)
     for note in report["notes"]:
         if note.startswith("BatchNorm "):
             err_console.print(f"bbadapt: note: {note}", markup=False)
@@ -119,6 +121,7 @@ def convert(
     force: bool = typer.Option(False, help="replace an existing output directory"),
     images: Optional[Path] = typer.Option(None, help="directory of photos for the check [default: packaged photos]"),
     sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,129x161; 32x32,37x29 for CIFAR]"),
+    tolerance: float = typer.Option(1e-5, min=0.0, help="max-rel tolerance of the equivalence check"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
     """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone."""
@@ -137,7 +140,7 @@ def convert(
         with progress_line() as say:
             report, adapted = run_convert(model, out, weights=weights, source=source, target=target, fold=fold.value,
                                           bn=bn.value, force=force, images=str(images) if images else None,
-                                          sizes=sizes_parsed, seed=seed, progress=say)
+                                          sizes=sizes_parsed, seed=seed, tolerance=tolerance, progress=say)
         steps = [s["op"] for s in adapted.plan]
         out_console.print(f"{model}: {adapted.source.to_string()} -> {adapted.target.to_string()}, fold={adapted.fold}"
                           f"{'' if adapted.exact else ' (APPROXIMATE)'}, bn={bn.value}: {steps.count('fuse')} BN fused, "

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import images as imgs
 from . import zoo
-from .rewrite import Adapted, adapt
+from .rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
 from .equivalence import check
 from .errors import WeightsError
@@ -73,7 +73,7 @@ def load_source(model: str, weights: str = "pretrained", seed: int = 0, source: 
     return net, {"kind": "file", "path": str(Path(weights).resolve()), "sha256": sha}
 
 
-def _labelled(info: zoo.ModelInfo, net) -> tuple[np.ndarray, np.ndarray] | None:
+def _labelled(info: zoo.ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
     """CIFAR-10 classifiers also get their accuracy on the 100 packaged tiles."""
     if not info.is_cifar:
         return None
@@ -84,7 +84,7 @@ def _labelled(info: zoo.ModelInfo, net) -> tuple[np.ndarray, np.ndarray] | None:
 def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", source: str | None = None,
             target: str = "rgb255", fold: str = "auto", bn: str = "fused", force: bool = False,
             images: str | None = None, sizes: list[tuple[int, int]] | None = None, seed: int = 0,
-            progress: Progress | None = None) -> tuple[dict, Adapted]:
+            tolerance: float = 1e-5, progress: Progress | None = None) -> tuple[dict, Adapted]:
     """Adapt ``model``, check it and write the output directory ``out`` (atomically).
 
     Returns the report and the :class:`~bbadapt.rewrite.Adapted` net.
@@ -101,8 +101,8 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
     adapted = adapt(net, src, tgt, fold=fold, bn=bn)
     for param in net.collect_params().values():
         param.grad_req = "null"  # the original only serves as the reference now: free its gradients
-    report = check(net, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
-                   labelled=_labelled(info, net), progress=say)
+    report = check(net, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes, tolerance=tolerance,
+                   labelled=_labelled(info), progress=say)
     report["model"] = model
     report["notes"] += health_notes(adapted.health)
     say(f"writing {out}")
@@ -116,7 +116,7 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
                       "stages": [s.path for s in adapted.graph.stages], "fusable_pairs": len(adapted.graph.pairs),
                       "unfusable": adapted.graph.unfusable},
             "params_file": PARAMS, "params_sha256": params_sha,
-            "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"]},
+            "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"], "tolerance": tolerance},
         })
         write_reports(report, stage)
     return report, adapted
@@ -128,9 +128,9 @@ def health_notes(health: list[dict]) -> list[str]:
     for h in health:
         parts = []
         if h["tiny_var_channels"]:
-            parts.append(f"{h['tiny_var_channels']} channels with running_var < 1e-6 (scale up to {h['max_abs_scale']:.3g}, set by eps)")
+            parts.append(f"{h['tiny_var_channels']} channels with running_var < {TINY_VAR:g} (scale up to {h['max_abs_scale']:.3g}, set by eps)")
         if h["fp16_overflow_channels"]:
-            parts.append(f"{h['fp16_overflow_channels']} channels with running_var > 65504 (overflows fp16)")
+            parts.append(f"{h['fp16_overflow_channels']} channels with running_var > {FP16_MAX:g} (overflows fp16)")
         notes.append(f"BatchNorm {h['bn']}: " + "; ".join(parts))
     return notes
 
@@ -155,10 +155,11 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     original, again = load_source(manifest["model"], spec, int(prov.get("seed", 0)), src, say)
     say("rebuilding the adapted backbone from the bundle")
     net = load_backbone(directory)
-    adapted = Adapted(net, src, tgt, manifest.get("fold", "bn"), manifest.get("bn", ""), manifest["plan"], None)  # type: ignore[arg-type]
+    adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None)
     report = check(original, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
-                   labelled=_labelled(info, original), progress=say)
+                   labelled=_labelled(info), progress=say)
     report["model"] = manifest["model"]
+    report["notes"] += health_notes(manifest.get("health", []))
     if again.get("sha256") != prov.get("sha256"):
         report["notes"].append("the regenerated original weights differ bitwise from those converted "
                                "(random calibration on another machine?); errors include that difference")

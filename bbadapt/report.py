@@ -179,7 +179,7 @@ def render_html(report: dict) -> str:
              f'<div class="banner {"pass" if passed else "fail"}">{e(_verdict(report))}</div>',
              "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in _COLUMNS) + "</tr>"]
     for p in report.get("probes") or []:
-        cls = "pass" if p.get("passed") else "fail"
+        cls = {True: "pass", False: "fail", None: "info"}[p.get("passed")]
         parts.append(f'<tr class="{cls}">' + "".join(f"<td>{e(c)}</td>" for c in _row(p)) + "</tr>")
     parts.append("</table>")
     cls_line = _classification(report)

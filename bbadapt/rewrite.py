@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ModelError, OptionError, WeightsError
-from .layers import Identity, bn_constants, get_block, make_frozen_affine, param_value, replace_block, set_conv
+from .layers import FrozenAffine, Identity, bn_constants, get_block, make_frozen_affine, param_value, replace_block, set_conv
 from .spec import InputSpec, affine_map, parse_spec
 from .trace import Graph, trace
 
@@ -39,11 +39,15 @@ class Adapted:
     net: object
     source: InputSpec
     target: InputSpec
-    fold: str  # the fold actually used ("bn", "conv" or "none")
     bn: str
     plan: list[dict]
-    graph: Graph
+    graph: Graph | None  # None for a backbone reloaded from a bundle
     health: list[dict] = field(default_factory=list)  # BN channels worth a warning
+
+    @property
+    def fold(self) -> str:
+        """The fold actually used: "bn", "conv" or "none" (nothing to fold)."""
+        return fold_used(self.plan)
 
     @property
     def exact(self) -> bool:
@@ -109,7 +113,7 @@ def _first_conv_weight(net, path: str) -> np.ndarray:
     return weight
 
 
-def _input_affine(net, step: dict, perm, a, b) -> tuple[np.ndarray, np.ndarray]:
+def _input_affine(net, step: dict, a, b) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel affine (source channel order) that the first conv sees."""
     if step.get("bn") or step.get("absorb_bn"):
         s_d, t_d = bn_constants(get_block(net, step.get("bn") or step["absorb_bn"]))
@@ -169,8 +173,9 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
     inv = [perm.index(j) for j in range(3)]  # target channel j comes from source channel inv[j]
     for step in plan:
         op = step["op"]
-        if "bn" in step and op in ("fuse", "affine", "global_stats", "input_bn"):
-            note = _health(step["bn"], get_block(net, step["bn"]))
+        read_bn = step.get("bn") or step.get("absorb_bn")
+        if read_bn:
+            note = _health(read_bn, get_block(net, read_bn))
             if note:
                 health.append(note)
         if op == "fuse":
@@ -192,7 +197,7 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
                                    param_value(bn.running_var), fix)
             replace_block(net, step["bn"], new)
         elif op in ("input_bn", "input_insert"):
-            scale, shift = _input_affine(net, step, perm, a, b)
+            scale, shift = _input_affine(net, step, a, b)
             scale, shift = _to_target_order(scale, perm), _to_target_order(shift, perm)
             weight = _first_conv_weight(net, step["conv"])
             set_conv(net, step["conv"], weight[:, inv], None)
@@ -209,7 +214,7 @@ def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> l
                 replace_block(net, step["conv"], seq)
             step["exact"] = True
         elif op == "input_conv":
-            scale, shift = _input_affine(net, step, perm, a, b)
+            scale, shift = _input_affine(net, step, a, b)
             conv = get_block(net, step["conv"])
             weight = _first_conv_weight(net, step["conv"])
             bias = param_value(conv.bias) if conv.bias is not None else np.zeros(weight.shape[0])
@@ -229,7 +234,7 @@ def clone(net, trainable: bool = True):
     """An independent copy (parameters included) that can be rewritten freely.
 
     ``trainable=False`` gives a copy without gradient buffers (for reference runs: half
-    the memory of a trainable copy).
+    the memory of a trainable copy). The copy is never hybridized, whatever ``net`` was.
 
     deepcopy would pickle every NDArray; seeding its memo with plain array copies makes
     cloning a ResNet-152 a memcpy instead of a serialization round trip.
@@ -239,7 +244,12 @@ def clone(net, trainable: bool = True):
         for arrays in (param._data, param._grad):
             for arr in arrays or []:
                 memo[id(arr)] = arr.copy()
+    for block in _blocks(net):  # compiled graphs of a hybridized net hold C pointers: never copy them
+        for attr in ("_cached_op", "_cached_graph"):
+            if getattr(block, attr, None) is not None:
+                memo[id(getattr(block, attr))] = None if attr == "_cached_op" else ()
     twin = copy.deepcopy(net, memo)
+    twin.hybridize(False)  # rewrites and probes work on the eager tree; hybridize the result yourself
     for block in _blocks(twin):
         if hasattr(block, "_clear_cached_op"):
             block._clear_cached_op()
@@ -268,8 +278,10 @@ def adapt(net, source: str | InputSpec, target: str | InputSpec = "rgb255", fold
     left untouched unless ``inplace``.
     """
     source, target = parse_spec(source), parse_spec(target)
+    if any(isinstance(b, (FrozenAffine, Identity)) for b in _blocks(net)):
+        raise ModelError("this network was already adapted by bbadapt; adapt the original network instead")
     work = net if inplace else clone(net)
     graph = trace(work)
     plan = make_plan(graph, source, target, fold, bn)
     health = apply_plan(work, plan, source, target)
-    return Adapted(work, source, target, fold_used(plan), bn, plan, graph, health)
+    return Adapted(work, source, target, bn, plan, graph, health)

@@ -15,6 +15,7 @@ is the only place where spec arithmetic happens.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,7 +43,7 @@ class InputSpec:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise SpecError(f"mean and std need 3 values each, got {len(self.mean)} and {len(self.std)}")
         values = [self.scale, *self.mean, *self.std]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
             raise SpecError("spec values must be finite numbers")
         if self.scale <= 0:
             raise SpecError(f"scale must be positive, got {self.scale}")

@@ -41,7 +41,7 @@ class Graph:
     unfusable: dict[str, str] = field(default_factory=dict)  # bn -> why it cannot fuse
     bn_order: list[str] = field(default_factory=list)  # every BN in graph order
     stages: list[Stage] = field(default_factory=list)
-    stem: Stage | None = None  # the input of the first stage
+    stem: Stage | None = None  # probed at the input of the first stage (its path is that stage's)
 
     @property
     def data_bn(self) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
-import re
 from dataclasses import dataclass
 
 from .errors import ModelError, WeightsError
@@ -124,12 +123,3 @@ def materialize(net, size: int = 64) -> None:
 
 def list_models(core_only: bool = False) -> list[ModelInfo]:
     return [m for m in MODELS.values() if m.core or not core_only]
-
-
-def family_of(name: str) -> str:
-    return model_info(name).family
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that puts resnet18 before resnet101."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))

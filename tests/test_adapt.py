@@ -162,3 +162,27 @@ def test_parameter_names_keep_the_prefixes_of_the_blocks_they_replace(net18v1):
     bn_prefixes = {n[: -len("running_mean")] for n in original if n.endswith("running_mean")}
     inserted = {block_paths(net18v1)["features.0"].prefix + "input_affine_"}  # v1 has no data BN: one is inserted
     assert {n[: -len("scale")] for n in names if n.endswith("_scale")} == bn_prefixes | inserted
+
+
+def test_a_hybridized_network_that_already_ran_adapts_and_checks(net18v2):
+    net = clone(net18v2)
+    net.hybridize(static_alloc=True)
+    net(mx.nd.array(_raw(1)))  # compiled graph exists now
+    adapted = bbadapt.adapt(net, "imagenet", "rgb255")
+    report = check(net, "imagenet", adapted, sizes=SMALL_SIZES, n_photos=1)
+    assert report["passed"], report["reasons"]
+
+
+def test_adapting_an_adapted_network_is_refused_in_one_line(net18v1):
+    from bbadapt.errors import ModelError
+
+    adapted = bbadapt.adapt(net18v1, "imagenet", "rgb255")
+    with pytest.raises(ModelError, match="already adapted"):
+        bbadapt.adapt(adapted.net, "rgb255", "bgr255")
+
+
+def test_conv_fold_absorbs_the_v2_data_batchnorm_with_a_channel_swap(net18v2):
+    adapted = bbadapt.adapt(net18v2, "imagenet", "bgr255", fold="conv", bn="fused")
+    assert not any(isinstance(b, nn.BatchNorm) for b in block_paths(adapted.net).values())
+    report = check(net18v2, "imagenet", adapted, sizes=[(64, 64)], n_photos=2)
+    assert report["passed"] and report["probes"][0]["interior"]["max_rel"] < 1e-5

@@ -54,7 +54,7 @@ def test_tiny_batchnorm_variances_are_reported_in_manifest_report_and_terminal(t
     result = subprocess.run([sys.executable, "-m", "bbadapt.cli", "convert", "cifar_resnet20_v1", "--weights", str(weights),
                              "-o", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "2 channels with running_var < 1e-6" in result.stderr
+    assert "2 channels with running_var < 1e-06" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["health"][0]["tiny_var_channels"] == 2
-    assert any("running_var < 1e-6" in n for n in json.loads((out / "report.json").read_text())["notes"])
+    assert any("running_var < 1e-06" in n for n in json.loads((out / "report.json").read_text())["notes"])

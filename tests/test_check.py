@@ -65,3 +65,19 @@ def test_reports_render_and_hold_the_schema_fields(net18v2, tmp_path):
     stem = data["probes"][0]
     assert np.array(data["heatmap"]["values"]).shape == (12, 12)
     assert {"max_abs", "max_rel", "mean_abs", "median_abs", "p99_abs", "cosine", "border", "interior", "fp64"} <= set(stem)
+
+
+def test_an_approximate_fold_still_fails_when_a_stage_is_wrong():
+    """Away from the zero padding an approximate fold must be exact: every stage interior is judged."""
+    from bbadapt import images, zoo
+    from bbadapt.weights import load_into
+
+    net = zoo.build("cifar_resnet20_v1")
+    load_into(net, images.data_dir() / "cifar_resnet20_v1-0000.params")
+    adapted = bbadapt.adapt(net, "cifar", "rgb255", fold="conv")
+    good = bbadapt.check(net, "cifar", adapted, cifar=True)
+    assert good["passed"] and [p["name"] for p in good["probes"] if p["passed"]] == ["stem", "stage1", "stage2", "stage3"]
+    conv = block_paths(adapted.net)["features.3.1.body.0"]
+    conv.weight.set_data(conv.weight.data() * 1.05)
+    bad = bbadapt.check(net, "cifar", adapted, cifar=True)
+    assert not bad["passed"] and any(r.startswith("stage2: interior") for r in bad["reasons"])
