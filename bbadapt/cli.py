@@ -102,7 +102,7 @@ def _summary(report: dict, out: Path) -> None:
         out_console.print(f"check {report['verdict']} (approximate fold): interiors of {', '.join(judged) or 'no probe'} "
                           f"{verdict}; worst max rel including the border {report['worst_max_rel']:.2e}{agree}", markup=False)
     for note in report["notes"]:
-        if note.startswith("BatchNorm "):
+        if note.startswith(("BatchNorm ", "INCONCLUSIVE")):
             err_console.print(f"bbadapt: note: {note}", markup=False)
     for reason in report["reasons"]:
         out_console.print(f"  - {reason}", markup=False)

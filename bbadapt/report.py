@@ -76,6 +76,13 @@ def _classification(r: dict) -> str | None:
 
 
 def _verdict(r: dict) -> str:
+    line = _verdict_line(r)
+    if r.get("conclusive") is False:
+        line += "  INCONCLUSIVE: the original is chaotic in float32 (see notes)"
+    return line
+
+
+def _verdict_line(r: dict) -> str:
     passed = bool(r.get("passed"))
     word = "PASSED" if passed else "FAILED"
     tol = _fmt(_get(r, "tolerance", "max_rel"))

@@ -37,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     models = [m for m in zoo.list_models() if m.core or not args.core]
-    print(f"{'model':24} {'family':14} {'exact worst max rel':>20} {'conv interior':>14} {'raised':>7} {'ok':>4} {'s':>5}")
+    print(f"{'model':24} {'family':14} {'exact worst max rel':>20} {'conv interior':>14} {'raised':>7} {'ok':>4} "
+          f"{'conclusive':>10} {'s':>5}")
     passed = 0
     for info in models:
         start = time.time()
@@ -52,8 +53,9 @@ def main() -> None:
         raised = any(r["tolerance"].get("raised") for r in exact)
         ok = all(r["passed"] for r in exact) and conv["passed"]
         passed += ok
+        conclusive = all(r["conclusive"] for r in exact)
         print(f"{info.name:24} {info.family:14} {worst:20.2e} {interior:14.2e} {'yes' if raised else 'no':>7} "
-              f"{'yes' if ok else 'NO':>4} {time.time() - start:5.0f}", flush=True)
+              f"{'yes' if ok else 'NO':>4} {'yes' if conclusive else 'NO':>10} {time.time() - start:5.0f}", flush=True)
     print(f"\n{passed}/{len(models)} models pass in every mode")
 
 
