@@ -228,15 +228,15 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
     for name in probes.names():
         c = collected[name]
         ref_max = max(float(np.abs(v).max()) for v in c["o32"]) or 1.0
-        err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"])]
+        err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"], strict=True)]
         flat_err = np.concatenate([e.ravel() for e in err_list])
         e64_orig, rms_orig = _vs_float64(c["o32"], c["o64"])
         e64_adapt, rms_adapt = _vs_float64(c["a32"], c["o64"])
         rms_floor = FP32_RESOLUTION * _rms(c["o64"])
         ring = probes.rings.get(name)
-        border, interior = zip(*(_ring_split(e, ring) for e in err_list))
+        border, interior = zip(*(_ring_split(e, ring) for e in err_list), strict=True)
         border_v, interior_v = np.concatenate(border), np.concatenate(interior)
-        cos = min(_cosine(a, o) for a, o in zip(c["a32"], c["o32"]))
+        cos = min(_cosine(a, o) for a, o in zip(c["a32"], c["o32"], strict=True))
         rec = {
             "name": name,
             "path": probes.stem if name == "stem" else (probes.stages[int(name[5:]) - 1] if name.startswith("stage") else ""),
@@ -319,7 +319,7 @@ def _rms(arrays: list[np.ndarray]) -> float:
 
 def _vs_float64(fp32: list[np.ndarray], fp64: list[np.ndarray]) -> tuple[float, float]:
     """Max abs and RMS error of float32 results against the float64 reference."""
-    diffs = [a.astype(np.float64) - r for a, r in zip(fp32, fp64)]
+    diffs = [a.astype(np.float64) - r for a, r in zip(fp32, fp64, strict=True)]
     return max(float(np.abs(d).max()) for d in diffs), _rms(diffs)
 
 
@@ -340,7 +340,7 @@ def _agreement(out: dict[str, list]) -> dict | None:
     if out["o32"][0].ndim != 2 or o.shape[1] < 2:
         return None
     k = min(5, o.shape[1])
-    top5 = [set(np.argsort(-x)[:k]) == set(np.argsort(-y)[:k]) for x, y in zip(o, a)]
+    top5 = [set(np.argsort(-x)[:k]) == set(np.argsort(-y)[:k]) for x, y in zip(o, a, strict=True)]
     return {"n": int(len(o)), "top1_agreement": float(np.mean(o.argmax(1) == a.argmax(1))), "top5_agreement": float(np.mean(top5))}
 
 

@@ -131,7 +131,7 @@ def trace(net) -> Graph:
     first = readers[0]
     graph = Graph(block_of(first) or "", "conv" if first["op"] == "Convolution" else "bn", "")
 
-    for i, node in enumerate(nodes):
+    for node in nodes:
         if node["op"] == "Convolution" and not graph.first_conv:
             graph.first_conv = block_of(node) or ""
         if node["op"] != "BatchNorm":

@@ -169,7 +169,7 @@ def randomize(net, seed: int, calibration: np.ndarray) -> None:
         with autograd.train_mode(), native_stderr_silenced():
             net(mx.nd.array(calibration)).wait_to_read()
     finally:
-        for bn, momentum in zip(bns, saved):
+        for bn, momentum in zip(bns, saved, strict=True):
             bn._kwargs["momentum"] = momentum
 
 

@@ -12,7 +12,7 @@ from bbadapt.rewrite import clone
 from bbadapt.equivalence import check
 from bbadapt.errors import WeightsError
 from bbadapt.layers import FrozenAffine, Identity
-from bbadapt.spec import PRESETS, parse_spec
+from bbadapt.spec import parse_spec
 from bbadapt.trace import block_paths
 
 from .conftest import SMALL_SIZES, calibrated

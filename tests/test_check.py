@@ -1,6 +1,5 @@
 """The check must be able to fail: small, realistic mistakes are caught."""
 
-import mxnet as mx
 import numpy as np
 
 import bbadapt
