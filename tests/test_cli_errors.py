@@ -376,6 +376,13 @@ def test_forcing_the_current_directory_as_output_is_refused_and_it_is_left_untou
 # --------------------------------------------------------------------------- bbadapt check on bad bundles
 
 
+def assert_check_refuses_and_leaves_bundle(cli, bundle, tmp_path, *mentions):
+    """`bbadapt check` on a damaged bundle: one-line refusal, and the bundle is not touched."""
+    before = snapshot(bundle)
+    assert_refused(cli("check", bundle), 1, tmp_path=tmp_path, mentions=mentions)
+    assert snapshot(bundle) == before
+
+
 def test_check_refuses_a_missing_directory(cli, tmp_path):
     assert_refused(cli("check", tmp_path / "nothing-here"), 1, tmp_path=tmp_path, out=tmp_path / "nothing-here",
                    mentions=("nothing-here",))
@@ -383,9 +390,7 @@ def test_check_refuses_a_missing_directory(cli, tmp_path):
 
 def test_check_refuses_a_directory_without_manifest(cli, bundle_copy, tmp_path):
     (bundle_copy / "manifest.json").unlink()
-    before = snapshot(bundle_copy)
-    assert_refused(cli("check", bundle_copy), 1, tmp_path=tmp_path, mentions=("manifest.json missing",))
-    assert snapshot(bundle_copy) == before
+    assert_check_refuses_and_leaves_bundle(cli, bundle_copy, tmp_path, "manifest.json missing")
 
 
 def test_check_refuses_a_manifest_of_a_newer_schema_version(cli, bundle_copy, tmp_path):
@@ -393,9 +398,7 @@ def test_check_refuses_a_manifest_of_a_newer_schema_version(cli, bundle_copy, tm
     manifest = json.loads(manifest_path.read_text())
     manifest["schema_version"] += 1
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    before = snapshot(bundle_copy)
-    assert_refused(cli("check", bundle_copy), 1, tmp_path=tmp_path, mentions=("schema version", "upgrade bbadapt"))
-    assert snapshot(bundle_copy) == before
+    assert_check_refuses_and_leaves_bundle(cli, bundle_copy, tmp_path, "schema version", "upgrade bbadapt")
 
 
 def _without_source_order(manifest: dict) -> dict:
@@ -413,25 +416,19 @@ def test_check_refuses_a_damaged_manifest(cli, bundle_copy, tmp_path, damage, sa
     manifest_path = bundle_copy / "manifest.json"
     damaged = damage(json.loads(manifest_path.read_text()))
     manifest_path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
-    before = snapshot(bundle_copy)
-    assert_refused(cli("check", bundle_copy), 1, tmp_path=tmp_path, mentions=(says,))
-    assert snapshot(bundle_copy) == before
+    assert_check_refuses_and_leaves_bundle(cli, bundle_copy, tmp_path, says)
 
 
 def test_check_refuses_a_bundle_without_its_parameters(cli, bundle_copy, tmp_path):
     (bundle_copy / "backbone.params").unlink()
-    before = snapshot(bundle_copy)
-    assert_refused(cli("check", bundle_copy), 1, tmp_path=tmp_path, mentions=("backbone.params",))
-    assert snapshot(bundle_copy) == before
+    assert_check_refuses_and_leaves_bundle(cli, bundle_copy, tmp_path, "backbone.params")
 
 
 def test_check_refuses_a_bundle_with_truncated_parameters(cli, bundle_copy, tmp_path):
     params = bundle_copy / "backbone.params"
     data = params.read_bytes()
     params.write_bytes(data[: len(data) // 2])
-    before = snapshot(bundle_copy)
-    assert_refused(cli("check", bundle_copy), 1, tmp_path=tmp_path, mentions=("backbone.params",))
-    assert snapshot(bundle_copy) == before
+    assert_check_refuses_and_leaves_bundle(cli, bundle_copy, tmp_path, "backbone.params")
 
 
 # --------------------------------------------------------------------------- --images
