@@ -58,6 +58,11 @@ class ProbeSet:
         return (["stem"] if self.stem else []) + [f"stage{i + 1}" for i in range(len(self.stages))] + ["output"]
 
 
+def _eager(net):
+    """``net`` itself, or an eager copy when hybridized (probe hooks fire only on eager blocks)."""
+    return clone(net, trainable=False) if getattr(net, "_active", False) else net
+
+
 def run_probes(net, x: np.ndarray, probes: ProbeSet, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Forward ``x`` through an un-hybridized net, capturing every probe as numpy."""
     import mxnet as mx
@@ -155,7 +160,7 @@ def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | N
     source = parse_spec(source)
     say("tracing the original network")
     probes = ProbeSet.from_graph(trace(original))
-    ref32 = clone(original, trainable=False) if getattr(original, "_active", False) else original
+    ref32 = _eager(original)
     ref64 = clone(original, trainable=False)
     ref64.cast("float64")
     if images is None:
@@ -213,7 +218,7 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
     elif images is not None or sizes is not None:
         raise ValueError("images/sizes belong to the reference; pass them to reference(), not with ref=")
     probes, inputs, ref32 = ref.probes, ref.inputs, ref.net32
-    test32 = clone(adapted_net, trainable=False) if getattr(adapted_net, "_active", False) else adapted_net
+    test32 = _eager(adapted_net)
     collected: dict[str, dict[str, list]] = {name: {"o32": [], "o64": [], "a32": []} for name in probes.names()}
     for k, raw in enumerate(ref.batches):
         say(f"running the adapted net on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{len(ref.batches)})")

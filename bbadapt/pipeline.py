@@ -101,10 +101,7 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
     adapted = adapt(net, src, tgt, fold=fold, bn=bn)
     for param in net.collect_params().values():
         param.grad_req = "null"  # the original only serves as the reference now: free its gradients
-    report = check(net, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes, tolerance=tolerance,
-                   labelled=_labelled(info), progress=say)
-    report["model"] = model
-    report["notes"] += health_notes(adapted.health)
+    report = _checked(net, adapted, info, images, sizes, tolerance, say)
     say(f"writing {out}")
     with staged_output(out, force) as stage:
         params_sha = save_backbone(adapted, stage)
@@ -120,6 +117,16 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
         })
         write_reports(report, stage)
     return report, adapted
+
+
+def _checked(original, adapted: Adapted, info: zoo.ModelInfo, images: str | None,
+             sizes: list[tuple[int, int]] | None, tolerance: float, say: Progress) -> dict:
+    """The check as convert and recheck run it: report with model name and BN health notes."""
+    report = check(original, adapted.source, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
+                   tolerance=tolerance, labelled=_labelled(info), progress=say)
+    report["model"] = info.name
+    report["notes"] += health_notes(adapted.health)
+    return report
 
 
 def health_notes(health: list[dict]) -> list[str]:
@@ -155,11 +162,8 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     original, again = load_source(manifest["model"], spec, int(prov.get("seed", 0)), src, say)
     say("rebuilding the adapted backbone from the bundle")
     net = load_backbone(directory)
-    adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None)
-    report = check(original, src, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
-                   labelled=_labelled(info), progress=say)
-    report["model"] = manifest["model"]
-    report["notes"] += health_notes(manifest.get("health", []))
+    adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None, manifest.get("health", []))
+    report = _checked(original, adapted, info, images, sizes, 1e-5, say)
     if again.get("sha256") != prov.get("sha256"):
         report["notes"].append("the regenerated original weights differ bitwise from those converted "
                                "(random calibration on another machine?); errors include that difference")

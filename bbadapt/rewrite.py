@@ -24,7 +24,7 @@ import numpy as np
 from .errors import ModelError, OptionError, WeightsError
 from .layers import FrozenAffine, Identity, bn_constants, get_block, make_frozen_affine, param_value, replace_block, set_conv
 from .spec import InputSpec, affine_map, parse_spec
-from .trace import Graph, trace
+from .trace import Graph, block_paths, trace
 
 FOLDS = ("auto", "bn", "conv")
 BN_MODES = ("global-stats", "affine", "fused")
@@ -244,13 +244,13 @@ def clone(net, trainable: bool = True):
         for arrays in (param._data, param._grad):
             for arr in arrays or []:
                 memo[id(arr)] = arr.copy()
-    for block in _blocks(net):  # compiled graphs of a hybridized net hold C pointers: never copy them
+    for block in block_paths(net).values():  # compiled graphs of a hybridized net hold C pointers: never copy them
         for attr in ("_cached_op", "_cached_graph"):
             if getattr(block, attr, None) is not None:
                 memo[id(getattr(block, attr))] = None if attr == "_cached_op" else ()
     twin = copy.deepcopy(net, memo)
     twin.hybridize(False)  # rewrites and probes work on the eager tree; hybridize the result yourself
-    for block in _blocks(twin):
+    for block in block_paths(twin).values():
         if hasattr(block, "_clear_cached_op"):
             block._clear_cached_op()
     for param in twin.collect_params().values():
@@ -259,12 +259,6 @@ def clone(net, trainable: bool = True):
         elif param._data is not None and param.grad_req != "null":
             param._init_grad()  # copied arrays are not marked for autograd; without this backward() fails
     return twin
-
-
-def _blocks(net):
-    yield net
-    for child in net._children.values():
-        yield from _blocks(child)
 
 
 def adapt(net, source: str | InputSpec, target: str | InputSpec = "rgb255", fold: str = "auto",
@@ -278,7 +272,7 @@ def adapt(net, source: str | InputSpec, target: str | InputSpec = "rgb255", fold
     left untouched unless ``inplace``.
     """
     source, target = parse_spec(source), parse_spec(target)
-    if any(isinstance(b, (FrozenAffine, Identity)) for b in _blocks(net)):
+    if any(isinstance(b, (FrozenAffine, Identity)) for b in block_paths(net).values()):
         raise ModelError("this network was already adapted by bbadapt; adapt the original network instead")
     work = net if inplace else clone(net)
     graph = trace(work)

@@ -122,16 +122,9 @@ def batchnorms(net) -> list:
     """Every BatchNorm block in the tree (gluoncv's BN variants subclass gluon's)."""
     from mxnet.gluon import nn
 
-    found = []
+    from .trace import block_paths
 
-    def walk(block) -> None:
-        if isinstance(block, nn.BatchNorm):
-            found.append(block)
-        for child in block._children.values():
-            walk(child)
-
-    walk(net)
-    return found
+    return [b for b in block_paths(net).values() if isinstance(b, nn.BatchNorm)]
 
 
 def randomize(net, seed: int, calibration: np.ndarray) -> None:
