@@ -163,7 +163,8 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     say("rebuilding the adapted backbone from the bundle")
     net = load_backbone(directory)
     adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None, manifest.get("health", []))
-    report = _checked(original, adapted, info, images, sizes, 1e-5, say)
+    tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
+    report = _checked(original, adapted, info, images, sizes, tolerance, say)
     if again.get("sha256") != prov.get("sha256"):
         report["notes"].append("the regenerated original weights differ bitwise from those converted "
                                "(random calibration on another machine?); errors include that difference")

@@ -62,3 +62,11 @@ def test_convert_then_check_round_trip(tmp_path, target):
     again = bbadapt("check", "out", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "accuracy on 100 labelled tiles: original 98%, adapted 98%" in again.stdout
+
+
+def test_check_judges_with_the_tolerance_the_conversion_was_made_with(tmp_path):
+    assert bbadapt("convert", "cifar_resnet20_v1", "--weights", WEIGHTS, "--tolerance", "3e-5", "-o", "out",
+                   cwd=tmp_path).returncode == 0
+    assert bbadapt("check", "out", cwd=tmp_path).returncode == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tolerance"]["max_rel"] == 3e-5
