@@ -200,8 +200,9 @@ def test_invalid_source_spec_is_refused_as_invalid_arguments(convert_into, tmp_p
     ("--fold", "xyz", "xyz"),
     ("--bn", "frozen", "frozen"),
     ("--seed", "-1", "greater than or equal to 0"),
-], ids=["fold", "bn", "negative-seed"])
-def test_invalid_fold_bn_or_seed_is_typers_usage_error_without_traceback(convert_into, tmp_path, option, value, says):
+    ("--tolerance", "-1e-5", "greater than or equal to 0"),
+], ids=["fold", "bn", "negative-seed", "negative-tolerance"])
+def test_invalid_fold_bn_seed_or_tolerance_is_typers_usage_error_without_traceback(convert_into, tmp_path, option, value, says):
     out, convert = convert_into
     result = convert(option, value)
     assert result.returncode == 2, result.stderr
