@@ -1,0 +1,126 @@
+"""The one thing every converter yields, and the small helpers they share.
+
+A converter reads a foreign file and returns a :class:`Converted`: a Gluon network holding
+the weights under its structural names, an ``arch`` record that rebuilds the same
+architecture later (for bundle reload and re-checks), the input spec the weights expect,
+and provenance for the manifest. Nothing else crosses the boundary: adapt, check, bundle
+and detector never know which format the weights came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bbadapt.errors import ModelError, WeightsError
+from bbadapt.zoo import ModelInfo
+
+HEAD_BYTES = 4096  # what sniffers see of a file
+
+
+@dataclass
+class Converted:
+    """Weights from any source, as a Gluon net plus what is needed to rebuild and judge it."""
+
+    net: object  # a HybridBlock, parameters allocated and filled, shapes known
+    arch: dict  # {"zoo": "resnet50_v1b"} or {"builder": "converters.mod:function", "kwargs": {...}}
+    info: ModelInfo  # name/family/input size for reports and the check (is_cifar, default sizes)
+    provenance: dict  # {"kind": "file", "format": ..., "path": ..., "sha256": ..., ...}
+
+    @property
+    def source_spec(self) -> str:
+        return self.info.source_spec
+
+
+@dataclass(frozen=True)
+class Format:
+    """A foreign format: how to recognise it from content and how to read it."""
+
+    name: str  # as --format takes it, e.g. "mxnet-symbol"
+    description: str  # one line for `bbadapt formats`
+    sniff: Callable[[Path, bytes], bool]  # (path, first HEAD_BYTES bytes) -> is it mine?
+    read: Callable[..., Converted]  # read(path: Path, arch: str | None, progress) -> Converted
+    extensions: tuple[str, ...] = field(default=())  # typical suffixes, for help text only
+
+
+def custom_info(name: str, family: str, source_spec: str, input_size: int = 224) -> ModelInfo:
+    """A :class:`ModelInfo` for an architecture a converter provides (not a zoo model)."""
+    return ModelInfo(name=name, family=family, library="bbadapt", source_spec=source_spec,
+                     input_size=input_size, core=True)
+
+
+def rebuild(arch: dict):
+    """Build (random init, shapes materialized) the architecture an ``arch`` record names.
+
+    Builders are looked up only inside the ``converters`` package: a manifest must not be
+    able to make bbadapt import arbitrary code.
+    """
+    from bbadapt import zoo
+
+    if "zoo" in arch:
+        return zoo.build(arch["zoo"])
+    target = str(arch.get("builder", ""))
+    module_name, _, func_name = target.partition(":")
+    if not (module_name.startswith("converters.") and func_name.isidentifier() and not func_name.startswith("_")):
+        raise ModelError(f"unknown architecture record {arch!r}")
+    try:
+        builder = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError):
+        raise ModelError(f"architecture builder {target} does not exist in this bbadapt") from None
+    return builder(**dict(arch.get("kwargs", {})))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """The path, if it is a non-empty readable file; else one WeightsError line."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights file not found: {path}")
+    if not path.is_file():
+        raise WeightsError(f"weights path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"weights file is empty: {path}")
+    return path
+
+
+def check_tensors(arrays: dict[str, np.ndarray], origin: str) -> dict[str, np.ndarray]:
+    """Refuse non-finite values and non-float32 dtypes, naming the tensors; return float32 copies.
+
+    fp16/fp64 are refused rather than cast silently: a half-precision checkpoint cannot
+    give an fp32-exact conversion, and a float64 one is unusual enough to be a mistake.
+    """
+    odd = sorted(k for k, v in arrays.items() if v.dtype.kind == "f" and v.dtype != np.float32)
+    if odd:
+        kinds = sorted({str(arrays[k].dtype) for k in odd})
+        raise WeightsError(f"{origin} holds {'/'.join(kinds)} tensors ({len(odd)}, e.g. {odd[0]}); "
+                           "bbadapt converts float32 weights only")
+    bad = sorted(k for k, v in arrays.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v)))
+    if bad:
+        raise WeightsError(f"{origin} has NaN/Inf values in {len(bad)} tensors (e.g. {bad[0]})")
+    return arrays
+
+
+def unmatched_error(origin: str, unmatched: list[str], missing: list[str]) -> WeightsError:
+    """One line naming the foreign tensors nothing mapped and the net parameters nothing filled."""
+    def listing(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = []
+    if unmatched:
+        parts.append(f"{len(unmatched)} tensors in the file match nothing ({listing(unmatched)})")
+    if missing:
+        parts.append(f"{len(missing)} parameters get no value ({listing(missing)})")
+    return WeightsError(f"{origin}: " + "; ".join(parts))
