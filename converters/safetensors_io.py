@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -38,6 +39,19 @@ def looks_like(head: bytes) -> bool:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
+
+
+def header_names(path: str | os.PathLike) -> set[str]:
+    """Tensor names from the header alone (no size validation): for sniffing a possibly damaged file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)
+        text = f.read(min(n, MAX_HEADER))
+    try:
+        header = json.loads(text.decode("utf-8"))
+        return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else set()
+    except (UnicodeDecodeError, json.JSONDecodeError):  # header cut short: whatever names are legible
+        return set(re.findall(r'"([^"]+)":\s*\{\s*"dtype"', text.decode("utf-8", "replace")))
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:

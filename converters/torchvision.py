@@ -222,10 +222,12 @@ def sniff(path: Path, head: bytes) -> bool:
     """safetensors with torchvision ResNet names, a torch zip checkpoint, or a legacy torch pickle."""
     try:
         if safetensors_io.looks_like(head):
-            header, _, _ = safetensors_io.read_header(path)
-            return "conv1.weight" in header or "module.conv1.weight" in header
+            names = safetensors_io.header_names(path)  # a damaged file is still claimed: read() says what is wrong
+            return "conv1.weight" in names or "module.conv1.weight" in names
         if head.startswith(TORCH_LEGACY_MAGIC):
             return True
+        if head.startswith(b"PK\x03\x04") and b"data.pkl" in head[:200]:  # torch writes <name>/data.pkl first
+            return True  # even when cut short (no central directory): read() then says what is wrong
         if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
