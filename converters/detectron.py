@@ -120,18 +120,21 @@ def _bn_name(prefix: str) -> str:
 
 
 def to_gluon(blobs: dict[str, np.ndarray], depth: int, net_params) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-    """Gluon structural arrays from the blobs; also the blobs nothing used and the params nothing filled."""
+    """Gluon structural arrays from the blobs; also the blobs nothing used and the blobs (or params) missing."""
     used: set[str] = set()
+    absent: list[str] = []
     out: dict[str, np.ndarray] = {}
 
-    def take(name: str):
+    def take(name: str, required: bool = True):
+        if name not in blobs and required:
+            absent.append(name)
         if name in blobs:
             used.add(name)
             return blobs[name].astype(np.float64)
         return None
 
     for prefix, conv, bn in pairs(depth, net_params):
-        weight, bias = take(f"{prefix}_w"), take(f"{prefix}_b")
+        weight, bias = take(f"{prefix}_w"), take(f"{prefix}_b", required=False)
         s, b = take(f"{_bn_name(prefix)}_s"), take(f"{_bn_name(prefix)}_b")
         if weight is not None:
             out[f"{conv}.weight"] = weight.astype(np.float32)
@@ -146,13 +149,13 @@ def to_gluon(blobs: dict[str, np.ndarray], depth: int, net_params) -> tuple[dict
     for w_name, b_name in HEADS:
         if w_name in blobs:
             out["output.weight"] = take(w_name).astype(np.float32)
-            bias = take(b_name)
+            bias = take(b_name, required=False)
             if bias is not None:
                 out["output.bias"] = bias.astype(np.float32)
             break
     unmatched = sorted(set(blobs) - used)
-    missing = sorted(k for k in net_params if k not in out and not k.startswith("output."))
-    return out, unmatched, missing
+    unfilled = sorted(k for k in net_params if k not in out and not k.startswith("output."))
+    return out, unmatched, absent or unfilled  # missing in Caffe2 names where they exist
 
 
 def _head(blobs: dict[str, np.ndarray]) -> tuple[int, str]:
