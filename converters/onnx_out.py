@@ -10,8 +10,10 @@ habits need correcting, both measured, not assumed:
   :data:`OPSET` (and IR version :data:`IR_VERSION`, the one that introduced it), which is
   what the translations produce, and validated with ``onnx.checker``.
 * its BatchNorm translation ignores ``fix_gamma``: a Gluon ``BatchNorm(scale=False)``
-  (fix_gamma) ignores its stored gamma, ONNX's BatchNormalization does not. Gamma of
-  every fix_gamma BatchNorm is written as ones, which is what MXNet computes.
+  (fix_gamma) ignores its stored gamma, ONNX's BatchNormalization does not. MXNet
+  overwrites such a gamma with ones on its first forward pass, so the slip shows only for
+  weights exported straight after loading a file whose gamma is not 1 -- exactly what an
+  exporter does. Gamma of every fix_gamma BatchNorm is written as ones.
 
 bbadapt's ``FrozenAffine`` is MXNet's BatchNorm kernel with constant zero mean, unit
 variance and eps 1e-12 (:mod:`bbadapt.layers`); it exports as an ordinary
