@@ -14,7 +14,7 @@ import functools
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unit_variance(eps: float) -> np.float32:
     """The float32 ``v`` with ``float32(v) + float32(eps) == 1.0`` (so ``1/sqrt(v + eps)`` is 1)."""
     one, e = np.float32(1.0), np.float32(eps)

@@ -323,7 +323,7 @@ def torchvision_state(bundle) -> dict[str, np.ndarray]:
     wrong = sorted(k for k in want if tuple(state[k].shape) != want[k])
     if wrong or set(want) != set(state):
         raise ModelError(f"the bundle's {bundle.model} does not have torchvision resnet{depth}'s channel counts "
-                         f"(e.g. {wrong[0] if wrong else sorted(set(want) ^ set(state))[0]}); a pruned variant?")
+                         f"(e.g. {wrong[0] if wrong else min(set(want) ^ set(state))}); a pruned variant?")
     return state
 
 

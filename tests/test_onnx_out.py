@@ -90,9 +90,8 @@ def test_fix_gamma_batchnorms_export_as_mxnet_computes_them(onnx, ort, tmp_path)
     """resnet18_v2's data BN is fix_gamma with a stored gamma != 1; mx2onnx alone would use that gamma."""
     import mxnet as mx
 
-    from converters import onnx_out
-
     from bbadapt.rewrite import clone
+    from converters import onnx_out
 
     net = clone(calibrated("resnet18_v2"))
     assert net.features[0]._kwargs["fix_gamma"]
