@@ -45,6 +45,10 @@ def write_checkpoint(directory: Path, graph_name: str, seed: int = 0, epoch: int
     randomize(net, seed, raw)  # the zoo graphs take raw RGB 0..255
     keys = mxnet_symbol.symbolic_names(kwargs, graph)
     arrays = {keys[k]: p.data() for k, p in structural_params(net).items()}
+    rng = np.random.RandomState(seed)
+    for layer in kwargs["fix_gamma"]:  # a stored gamma that both MXNet and the conversion must ignore
+        gamma = arrays[f"arg:{layer}_gamma"]
+        arrays[f"arg:{layer}_gamma"] = mx.nd.array(rng.uniform(0.5, 1.5, gamma.shape))
     sym = mx.sym.load(str(json_path))  # MXNet's own view of which tensors the graph needs
     expected = {f"arg:{a}" for a in sym.list_arguments() if a not in ("data", "softmax_label")}
     assert set(arrays) == expected | {f"aux:{a}" for a in sym.list_auxiliary_states()}
