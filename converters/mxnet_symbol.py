@@ -376,7 +376,11 @@ def sniff(path: Path, head: bytes) -> bool:
     """A symbolic-zoo graph (JSON), or an NDArray file with symbolic-zoo names."""
     try:
         if ndarray_file.looks_like_symbol_json(head):
-            return is_symbolic_zoo_graph(json.loads(path.read_text(encoding="utf-8")))
+            try:
+                graph = ndarray_file.symbol_json(path)
+            except WeightsError:
+                return True  # a damaged MXNet graph: read() says what is wrong with it
+            return is_symbolic_zoo_graph(graph)
         names = ndarray_file.names_if_ndarray(path, head)
         return bool(names) and is_symbolic_zoo_names(names)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
