@@ -139,3 +139,21 @@ def test_inspect_refuses_a_truncated_file_with_one_line(tmp_path):
     shutil.copy(images.data_dir() / "photos" / "raccoon-1.jpg", tmp_path / "photo.jpg")
     result = _cli_without_mxnet("inspect", tmp_path / "photo.jpg", "--json", cwd=tmp_path)
     assert result.returncode == 0 and json.loads(result.stdout)["format"] is None
+
+
+@pytest.mark.parametrize("layout", ["v1-int64-shape", "legacy-uint32-shape"])
+def test_older_array_layouts_are_read_as_mxnet_reads_them(tmp_path, layout):
+    """Files from older mxnet (written here byte by byte, following ndarray.cc's LegacyLoad)."""
+    import struct
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3) * 0.5
+    if layout == "v1-int64-shape":
+        header = struct.pack("<Ii2q", ndarray_file.V1_MAGIC, 2, 2, 3)
+    else:
+        header = struct.pack("<I2I", 2, 2, 3)  # no magic: the first word is ndim
+    array = header + struct.pack("<iii", 1, 0, 0) + values.tobytes()  # cpu(0), float32
+    name = b"w"
+    blob = struct.pack("<QQQ", 0x112, 0, 1) + array + struct.pack("<QQ", 1, len(name)) + name
+    (tmp_path / "old.params").write_bytes(blob)
+    _same_as_mxnet(tmp_path / "old.params")
+    assert np.array_equal(ndarray_file.load(tmp_path / "old.params")["w"], values)
