@@ -134,6 +134,13 @@ def _unknown_layers(ops: dict, origin: str) -> None:
 
 def read_graph(graph: dict, origin: str) -> dict:
     """The builder kwargs (JSON-able) that describe the network a symbolic-zoo graph computes."""
+    try:
+        return _read_graph(graph, origin)
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
+        raise WeightsError(f"{origin}: malformed graph ({type(exc).__name__}: {exc}); a damaged -symbol.json?") from None
+
+
+def _read_graph(graph: dict, origin: str) -> dict:
     ops = layers_of(graph)
     _unknown_layers(ops, origin)
     stages = _units(ops, origin)

@@ -273,3 +273,16 @@ def test_a_format_flag_that_does_not_match_the_content_is_refused(r18):
     cifar = images.data_dir() / "cifar_resnet20_v1-symbol.json"
     with pytest.raises(WeightsError, match="does not look like mxnet-symbol.*detected: gluon-export"):
         converters.read(cifar, fmt="mxnet-symbol")
+
+
+def test_a_graph_that_is_not_a_zoo_resnet_is_refused_by_name(tmp_path):
+    graph = json.loads((GRAPHS / "resnet-18-symbol.json").read_text())
+    for node in graph["nodes"]:
+        if node["name"] == "fc1":
+            del node["attrs"]["num_hidden"]
+    with pytest.raises(WeightsError, match="malformed graph \\(KeyError: 'num_hidden'\\)"):
+        mxnet_symbol.read_graph(graph, "r18")
+    graph = json.loads((GRAPHS / "resnet-18-symbol.json").read_text())
+    graph["nodes"].append({"op": "Dropout", "name": "drop0", "attrs": {}, "inputs": [[len(graph["nodes"]) - 1, 0, 0]]})
+    with pytest.raises(WeightsError, match="operators this converter does not map: Dropout"):
+        mxnet_symbol.read_graph(graph, "r18")
