@@ -263,9 +263,10 @@ def test_saved_parameters_of_another_model_are_refused(cli, tmp_path):
 
 
 def test_exported_parameters_of_another_model_are_refused(cli, tmp_path):
+    """Its graph beside it says which model it is: MODEL contradicting that is a usage error (exit 2)."""
     out = tmp_path / "out"
-    assert_refused(cli("convert", MODEL, "--weights", OTHER_EXPORTED_PARAMS, "-o", out), 1, tmp_path=tmp_path,
-                   out=out, mentions=("another model",))
+    assert_refused(cli("convert", MODEL, "--weights", OTHER_EXPORTED_PARAMS, "-o", out), 2, tmp_path=tmp_path,
+                   out=out, mentions=("contradicts", "cifar_resnet20_v2", "another model"))
 
 
 def test_mis_shaped_parameter_is_refused_and_named(cli, tmp_path, real_arrays):
