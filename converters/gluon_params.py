@@ -79,7 +79,7 @@ def _zoo_names() -> dict[str, frozenset]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _traced_signature(name: str) -> frozenset:
     import json
 

@@ -27,7 +27,15 @@ from pathlib import Path
 from bbadapt.errors import ModelError, WeightsError
 
 from . import ndarray_file
-from .base import Converted, Format, check_tensors, custom_info, file_digest, require_file, unmatched_error
+from .base import (
+    Converted,
+    Format,
+    check_tensors,
+    custom_info,
+    file_digest,
+    require_file,
+    unmatched_error,
+)
 
 BUILDER = "converters.mxnet_symbol:symbolic_resnet"
 UNIT_RE = re.compile(r"^stage(\d+)_unit(\d+)_(bn[123]|conv[123]|sc)$")
@@ -191,7 +199,7 @@ def layer_paths(kwargs: dict) -> dict[str, str]:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _network_class():
     from mxnet.gluon import HybridBlock
 

@@ -178,7 +178,7 @@ def test_the_arch_record_rebuilds_the_same_architecture(r18):
     rebuilt = converters.rebuild(arch)
     ours = {k: p.shape for k, p in structural_params(converted.net).items()}
     assert {k: p.shape for k, p in structural_params(rebuilt).items()} == ours
-    settings = lambda net: {p: dict(b._kwargs) for p, b in block_paths(net).items() if hasattr(b, "_kwargs")}  # noqa: E731
+    settings = lambda net: {p: dict(b._kwargs) for p, b in block_paths(net).items() if hasattr(b, "_kwargs")}
     assert settings(rebuilt) == settings(converted.net)
 
 
