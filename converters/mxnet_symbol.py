@@ -27,7 +27,15 @@ from pathlib import Path
 from bbadapt.errors import ModelError, WeightsError
 
 from . import ndarray_file
-from .base import Converted, Format, check_tensors, custom_info, file_digest, require_file, unmatched_error
+from .base import (
+    Converted,
+    Format,
+    check_tensors,
+    custom_info,
+    file_digest,
+    require_file,
+    unmatched_error,
+)
 
 BUILDER = "converters.mxnet_symbol:symbolic_resnet"
 UNIT_RE = re.compile(r"^stage(\d+)_unit(\d+)_(bn[123]|conv[123]|sc)$")
@@ -134,6 +142,13 @@ def _unknown_layers(ops: dict, origin: str) -> None:
 
 def read_graph(graph: dict, origin: str) -> dict:
     """The builder kwargs (JSON-able) that describe the network a symbolic-zoo graph computes."""
+    try:
+        return _read_graph(graph, origin)
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
+        raise WeightsError(f"{origin}: malformed graph ({type(exc).__name__}: {exc}); a damaged -symbol.json?") from None
+
+
+def _read_graph(graph: dict, origin: str) -> dict:
     ops = layers_of(graph)
     _unknown_layers(ops, origin)
     stages = _units(ops, origin)
@@ -184,7 +199,7 @@ def layer_paths(kwargs: dict) -> dict[str, str]:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _network_class():
     from mxnet.gluon import HybridBlock
 
@@ -376,7 +391,11 @@ def sniff(path: Path, head: bytes) -> bool:
     """A symbolic-zoo graph (JSON), or an NDArray file with symbolic-zoo names."""
     try:
         if ndarray_file.looks_like_symbol_json(head):
-            return is_symbolic_zoo_graph(json.loads(path.read_text(encoding="utf-8")))
+            try:
+                graph = ndarray_file.symbol_json(path)
+            except WeightsError:
+                return True  # a damaged MXNet graph: read() says what is wrong with it
+            return is_symbolic_zoo_graph(graph)
         names = ndarray_file.names_if_ndarray(path, head)
         return bool(names) and is_symbolic_zoo_names(names)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

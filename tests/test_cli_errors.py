@@ -299,7 +299,7 @@ def test_nan_weight_is_refused_and_named(cli, tmp_path, real_arrays):
     bad = save_arrays(tmp_path / "nan.params", arrays)
     out = tmp_path / "out"
     assert_refused(cli("convert", MODEL, "--weights", bad, "-o", out), 1, tmp_path=tmp_path, out=out,
-                   mentions=("NaN", "conv0_weight"))  # named as in the file
+                   mentions=("NaN", "features.0.weight"))
 
 
 def test_pretrained_weights_offline_suggest_random_or_a_path(cli, tmp_path, home):
