@@ -41,17 +41,17 @@ def open_bundle(directory: str | os.PathLike) -> Bundle:
     from bbadapt.rewrite import Adapted
     from bbadapt.spec import InputSpec
 
-    from .base import rebuild
-
     directory = Path(directory)
     manifest = read_manifest(directory)
-    arch = manifest.get("arch") or manifest.get("converted", {}).get("arch")
-    net = rebuild(arch) if arch else None
-    backbone = load_backbone(directory, net=net)
+    if manifest.get("kind", "backbone") != "backbone":
+        raise OutputError(f"{directory} holds a {manifest['kind']}; this export takes a backbone output "
+                          "(convert without --detector, or export the detector with --symbol)")
+    arch = manifest.get("arch") or {}
+    backbone = load_backbone(directory)  # rebuilt from the manifest's arch record, plan replayed, params loaded
     source, target = InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"])
     adapted = Adapted(backbone, source, target, manifest.get("bn", ""), [dict(s) for s in manifest["plan"]], None,
                       manifest.get("health", []))
-    model = (arch or {}).get("zoo") or manifest["model"]
+    model = arch.get("zoo") or manifest["model"]
     return Bundle(directory, manifest, adapted, str(model))
 
 

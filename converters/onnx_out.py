@@ -199,4 +199,5 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     return {"format": "onnx", "out": str(out), "sha256": file_digest(out), "opset": OPSET, "ir_version": IR_VERSION,
             "onnx": onnx.__version__, "model": bundle.model, "input_spec": bundle.target.to_string(),
             "input": model.graph.input[0].name, "outputs": [o.name for o in model.graph.output],
+            "runtime": summary["runtime"], "check_max_abs": summary["max_abs"], "check_max_rel": summary["max_rel"],
             "check": summary}

@@ -384,5 +384,6 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     say(f"wrote {out}")
     return {"format": "torchvision", "out": str(out), "container": "pth" if as_pth else "safetensors",
             "architecture": metadata["bbadapt.arch"], "input_spec": source.to_string(), "bundle_target": bundle.target.to_string(),
-            "tensors": len(state), "sha256": file_digest(out), "check": check_summary(report),
+            "tensors": len(state), "sha256": file_digest(out), "check_passed": bool(report["passed"]),
+            "check_worst_max_rel": float(report["worst_max_rel"]), "check": check_summary(report),
             "meaning": "torchvision's standard ResNet fed the bundle's source spec; BNs hold frozen constants (eval mode)"}
