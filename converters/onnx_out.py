@@ -181,8 +181,8 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     refuse_existing_file(out, force)
     if out.suffix != ".onnx":
         raise OutputError(f"{out}: name the ONNX export .onnx")
+    _require_onnxruntime()  # both before minutes of work, not after
     onnx = _require_onnx()
-    _require_onnxruntime()  # before minutes of work, not after
     say(f"reading bundle {bundle_dir}")
     bundle = open_bundle(bundle_dir)
     net = bundle.adapted.net
