@@ -129,8 +129,12 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             InputSpec.from_dict(manifest[key])
         except (KeyError, TypeError, ValueError):  # SpecError is a ValueError
             raise OutputError(f"{path} has an invalid {key} spec") from None
-    if not isinstance(manifest.get("arch", {}), dict):
-        raise OutputError(f"{path} has a malformed arch record")
+    if "arch" in manifest:
+        from converters.base import arch_problem
+
+        problem = arch_problem(manifest["arch"])
+        if problem:
+            raise OutputError(f"{path} has an unusable arch record: it {problem}")
     if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
         raise OutputError(f"{path} has a malformed plan")
     if not (directory / manifest.get("params_file", PARAMS)).is_file():

@@ -55,24 +55,38 @@ def custom_info(name: str, family: str, source_spec: str, input_size: int = 224)
                      input_size=input_size, core=True)
 
 
-def rebuild(arch: dict):
-    """Build (random init, shapes materialized) the architecture an ``arch`` record names.
+def arch_problem(arch: object) -> str | None:
+    """Why ``arch`` is not a usable architecture record, or None when it is.
 
-    Builders are looked up only inside the ``converters`` package: a manifest must not be
-    able to make bbadapt import arbitrary code.
+    Builders are looked up only inside the ``converters`` package, public functions only:
+    a manifest must not be able to make bbadapt import and call arbitrary code.
     """
+    if not isinstance(arch, dict):
+        return "is not a record"
+    if "zoo" in arch:
+        return None if isinstance(arch["zoo"], str) else "has a non-string zoo name"
+    module_name, _, func_name = str(arch.get("builder", "")).partition(":")
+    if not (module_name.startswith("converters.") and func_name.isidentifier() and not func_name.startswith("_")):
+        return f"names no builder of bbadapt's converters ({arch.get('builder')!r})"
+    if not isinstance(arch.get("kwargs", {}), dict):
+        return "has non-keyword builder arguments"
+    return None
+
+
+def rebuild(arch: dict):
+    """Build (random init, shapes materialized) the architecture an ``arch`` record names."""
     from bbadapt import zoo
 
+    problem = arch_problem(arch)
+    if problem:
+        raise ModelError(f"unknown architecture record: it {problem}")
     if "zoo" in arch:
         return zoo.build(arch["zoo"])
-    target = str(arch.get("builder", ""))
-    module_name, _, func_name = target.partition(":")
-    if not (module_name.startswith("converters.") and func_name.isidentifier() and not func_name.startswith("_")):
-        raise ModelError(f"unknown architecture record {arch!r}")
+    module_name, _, func_name = arch["builder"].partition(":")
     try:
         builder = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError):
-        raise ModelError(f"architecture builder {target} does not exist in this bbadapt") from None
+        raise ModelError(f"architecture builder {arch['builder']} does not exist in this bbadapt") from None
     return builder(**dict(arch.get("kwargs", {})))
 
 
