@@ -31,6 +31,7 @@ from . import ndarray_file
 from .base import (
     Converted,
     Format,
+    architecture_builder,
     check_tensors,
     custom_info,
     file_digest,
@@ -220,6 +221,7 @@ def _set_bn(bn, eps: float, fix_gamma: bool) -> None:
     bn.gamma.grad_req = "null" if fix_gamma else "write"
 
 
+@architecture_builder
 def symbolic_resnet(bottleneck: bool, units: list[int], channels: list[int], strides: list[int],
                     shortcuts: list[list[int]], classes: int, stem: dict, eps: float,
                     bn_eps: dict | None = None, fix_gamma: list[str] | None = None, materialize: bool = True):
