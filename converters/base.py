@@ -55,6 +55,19 @@ def custom_info(name: str, family: str, source_spec: str, input_size: int = 224)
                      input_size=input_size, core=True)
 
 
+_BUILDERS: dict[str, Callable] = {}
+
+
+def architecture_builder(func: Callable) -> Callable:
+    """Mark ``func`` as an architecture builder that an ``arch`` record (a manifest) may name.
+
+    Only marked functions can be called through :func:`rebuild`: a crafted manifest must not
+    be able to call a converter's other public functions (readers, writers) either.
+    """
+    _BUILDERS[f"{func.__module__}:{func.__name__}"] = func
+    return func
+
+
 def arch_problem(arch: object) -> str | None:
     """Why ``arch`` is not a usable architecture record, or None when it is.
 
@@ -82,12 +95,18 @@ def rebuild(arch: dict):
         raise ModelError(f"unknown architecture record: it {problem}")
     if "zoo" in arch:
         return zoo.build(arch["zoo"])
-    module_name, _, func_name = arch["builder"].partition(":")
+    module_name = arch["builder"].partition(":")[0]
     try:
-        builder = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError):
-        raise ModelError(f"architecture builder {arch['builder']} does not exist in this bbadapt") from None
-    return builder(**dict(arch.get("kwargs", {})))
+        importlib.import_module(module_name)  # registers the module's builders
+    except ImportError:
+        pass
+    builder = _BUILDERS.get(arch["builder"])
+    if builder is None:
+        raise ModelError(f"{arch['builder']} is not an architecture builder of this bbadapt")
+    try:
+        return builder(**dict(arch.get("kwargs", {})))
+    except TypeError as exc:  # wrong or missing keyword arguments in the record
+        raise ModelError(f"architecture record for {arch['builder']} does not fit it: {exc}") from None
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from bbadapt.errors import ModelError, WeightsError
@@ -30,6 +31,7 @@ from . import ndarray_file
 from .base import (
     Converted,
     Format,
+    architecture_builder,
     check_tensors,
     custom_info,
     file_digest,
@@ -219,6 +221,7 @@ def _set_bn(bn, eps: float, fix_gamma: bool) -> None:
     bn.gamma.grad_req = "null" if fix_gamma else "write"
 
 
+@architecture_builder
 def symbolic_resnet(bottleneck: bool, units: list[int], channels: list[int], strides: list[int],
                     shortcuts: list[list[int]], classes: int, stem: dict, eps: float,
                     bn_eps: dict | None = None, fix_gamma: list[str] | None = None, materialize: bool = True):
@@ -299,6 +302,75 @@ def verify_layers(net, graph: dict, kwargs: dict, origin: str) -> None:
                          f"(graph vs gluon: {'; '.join(wrong[:3])})")
 
 
+ADD_OPS = ("elemwise_add", "_Plus", "_plus", "broadcast_add", "_add")
+WIRING_OPS = ("Activation", "Pooling") + ADD_OPS  # compared as counts; weighted layers edge by edge
+
+
+def _used(graph: dict) -> set[int]:
+    """Nodes the outputs depend on (a graph may hold dangling nodes)."""
+    nodes, todo, seen = graph["nodes"], [h[0] for h in graph["heads"]], set()
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend(src for src, *_ in nodes[i]["inputs"])
+    return seen
+
+
+def _frontiers(graph: dict, name_of) -> tuple[dict[str, frozenset], Counter]:
+    """Each weighted layer -> the weighted layers (or "data") it reads through unweighted ops.
+
+    ``name_of(i)`` gives the common name of weighted op node i (or None). Also returns the
+    counts of relu/pool/add ops the outputs depend on, so a dropped activation or residual
+    add is seen too.
+    """
+    nodes, used = graph["nodes"], _used(graph)
+    reach: list[frozenset] = []
+    layers: dict[str, frozenset] = {}
+    ops: Counter = Counter()
+    for i, node in enumerate(nodes):
+        if node["op"] == "null":
+            reach.append(frozenset({"data"}) if node["name"] == "data" else frozenset())
+            continue
+        below = frozenset().union(*(reach[src] for src, *_ in node["inputs"][:1 if node["op"] in PARAM_NAMES else None]))
+        name = name_of(i) if node["op"] in PARAM_NAMES else None
+        if name is not None:
+            layers[name] = below
+            reach.append(frozenset({name}))
+        else:
+            reach.append(below)
+            if node["op"] in WIRING_OPS and i in used:
+                ops["add" if node["op"] in ADD_OPS else node["op"]] += 1
+    return layers, ops
+
+
+def verify_wiring(net, graph: dict, kwargs: dict, origin: str) -> None:
+    """The graph and the built network connect their layers the same way (residuals included)."""
+    import mxnet as mx
+
+    from bbadapt.trace import _param_owner
+
+    paths = layer_paths(kwargs)
+    by_path = {p: n for n, p in paths.items()}
+    traced = json.loads(net(mx.sym.var("data")).tojson())
+    gluon_nodes = traced["nodes"]
+    owner = _param_owner(_blocks(net))
+
+    def gluon_name(i: int) -> str | None:
+        weight = gluon_nodes[gluon_nodes[i]["inputs"][1][0]]["name"]
+        return by_path.get(owner.get(weight, ""))
+
+    ours, our_ops = _frontiers(traced, gluon_name)
+    theirs, their_ops = _frontiers(graph, lambda i: graph["nodes"][i]["name"])
+    wrong = [f"{n} reads {sorted(theirs.get(n, ()))} in the graph, {sorted(ours.get(n, ()))} in gluon"
+             for n in sorted(set(ours) | set(theirs)) if ours.get(n) != theirs.get(n)]
+    if our_ops != their_ops:
+        wrong.append(f"relu/pool/add counts {dict(their_ops)} in the graph, {dict(our_ops)} in gluon")
+    if wrong:
+        raise ModelError(f"{origin}: the graph is wired differently from a pre-activation ResNet at "
+                         f"{len(wrong)} places ({'; '.join(wrong[:2])})")
+
+
 def symbolic_names(kwargs: dict, graph: dict) -> dict[str, str]:
     """Structural parameter name -> the key the symbolic zoo writes (``arg:conv0_weight`` ...)."""
     ops = layers_of(graph)
@@ -370,6 +442,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     arrays = check_tensors(ndarray_file.load(params_path), str(params_path))
     net = symbolic_resnet(**kwargs)
     verify_layers(net, graph, kwargs, str(json_path))
+    verify_wiring(net, graph, kwargs, str(json_path))
     from bbadapt.weights import assign
 
     assign(net, _map_arrays(arrays, symbolic_names(kwargs, graph), str(params_path)), str(params_path))

@@ -424,8 +424,10 @@ def _without_source_order(manifest: dict) -> dict:
     # a manifest must never make bbadapt import and call arbitrary code
     (lambda m: {**m, "arch": {"builder": "os:system", "kwargs": {"command": "touch pwned"}}}, "unusable arch record"),
     (lambda m: {**m, "arch": {"builder": "converters.base:_private"}}, "unusable arch record"),
+    (lambda m: {**m, "arch": {"builder": "converters.mxnet_symbol:read", "kwargs": {"path": "x"}}},
+     "not an architecture builder"),
 ], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list", "arch-not-a-record",
-        "arch-builder-outside-converters", "arch-builder-private"])
+        "arch-builder-outside-converters", "arch-builder-private", "arch-builder-not-a-builder"])
 def test_check_refuses_a_damaged_manifest(cli, bundle_copy, tmp_path, damage, says):
     manifest_path = bundle_copy / "manifest.json"
     damaged = damage(json.loads(manifest_path.read_text()))

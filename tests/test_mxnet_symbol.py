@@ -286,3 +286,28 @@ def test_a_graph_that_is_not_a_zoo_resnet_is_refused_by_name(tmp_path):
     graph["nodes"].append({"op": "Dropout", "name": "drop0", "attrs": {}, "inputs": [[len(graph["nodes"]) - 1, 0, 0]]})
     with pytest.raises(WeightsError, match="operators this converter does not map: Dropout"):
         mxnet_symbol.read_graph(graph, "r18")
+
+
+def _node(graph: dict, name: str) -> dict:
+    return next(n for n in graph["nodes"] if n["name"] == name)
+
+
+def test_a_graph_with_zoo_names_but_other_wiring_is_refused(tmp_path):
+    """Names are not trusted for topology: every weighted layer's inputs are compared with the Gluon net's."""
+    def rewire(graph):  # the stage1 shortcut conv reads the stem's pool output instead of the unit's relu1
+        names = [n["name"] for n in graph["nodes"]]
+        _node(graph, "stage1_unit1_sc")["inputs"][0] = [names.index("pooling0"), 0, 0]
+
+    json_path, _ = write_checkpoint(tmp_path, "resnet-18", edit=rewire)
+    with pytest.raises(ModelError, match=r"wired differently .*stage1_unit1_sc reads \['bn0'\] in the graph"):
+        converters.read(json_path)
+
+
+def test_a_dropped_activation_is_seen():
+    graph = ndarray_file.symbol_json(GRAPHS / "resnet-18-symbol.json")
+    kwargs = mxnet_symbol.read_graph(graph, "r18")
+    net = mxnet_symbol.symbolic_resnet(**kwargs)
+    mxnet_symbol.verify_wiring(net, graph, kwargs, "r18")  # the real graph fits
+    _node(graph, "stage2_unit1_conv2")["inputs"][0] = _node(graph, "stage2_unit1_relu2")["inputs"][0]
+    with pytest.raises(ModelError, match="relu/pool/add counts .*'Activation': 17"):
+        mxnet_symbol.verify_wiring(net, graph, kwargs, "r18")
