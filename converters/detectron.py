@@ -38,7 +38,16 @@ from bbadapt.errors import ModelError, WeightsError
 
 from . import safe_pickle
 from .affine_bn import as_batchnorm
-from .base import Converted, Format, check_tensors, custom_info, file_digest, require_file, unmatched_error
+from .base import (
+    Converted,
+    Format,
+    architecture_builder,
+    check_tensors,
+    custom_info,
+    file_digest,
+    require_file,
+    unmatched_error,
+)
 
 SOURCE_SPEC = "order=bgr,scale=1,mean=102.9801/115.9465/122.7717,std=1/1/1"
 BN_EPS = 1e-5  # gluon BatchNorm's default, what resnetN_v1 builds
@@ -50,6 +59,7 @@ _BLOB_NAME = re.compile(rb"(?:res[2-5]_\d+_branch|res_conv1_bn|conv1_[wb]|pred_[
 HEADS = (("pred_w", "pred_b"), ("fc1000_w", "fc1000_b"))
 
 
+@architecture_builder
 def build(depth: int, classes: int = 1000):
     """Gluon ``resnet<depth>_v1`` with ``classes`` outputs, initialized and materialized (the ``arch`` builder)."""
     import mxnet as mx
