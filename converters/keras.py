@@ -36,8 +36,16 @@ import numpy as np
 
 from bbadapt.errors import ModelError, WeightsError
 
-from .base import Converted, Format, check_tensors, custom_info, file_digest, require_file, unmatched_error
-from .keras_resnet_v2 import KERAS_EPS, keras_resnet_v1, keras_resnet_v2
+from .base import (
+    Converted,
+    Format,
+    check_tensors,
+    custom_info,
+    file_digest,
+    require_file,
+    unmatched_error,
+)
+from .keras_resnet_v2 import KERAS_EPS
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -140,9 +148,11 @@ def _read_legacy(group, origin: str) -> dict[str, list[np.ndarray]]:
 
 def _read_keras3(f, origin: str) -> tuple[dict[str, list[np.ndarray]], str]:
     """Layers by their stored names, or by class and order when the names are not stored."""
+    import h5py
+
     entries = []  # (group key, stored layer name or None, tensors)
-    for key in f["layers"]:
-        variables = f["layers"][key].get("vars")
+    for key, item in f["layers"].items():
+        variables = item.get("vars") if isinstance(item, h5py.Group) else None
         if variables is None or not len(variables):
             continue
         tensors = [_array(variables, str(i), f"{origin} layers/{key}") for i in range(len(variables))]
@@ -185,7 +195,7 @@ def _shape_from_counts(n_conv: int, n_bn: int, n_dense: int, origin: str) -> tup
     """v1 has one BN per conv; V2 four convs (the projections) more than BNs. Blocks from the total."""
     version = 1 if n_conv == n_bn else 2 if n_conv == n_bn + 4 else 0
     total, rest = divmod(n_conv - 5, 3)
-    for blocks, _depth in DEPTHS.items():
+    for blocks in DEPTHS:
         if version and not rest and sum(blocks) == total and n_dense <= 1:
             return version, list(blocks)
     raise WeightsError(f"{origin}: {n_conv} Conv2D, {n_bn} BatchNormalization and {n_dense} Dense layers without "
@@ -246,12 +256,25 @@ def read_keras_file(path: Path) -> KerasWeights:
         raise WeightsError(f"cannot read {path}: truncated or corrupt HDF5 data ({str(exc).splitlines()[0][:100]})") from None
     finally:
         f.close()
+    facts.update(_archive_facts(path))
     if not layers:
         raise WeightsError(f"{path} holds no layer weights (a nested model, or an empty Keras file?)")
     if facts.get("backend") == "theano":
         raise WeightsError(f"{path} was saved by the Theano backend (flipped kernels); use the tf_dim_ordering_tf_kernels file")
     _check_dtypes(layers, origin)
     return KerasWeights(layers, layout, facts)
+
+
+def _archive_facts(path: Path) -> dict:
+    """keras_version/backend from a ``.keras`` archive's metadata.json (plain .h5 files: nothing)."""
+    import json
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("metadata.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        return {}
+    return {k: str(meta[k]) for k in ("keras_version",) if k in meta}
 
 
 def _check_dtypes(layers: dict[str, list[np.ndarray]], origin: str) -> None:

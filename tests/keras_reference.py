@@ -124,7 +124,7 @@ class Forward:
         return conv2d(x, self.w[name], stride)
 
     def v1(self, x: np.ndarray, blocks: list[int]) -> np.ndarray:
-        relu = lambda t: np.maximum(t, 0)  # noqa: E731
+        relu = lambda t: np.maximum(t, 0)
         x = relu(self.bn("conv1_bn", self.conv("conv1_conv", zero_pad(x, 3), 2)))
         x = max_pool(zero_pad(x, 1), 3, 2)
         for s, n in enumerate(blocks, start=2):
@@ -137,7 +137,7 @@ class Forward:
         return x
 
     def v2(self, x: np.ndarray, blocks: list[int]) -> np.ndarray:
-        relu = lambda t: np.maximum(t, 0)  # noqa: E731
+        relu = lambda t: np.maximum(t, 0)
         x = self.conv("conv1_conv", zero_pad(x, 3), 2)
         x = max_pool(zero_pad(x, 1), 3, 2)  # zeros take part in the max: x may be negative here
         for s, n in enumerate(blocks, start=2):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import zipfile
+from pathlib import Path
 
 import h5py
 import mxnet as mx
@@ -32,13 +33,13 @@ SIZE = (64, 64)
 SPEC = {1: "caffe", 2: "tf"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def photos_nhwc(version: int) -> np.ndarray:
     raw, _ = images.photos(SIZE, limit=4)
     return PRESETS[SPEC[version]].normalize(raw).transpose(0, 2, 3, 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def keras_weights(version: int, classes: int = 10, eps: float = 1.001e-5) -> dict:
     """ResNet50 (v1) or ResNet50V2 Keras weights, BN statistics calibrated on photos (do not mutate)."""
     return kr.calibrated_weights(version, R50, classes, photos_nhwc(version), seed=version, eps=eps)
@@ -48,7 +49,7 @@ def reference(version: int, weights: dict, eps: float = 1.001e-5) -> np.ndarray:
     return kr.Forward(weights, eps)(photos_nhwc(version), version, R50)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_reference(version: int) -> np.ndarray:
     return reference(version, keras_weights(version))
 
@@ -77,7 +78,7 @@ def write(path, layout: str, version: int, weights: dict, classes: int = 10, **k
 LAYOUTS = ["legacy-weights", "legacy-full-model", "keras3-names", "keras3-order"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(version: int, tmp_dir: str):
     """One converted net per version, shared by the tests that do not look at the file layout."""
     return converters.read(write(f"{tmp_dir}/v{version}.h5", "legacy-weights", version, keras_weights(version)))
@@ -147,6 +148,7 @@ def test_a_keras_archive_holds_the_same_weights_as_its_weights_file(tmp_path):
         z.writestr("metadata.json", '{"keras_version": "3.15.1"}')
         z.write(h5, kconv.KERAS_ZIP_MEMBER)
     a, b = converters.read(archive), converters.read(h5)
+    assert a.provenance["keras_version"] == "3.15.1" and a.provenance["path"].endswith(".keras")
     pa, pb = (n._collect_params_with_prefix() for n in (a.net, b.net))
     assert pa.keys() == pb.keys() and all(np.array_equal(pa[k].data().asnumpy(), pb[k].data().asnumpy()) for k in pa)
 
@@ -230,7 +232,7 @@ def one_line_error(exc_type, path, **kw) -> str:
 
 def test_a_truncated_file_is_refused(tmp_path):
     full = write(tmp_path / "full.h5", "legacy-weights", 1, keras_weights(1))
-    data = open(full, "rb").read()
+    data = Path(full).read_bytes()
     for keep in (len(data) // 2, 4096):
         cut = tmp_path / f"cut{keep}.h5"
         cut.write_bytes(data[:keep])
