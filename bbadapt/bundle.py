@@ -129,6 +129,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             InputSpec.from_dict(manifest[key])
         except (KeyError, TypeError, ValueError):  # SpecError is a ValueError
             raise OutputError(f"{path} has an invalid {key} spec") from None
+    if not isinstance(manifest.get("arch", {}), dict):
+        raise OutputError(f"{path} has a malformed arch record")
     if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
         raise OutputError(f"{path} has a malformed plan")
     if not (directory / manifest.get("params_file", PARAMS)).is_file():
@@ -148,16 +150,18 @@ def save_backbone(adapted, directory: Path) -> str:
 def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
     """Rebuild an adapted backbone: a HybridBlock taking the bundle's target-spec input.
 
-    ``net``: the original architecture, for networks that are not zoo models.
+    The architecture comes from the manifest's ``arch`` record (a zoo name, or a builder a
+    converter provides); ``net`` overrides it with an architecture built by the caller.
     """
-    from . import zoo
+    from converters import rebuild
+
     from .rewrite import apply_plan
     from .spec import InputSpec
     from .weights import load_into
 
     manifest = read_manifest(directory)
     if net is None:
-        net = zoo.build(manifest["model"])
+        net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
     apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
                InputSpec.from_dict(manifest["target"]))
     load_into(net, Path(directory) / manifest.get("params_file", PARAMS))

@@ -1,4 +1,4 @@
-"""``bbadapt`` command line: convert, check, list. Mirrors the Python API.
+"""``bbadapt`` command line: convert, check, export, formats, list. Mirrors the Python API.
 
 Exit codes: 0 the check passed; 3 the check failed (the report is still written and says
 why); 2 invalid arguments (unknown model, bad spec or option); 1 any other error (bad
@@ -109,44 +109,95 @@ def _summary(report: dict, out: Path) -> None:
     out_console.print(f"report: {out / 'report.md'} (and report.html)", markup=False)
 
 
+class Detector(str, Enum):
+    faster_rcnn = "faster-rcnn"
+
+
+class Layout(str, Enum):
+    c4 = "c4"
+    fpn = "fpn"
+
+
+def default_out(model: Optional[str], weights: str) -> Path:
+    """out/MODEL, or out/<weights file name without -symbol/-0000 and suffixes>."""
+    if model:
+        return Path("out") / model
+    stem = Path(weights).name
+    for suffix in (".json", ".params", ".safetensors", ".pth", ".pt", ".h5", ".hdf5", ".pkl", ".weights"):
+        stem = stem.removesuffix(suffix)
+    stem = stem.removesuffix("-symbol")
+    stem = stem.rsplit("-", 1)[0] if stem.rsplit("-", 1)[-1].isdecimal() else stem
+    return Path("out") / (stem or "converted")
+
+
+def parse_classes(text: Optional[str]) -> list[str]:
+    return [c.strip() for c in text.split(",")] if text else []
+
+
 @app.command()
 def convert(
-    model: str = typer.Argument(..., help="zoo model name, e.g. resnet50_v2 (see `bbadapt list`)"),
+    model: Optional[str] = typer.Argument(None, help="zoo model name, e.g. resnet50_v2 (see `bbadapt list`); "
+                                                      "with a weights file: its architecture, where the file cannot tell"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory [default: out/MODEL]"),
-    weights: str = typer.Option("pretrained", help="pretrained (download; cached in $MXNET_HOME), random, or a .params file"),
+    weights: str = typer.Option("pretrained", help="pretrained (download; cached in $MXNET_HOME), random, or a weights "
+                                                   "file of any format in `bbadapt formats`"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="format of the weights file [default: detected from content]"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture (zoo name) for a weights file; same as MODEL"),
     source: Optional[str] = typer.Option(None, "--from", help="input spec the weights expect [default: the model's own]"),
     target: str = typer.Option("rgb255", "--to", help="input spec you will feed: preset or order=..,scale=..,mean=a/b/c,std=a/b/c"),
     fold: Fold = typer.Option(Fold.auto, help="where the input map goes: bn (exact), conv (approximate at borders), auto"),
-    bn: BNMode = typer.Option(BNMode.fused, help="frozen BatchNorm form"),
+    bn: Optional[BNMode] = typer.Option(None, help="frozen BatchNorm form [default: fused; affine with --detector]"),
+    detector: Optional[Detector] = typer.Option(None, help="also build a detector on the adapted backbone"),
+    classes: Optional[str] = typer.Option(None, help="detector class names, comma-separated (e.g. raccoon,dog)"),
+    layout: Layout = typer.Option(Layout.c4, help="detector layout: c4 (stride 16 + stage-4 head) or fpn"),
+    freeze_at: int = typer.Option(2, min=0, max=5, help="detector: freeze the backbone up to here (0 none, 1 stem, "
+                                                         "2 stem+stage1 as GluonCV, ..., 5 all)"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
     images: Optional[Path] = typer.Option(None, help="directory of photos for the check [default: packaged photos]"),
     sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,129x161; 32x32,37x29 for CIFAR]"),
     tolerance: float = typer.Option(1e-5, min=0.0, help="max-rel tolerance of the equivalence check"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
-    """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone."""
+    """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone (and detector)."""
     from .spec import parse_spec
     from .zoo import model_info
 
     with user_errors():
-        model_info(model)  # argument errors first, before importing mxnet
+        if model and arch and model != arch:
+            raise OptionError(f"MODEL {model!r} and --arch {arch!r} disagree; give one")
+        model = model or arch
+        if weights in ("pretrained", "random"):
+            if model is None:
+                raise OptionError(f"--weights {weights} needs a MODEL (see `bbadapt list`), or give a weights file")
+            model_info(model)  # argument errors first, before importing mxnet
         parse_spec(target)
         if source:
             parse_spec(source)
+        if classes and not detector:
+            raise OptionError("--classes is for --detector faster-rcnn")
+        if detector and not parse_classes(classes):
+            raise OptionError("--detector needs --classes, e.g. --classes raccoon")
         sizes_parsed = parse_sizes(sizes)
         from .pipeline import convert as run_convert
 
-        out = out or Path("out") / model
+        out = out or default_out(model, weights)
         with progress_line() as say:
             report, adapted = run_convert(model, out, weights=weights, source=source, target=target, fold=fold.value,
-                                          bn=bn.value, force=force, images=str(images) if images else None,
-                                          sizes=sizes_parsed, seed=seed, tolerance=tolerance, progress=say)
+                                          bn=bn.value if bn else None, force=force,
+                                          images=str(images) if images else None, sizes=sizes_parsed, seed=seed,
+                                          tolerance=tolerance, progress=say, fmt=fmt,
+                                          detector=detector.value if detector else None,
+                                          classes=parse_classes(classes), layout=layout.value, freeze_at=freeze_at)
         steps = [s["op"] for s in adapted.plan]
-        out_console.print(f"{model}: {adapted.source.to_string()} -> {adapted.target.to_string()}, fold={adapted.fold}"
-                          f"{'' if adapted.exact else ' (APPROXIMATE)'}, bn={bn.value}: {steps.count('fuse')} BN fused, "
-                          f"{steps.count('affine')} affine, {steps.count('global_stats')} global-stats"
+        out_console.print(f"{report['model']}: {adapted.source.to_string()} -> {adapted.target.to_string()}, "
+                          f"fold={adapted.fold}{'' if adapted.exact else ' (APPROXIMATE)'}, bn={adapted.bn}: "
+                          f"{steps.count('fuse')} BN fused, {steps.count('affine')} affine, "
+                          f"{steps.count('global_stats')} global-stats"
                           f"{', input folded' if adapted.fold != 'none' else ''}", markup=False)
         _summary(report, out)
+        if detector:
+            out_console.print(f"detector: Faster R-CNN ({layout.value}) for {', '.join(parse_classes(classes))}; "
+                              f"load it with bbadapt.load_detector({str(out)!r})", markup=False)
         out_console.print(f"wrote {out}", markup=False)
     if not report["passed"]:
         raise typer.Exit(EXIT_CHECK_FAILED)
@@ -167,6 +218,51 @@ def check(
         _summary(report, directory)
     if not report["passed"]:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+def formats() -> None:
+    """The weight formats `convert --weights FILE` reads (detected from content; --format overrides)."""
+    from rich.table import Table
+
+    from converters import formats as known
+
+    table = Table("format", "what", "typical files")
+    for f in known():
+        table.add_row(f.name, f.description, " ".join(f.extensions))
+    out_console.print(table)
+
+
+EXPORTERS = {  # --option: (module, function); each writes atomically and verifies what it wrote
+    "symbol": ("bbadapt.detection", "export_symbol"),
+    "torchvision": ("converters.torchvision", "export_bundle"),
+    "onnx": ("converters.onnx_out", "export_bundle"),
+}
+
+
+@app.command()
+def export(
+    directory: Path = typer.Argument(..., help="an output directory of `bbadapt convert`"),
+    symbol: Optional[Path] = typer.Option(None, help="PREFIX: write PREFIX-symbol.json + PREFIX-0000.params (deployment)"),
+    torchvision: Optional[Path] = typer.Option(None, help="FILE.safetensors (or .pth with torch): torchvision ResNet weights"),
+    onnx: Optional[Path] = typer.Option(None, help="FILE.onnx, checked with onnxruntime against MXNet"),
+    force: bool = typer.Option(False, help="replace an existing export"),
+) -> None:
+    """Carry an adapted backbone or detector out: MXNet symbol, torchvision weights, or ONNX."""
+    import importlib
+
+    with user_errors():
+        chosen = {k: v for k, v in {"symbol": symbol, "torchvision": torchvision, "onnx": onnx}.items() if v}
+        if len(chosen) != 1:
+            raise OptionError("give exactly one of --symbol PREFIX, --torchvision FILE, --onnx FILE")
+        (kind, target), = chosen.items()
+        module, function = EXPORTERS[kind]
+        exporter = getattr(importlib.import_module(module), function)
+        with progress_line() as say:
+            summary = exporter(Path(directory), Path(target), force=force, progress=say)
+        for key, value in summary.items():
+            if isinstance(value, (str, int, float, bool)):
+                out_console.print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}", markup=False)
 
 
 @app.command("list")

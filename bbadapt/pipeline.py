@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -20,10 +20,13 @@ from . import zoo
 from .rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
 from .equivalence import check
-from .errors import WeightsError
+from .errors import OptionError, WeightsError
 from .report import write_reports
 from .spec import InputSpec, parse_spec
-from .weights import load_into, randomize, sha256_of
+from .weights import randomize, sha256_of
+
+if TYPE_CHECKING:
+    from converters import Converted
 
 Progress = Callable[[str], None]
 N_CALIBRATION_PHOTOS = 8
@@ -49,28 +52,40 @@ def calibration_images(info: zoo.ModelInfo) -> tuple[np.ndarray, str]:
     return raw, f"{len(raw)} packaged raccoon photos at {size[0]}x{size[1]}"
 
 
-def load_source(model: str, weights: str = "pretrained", seed: int = 0, source: InputSpec | None = None,
-                progress: Progress | None = None):
-    """Build ``model`` with ``weights`` (``pretrained``, ``random`` or a ``.params`` path).
+WEIGHT_KINDS = ("pretrained", "random")
 
-    Returns the net and a provenance dict for the manifest.
+
+def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, source: InputSpec | None = None,
+                progress: Progress | None = None, fmt: str | None = None) -> "Converted":
+    """The original network, whatever the weights: zoo ``pretrained``/``random``, or a file.
+
+    A file goes through :mod:`converters` (format from content, ``fmt`` overrides; ``model``
+    names the architecture where the file cannot). Returns a
+    :class:`~converters.base.Converted`: the net, how to rebuild it, its info and provenance.
     """
+    from converters import Converted, read
+
     say = progress or (lambda _m: None)
+    if weights not in WEIGHT_KINDS:
+        say(f"reading {weights}")
+        return read(weights, fmt, arch=model, progress=say)
+    if fmt:
+        raise OptionError(f"--format applies to a weights file, not to --weights {weights}")
+    if model is None:
+        raise OptionError(f"--weights {weights} needs a model name (see `bbadapt list`)")
     info = zoo.model_info(model)
     if weights == "pretrained":
         say(f"getting pretrained {model} (cache: {os.environ.get('MXNET_HOME', '~/.mxnet')}/models)")
         net = zoo.build(model, pretrained=True)
-        return net, {"kind": "pretrained", "library": info.library, "sha256": params_digest(net)}
+        return Converted(net, {"zoo": model}, info,
+                         {"kind": "pretrained", "library": info.library, "sha256": params_digest(net)})
     net = zoo.build(model)
-    if weights == "random":
-        raw, what = calibration_images(info)
-        say(f"random weights (seed {seed}), calibrating BatchNorm statistics on {what}")
-        randomize(net, seed, parse_spec(source or info.source_spec).normalize(raw))
-        return net, {"kind": "random", "seed": seed, "calibration": what, "sha256": params_digest(net),
-                     "note": "seeded random weights with BN statistics calibrated on real photos; NOT pretrained"}
-    say(f"loading {weights}")
-    sha = load_into(net, weights)
-    return net, {"kind": "file", "path": str(Path(weights).resolve()), "sha256": sha}
+    raw, what = calibration_images(info)
+    say(f"random weights (seed {seed}), calibrating BatchNorm statistics on {what}")
+    randomize(net, seed, parse_spec(source or info.source_spec).normalize(raw))
+    return Converted(net, {"zoo": model}, info,
+                     {"kind": "random", "seed": seed, "calibration": what, "sha256": params_digest(net),
+                      "note": "seeded random weights with BN statistics calibrated on real photos; NOT pretrained"})
 
 
 def _labelled(info: zoo.ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
@@ -81,22 +96,38 @@ def _labelled(info: zoo.ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
     return tiles, labels
 
 
-def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", source: str | None = None,
-            target: str = "rgb255", fold: str = "auto", bn: str = "fused", force: bool = False,
+def convert(model: str | None, out: str | os.PathLike, weights: str = "pretrained", source: str | None = None,
+            target: str = "rgb255", fold: str = "auto", bn: str | None = None, force: bool = False,
             images: str | None = None, sizes: list[tuple[int, int]] | None = None, seed: int = 0,
-            tolerance: float = 1e-5, progress: Progress | None = None) -> tuple[dict, Adapted]:
-    """Adapt ``model``, check it and write the output directory ``out`` (atomically).
+            tolerance: float = 1e-5, progress: Progress | None = None, fmt: str | None = None,
+            detector: str | None = None, classes: list[str] | None = None, layout: str = "c4",
+            freeze_at: int = 2, detector_options: dict | None = None) -> tuple[dict, Adapted]:
+    """Adapt ``model`` (or the network in a weights file), check it and write ``out`` atomically.
 
+    ``bn`` defaults to ``fused`` for a backbone and ``affine`` for a detector (the form that
+    trains like a frozen BN). With ``detector="faster-rcnn"`` the output also holds a
+    Faster R-CNN built on the adapted backbone (:mod:`bbadapt.detection`).
     Returns the report and the :class:`~bbadapt.rewrite.Adapted` net.
     """
     say = progress or (lambda _m: None)
-    info = zoo.model_info(model)
-    src = parse_spec(source or info.source_spec)
+    if detector not in (None, "faster-rcnn"):
+        raise OptionError(f"unknown detector {detector!r}; bbadapt builds faster-rcnn")
+    bn = bn or ("affine" if detector else "fused")
     tgt = parse_spec(target)
+    src_override = parse_spec(source) if source else None
+    if model is not None and weights in WEIGHT_KINDS:
+        info = zoo.model_info(model)  # argument errors before any work
+        if detector:
+            _detection().validate_request(info, classes or [], layout, freeze_at)
     refuse_existing(Path(out), force)  # fail before minutes of work, not after
     if images:
         imgs.photo_files(images)
-    net, provenance = load_source(model, weights, seed, src, say)
+    original = load_source(model, weights, seed, src_override, say, fmt)
+    info = original.info
+    if detector:
+        _detection().validate_request(info, classes or [], layout, freeze_at)
+    src = src_override or parse_spec(info.source_spec)
+    net = original.net
     say(f"adapting: fold={fold}, bn={bn}")
     adapted = adapt(net, src, tgt, fold=fold, bn=bn)
     for param in net.collect_params().values():
@@ -105,8 +136,9 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
     say(f"writing {out}")
     with staged_output(out, force) as stage:
         params_sha = save_backbone(adapted, stage)
-        write_manifest(stage, {
-            "kind": "backbone", "model": model, "family": info.family, "weights": provenance,
+        manifest = {
+            "kind": "detector" if detector else "backbone", "model": info.name, "arch": original.arch,
+            "family": info.family, "input_size": info.input_size, "weights": original.provenance,
             "source": src.to_dict(), "target": tgt.to_dict(), "fold_requested": fold, "fold": adapted.fold,
             "bn": bn, "exact": adapted.exact, "plan": adapted.plan, "health": adapted.health,
             "graph": {"data_consumer": adapted.graph.data_consumer, "first_conv": adapted.graph.first_conv,
@@ -114,9 +146,21 @@ def convert(model: str, out: str | os.PathLike, weights: str = "pretrained", sou
                       "unfusable": adapted.graph.unfusable},
             "params_file": PARAMS, "params_sha256": params_sha,
             "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"], "tolerance": tolerance},
-        })
+        }
+        if detector:
+            say(f"building the Faster R-CNN ({layout}) on the adapted backbone")
+            manifest["detector"] = _detection().add_detector(stage, adapted, info, classes or [], layout=layout,
+                                                             freeze_at=freeze_at, overrides=detector_options,
+                                                             progress=say)
+        write_manifest(stage, manifest)
         write_reports(report, stage)
     return report, adapted
+
+
+def _detection():
+    from . import detection  # imports gluoncv's detector stack: only when a detector is asked for
+
+    return detection
 
 
 def _checked(original, adapted: Adapted, info: zoo.ModelInfo, images: str | None,
@@ -148,18 +192,19 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     say = progress or (lambda _m: None)
     directory = Path(directory)
     manifest = read_manifest(directory)
-    info = zoo.model_info(manifest["model"])
     src, tgt = InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"])
     prov = manifest.get("weights", {})
     if prov.get("kind") == "file":
-        if not Path(prov["path"]).is_file():
-            raise WeightsError(f"the original weights {prov['path']} are gone; cannot re-check")
-        if sha256_of(prov["path"]) != prov.get("sha256"):
-            raise WeightsError(f"{prov['path']} changed since the conversion (sha256 differs)")
-        spec = prov["path"]
+        for path, digest in (prov.get("files") or {prov["path"]: prov.get("sha256")}).items():
+            if not Path(path).is_file():
+                raise WeightsError(f"the original weights {path} are gone; cannot re-check")
+            if sha256_of(path) != digest:
+                raise WeightsError(f"{path} changed since the conversion (sha256 differs)")
+        weights, model = prov["path"], prov["arch_arg"] if "arch_arg" in prov else manifest["model"]
     else:
-        spec = prov.get("kind", "pretrained")
-    original, again = load_source(manifest["model"], spec, int(prov.get("seed", 0)), src, say)
+        weights, model = prov.get("kind", "pretrained"), manifest["model"]
+    loaded = load_source(model, weights, int(prov.get("seed", 0)), src, say, prov.get("format"))
+    original, info, again = loaded.net, loaded.info, loaded.provenance
     say("rebuilding the adapted backbone from the bundle")
     net = load_backbone(directory)
     adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None, manifest.get("health", []))

@@ -75,7 +75,7 @@ def no_bn_floor(net):
 
 def build_variants(name: str) -> dict[str, object]:
     """All four variants of ``name`` from the same seeded weights, hybridized and checked."""
-    net, _ = load_source(name, "random", seed=0)
+    net = load_source(name, "random", seed=0).net
     spec = zoo.model_info(name).source_spec
     nets = {bn: adapt(net, spec, spec, bn=bn).net for bn in VARIANTS[:3]}
     nets["no-BN floor"] = no_bn_floor(net)

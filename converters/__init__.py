@@ -30,7 +30,7 @@ def formats() -> list[Format]:
             if exc.name == f"{__name__}.{name}":
                 continue  # a format module not present in this build
             raise
-        found.append(module.FORMAT)
+        found.extend(getattr(module, "FORMATS", (module.FORMAT,)))  # a module may read several formats
     return found
 
 

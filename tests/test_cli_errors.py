@@ -412,12 +412,18 @@ def _without_source_order(manifest: dict) -> dict:
     (lambda m: [m], "not a JSON object"),
     (_without_source_order, "invalid source spec"),
     (lambda m: {**m, "plan": "fold everything"}, "malformed plan"),
-], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list"])
+    (lambda m: {**m, "arch": "resnet50_v1"}, "malformed arch record"),
+    # a manifest must never make bbadapt import and call arbitrary code
+    (lambda m: {**m, "arch": {"builder": "os:system", "kwargs": {"command": "touch pwned"}}}, "unknown architecture record"),
+    (lambda m: {**m, "arch": {"builder": "converters.base:_private"}}, "unknown architecture record"),
+], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list", "arch-not-a-record",
+        "arch-builder-outside-converters", "arch-builder-private"])
 def test_check_refuses_a_damaged_manifest(cli, bundle_copy, tmp_path, damage, says):
     manifest_path = bundle_copy / "manifest.json"
     damaged = damage(json.loads(manifest_path.read_text()))
     manifest_path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
     assert_check_refuses_and_leaves_bundle(cli, bundle_copy, tmp_path, says)
+    assert not list(tmp_path.rglob("pwned"))
 
 
 def test_check_refuses_a_bundle_without_its_parameters(cli, bundle_copy, tmp_path):
@@ -464,3 +470,29 @@ def test_images_dir_with_a_truncated_jpg_is_refused(convert_into, tmp_path):
     data = (PHOTOS / "raccoon-1.jpg").read_bytes()
     (photos / "cut.jpg").write_bytes(data[: len(data) // 3])
     assert_refused(convert("--images", photos), 1, tmp_path=tmp_path, out=out, mentions=("cut.jpg",))
+
+
+# --------------------------------------------------------------------------- option combinations
+
+
+@pytest.mark.parametrize("args, says", [
+    (("convert", "resnet18_v1", "--arch", "resnet18_v1b", "--weights", "random"), "disagree"),
+    (("convert", "--weights", "random"), "needs a MODEL"),
+    (("convert", "--weights", "pretrained"), "needs a MODEL"),
+    (("convert", MODEL, "--weights", "random", "--classes", "raccoon"), "--classes is for --detector"),
+    (("convert", MODEL, "--weights", "random", "--detector", "faster-rcnn"), "needs --classes"),
+    (("convert", MODEL, "--weights", "random", "--format", "keras"), "--format applies to a weights file"),
+    (("convert", "--weights", str(REAL_PARAMS), "--format", "no-such-format"), "unknown format"),
+    (("export", "somewhere"), "exactly one of"),
+    (("export", "somewhere", "--onnx", "a.onnx", "--torchvision", "a.safetensors"), "exactly one of"),
+], ids=["model-vs-arch", "random-without-model", "pretrained-without-model", "classes-without-detector",
+        "detector-without-classes", "format-with-random", "unknown-format", "export-nothing", "export-two-things"])
+def test_contradictory_or_incomplete_options_are_invalid_arguments(cli, tmp_path, args, says):
+    assert_refused(cli(*args), 2, tmp_path=tmp_path, out=tmp_path / "out", mentions=(says,))
+
+
+def test_a_file_of_no_known_format_is_refused_and_points_to_formats(cli, tmp_path):
+    odd = tmp_path / "notes.txt"
+    odd.write_text("these are not weights\n" * 100)
+    assert_refused(cli("convert", "--weights", odd), 1, tmp_path=tmp_path, out=tmp_path / "out" / "notes",
+                   mentions=("cannot tell the format", "bbadapt formats"))
