@@ -75,9 +75,6 @@ def write(path, layout: str, version: int, weights: dict, classes: int = 10, **k
     return str(path)
 
 
-LAYOUTS = ["legacy-weights", "legacy-full-model", "keras3-names", "keras3-order"]
-
-
 @functools.cache
 def converted(version: int, tmp_dir: str):
     """One converted net per version, shared by the tests that do not look at the file layout."""
@@ -89,8 +86,8 @@ def tmp_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("keras"))
 
 
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("version, layout", [(1, "legacy-weights"), (1, "keras3-order"), (2, "legacy-full-model"),
+                                             (2, "keras3-names"), (2, "keras3-order")])
 def test_every_keras_layout_converts_to_the_function_of_the_keras_graph(tmp_path, version, layout):
     c = converters.read(write(tmp_path / "w.h5", layout, version, keras_weights(version)))
     assert c.provenance["keras_model"] == ("ResNet50" if version == 1 else "ResNet50V2")
