@@ -132,6 +132,8 @@ def _array(group, key: str, where: str) -> np.ndarray:
     dataset = group[key]
     if not hasattr(dataset, "shape"):
         raise WeightsError(f"{where}: {key!r} is not a tensor")
+    if _text(dataset.attrs.get("dtype", "")) == "bfloat16":  # how Keras 3 marks bfloat16 variables
+        raise WeightsError(f"{where} holds bfloat16 tensors (e.g. {key}); bbadapt converts float32 weights only")
     return np.asarray(dataset[()])
 
 

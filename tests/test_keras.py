@@ -300,6 +300,15 @@ def test_half_and_double_precision_files_are_refused(tmp_path, dtype):
     assert f"holds {np.dtype(dtype).name} tensors" in one_line_error(WeightsError, path)
 
 
+def test_bfloat16_variables_as_keras_3_marks_them_are_refused(tmp_path):
+    path = write(tmp_path / "b.weights.h5", "keras3-names", 1, dummy_weights(1))
+    with h5py.File(path, "a") as f:
+        variables = f["layers/conv2d_5/vars"]
+        del variables["0"]
+        variables.create_dataset("0", data=np.zeros((1, 1, 1, 1), np.uint16)).attrs["dtype"] = "bfloat16"
+    assert "bfloat16" in one_line_error(WeightsError, path)
+
+
 def test_non_finite_values_are_refused(tmp_path):
     weights = dummy_weights(2)
     weights["conv4_block2_2_bn"][3] = np.array([np.nan], np.float32)
