@@ -52,7 +52,7 @@ def _base_python() -> str:
     return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules' tests between ours
 def keras_dir(tmp_path_factory) -> Path:
     """Keras's outputs and files for both models (one Keras process)."""
     out = tmp_path_factory.mktemp("keras-real")
