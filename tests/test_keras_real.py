@@ -28,8 +28,6 @@ HERE = Path(__file__).parent / "keras_real"
 VENV = Path(__file__).resolve().parents[1] / ".venv-keras"
 FILES = ["w.weights.h5", "m.keras", "m.h5", "w.h5", "order.weights.h5"]
 
-pytestmark = pytest.mark.xdist_group("keras-real")
-
 
 def _keras_python() -> str:
     """Keras's interpreter: $BBADAPT_KERAS_PYTHON, or .venv-keras (created from the pinned requirements)."""
@@ -52,7 +50,7 @@ def _base_python() -> str:
     return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 
-@pytest.fixture(scope="session")  # session: xdist may interleave other modules' tests between ours
+@pytest.fixture(scope="module")
 def keras_dir(tmp_path_factory) -> Path:
     """Keras's outputs and files for both models (one Keras process)."""
     out = tmp_path_factory.mktemp("keras-real")
@@ -81,16 +79,20 @@ def _strip_layer_names(src: Path, dst: Path) -> None:
                 del group["vars"].attrs["name"]
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_every_file_keras_writes_converts_to_what_keras_computes(keras_dir, version):
-    out = keras_dir / f"v{version}"
+def test_every_file_keras_writes_converts_to_what_keras_computes(keras_dir):
+    """One test for both models: one Keras process (xdist may split parametrized cases across workers)."""
+    for version in (1, 2):
+        _check_version(keras_dir / f"v{version}", version)
+
+
+def _check_version(out: Path, version: int) -> None:
     _strip_layer_names(out / "w.weights.h5", out / "order.weights.h5")
     keras_logits = np.load(out / "y.npy")
     params = None
     for name in FILES:
         c = converters.read(out / name)
         assert c.source_spec == SPEC[version] and c.provenance["keras_model"] == ("ResNet50", "ResNet50V2")[version - 1]
-        assert max_rel(gluon_out(c.net, version), keras_logits) < 2e-4, name
+        assert max_rel(gluon_out(c.net, version), keras_logits) < 2e-4, (version, name)
         values = {k: p.data().asnumpy() for k, p in c.net._collect_params_with_prefix().items()}
         if params is None:
             params = values
