@@ -69,7 +69,7 @@ def keras_dir(tmp_path_factory) -> Path:
 
 
 def _strip_layer_names(src: Path, dst: Path) -> None:
-    """A Keras 3 weights file as Keras < 3.6 wrote it: groups addressed by class and order only."""
+    """A Keras 3 weights file as earlier Keras 3 releases wrote it: groups addressed by class and order only."""
     import h5py
 
     dst.write_bytes(src.read_bytes())
