@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import ModelError, OutputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -129,8 +129,12 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             InputSpec.from_dict(manifest[key])
         except (KeyError, TypeError, ValueError):  # SpecError is a ValueError
             raise OutputError(f"{path} has an invalid {key} spec") from None
-    if not isinstance(manifest.get("arch", {}), dict):
-        raise OutputError(f"{path} has a malformed arch record")
+    if "arch" in manifest:
+        from converters.base import arch_problem
+
+        problem = arch_problem(manifest["arch"])
+        if problem:
+            raise OutputError(f"{path} has an unusable arch record: it {problem}")
     if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
         raise OutputError(f"{path} has a malformed plan")
     if not (directory / manifest.get("params_file", PARAMS)).is_file():
@@ -161,7 +165,10 @@ def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
 
     manifest = read_manifest(directory)
     if net is None:
-        net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
+        try:
+            net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
+        except ModelError as exc:  # the manifest names an architecture this bbadapt cannot build
+            raise OutputError(f"{directory}: {exc}") from None
     apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
                InputSpec.from_dict(manifest["target"]))
     load_into(net, Path(directory) / manifest.get("params_file", PARAMS))

@@ -278,6 +278,24 @@ def list_models(all_models: bool = typer.Option(False, "--all", help="also list 
     out_console.print(table)
 
 
+@app.command("inspect")
+def inspect_weights(
+    file: Path = typer.Argument(..., help="a weights file (.params, -symbol.json, ...)"),
+    as_json: bool = typer.Option(False, "--json", help="print the inspection as JSON"),
+) -> None:
+    """What a weights file is: format, tensors, probable architecture, BatchNorm health (no mxnet needed)."""
+    import json
+
+    with user_errors():
+        from converters.inspection import inspect_file, render
+
+        info = inspect_file(file)
+        if as_json:
+            out_console.print(json.dumps(info, indent=2), markup=False, highlight=False, soft_wrap=True)
+        else:
+            render(info, out_console)
+
+
 def main() -> None:
     app(prog_name="bbadapt")
 

@@ -55,25 +55,58 @@ def custom_info(name: str, family: str, source_spec: str, input_size: int = 224)
                      input_size=input_size, core=True)
 
 
-def rebuild(arch: dict):
-    """Build (random init, shapes materialized) the architecture an ``arch`` record names.
+_BUILDERS: dict[str, Callable] = {}
 
-    Builders are looked up only inside the ``converters`` package: a manifest must not be
-    able to make bbadapt import arbitrary code.
+
+def architecture_builder(func: Callable) -> Callable:
+    """Mark ``func`` as an architecture builder that an ``arch`` record (a manifest) may name.
+
+    Only marked functions can be called through :func:`rebuild`: a crafted manifest must not
+    be able to call a converter's other public functions (readers, writers) either.
     """
+    _BUILDERS[f"{func.__module__}:{func.__name__}"] = func
+    return func
+
+
+def arch_problem(arch: object) -> str | None:
+    """Why ``arch`` is not a usable architecture record, or None when it is.
+
+    Builders are looked up only inside the ``converters`` package, public functions only:
+    a manifest must not be able to make bbadapt import and call arbitrary code.
+    """
+    if not isinstance(arch, dict):
+        return "is not a record"
+    if "zoo" in arch:
+        return None if isinstance(arch["zoo"], str) else "has a non-string zoo name"
+    module_name, _, func_name = str(arch.get("builder", "")).partition(":")
+    if not (module_name.startswith("converters.") and func_name.isidentifier() and not func_name.startswith("_")):
+        return f"names no builder of bbadapt's converters ({arch.get('builder')!r})"
+    if not isinstance(arch.get("kwargs", {}), dict):
+        return "has non-keyword builder arguments"
+    return None
+
+
+def rebuild(arch: dict):
+    """Build (random init, shapes materialized) the architecture an ``arch`` record names."""
     from bbadapt import zoo
 
+    problem = arch_problem(arch)
+    if problem:
+        raise ModelError(f"unknown architecture record: it {problem}")
     if "zoo" in arch:
         return zoo.build(arch["zoo"])
-    target = str(arch.get("builder", ""))
-    module_name, _, func_name = target.partition(":")
-    if not (module_name.startswith("converters.") and func_name.isidentifier() and not func_name.startswith("_")):
-        raise ModelError(f"unknown architecture record {arch!r}")
+    module_name = arch["builder"].partition(":")[0]
     try:
-        builder = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError):
-        raise ModelError(f"architecture builder {target} does not exist in this bbadapt") from None
-    return builder(**dict(arch.get("kwargs", {})))
+        importlib.import_module(module_name)  # registers the module's builders
+    except ImportError:
+        pass
+    builder = _BUILDERS.get(arch["builder"])
+    if builder is None:
+        raise ModelError(f"{arch['builder']} is not an architecture builder of this bbadapt")
+    try:
+        return builder(**dict(arch.get("kwargs", {})))
+    except TypeError as exc:  # wrong or missing keyword arguments in the record
+        raise ModelError(f"architecture record for {arch['builder']} does not fit it: {exc}") from None
 
 
 def file_digest(path: str | os.PathLike) -> str:

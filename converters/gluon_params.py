@@ -79,7 +79,7 @@ def _zoo_names() -> dict[str, frozenset]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _traced_signature(name: str) -> frozenset:
     import json
 
@@ -107,7 +107,7 @@ def _choose(found: list[str], arch: str | None, origin: str) -> str:
         zoo.model_info(arch)  # unknown names: one line with suggestions
         if arch not in found:
             what = f"matches {', '.join(found)}" if found else "matches no zoo model"
-            raise ModelError(f"--arch {arch} contradicts {origin}, whose graph {what}")
+            raise ModelError(f"--arch {arch} contradicts {origin}, whose graph {what} (weights for another model?)")
         return arch
     if not found:
         raise WeightsError(f"{origin}: no supported zoo model has this graph's parameters and layers "
@@ -123,11 +123,13 @@ def _provenance(path: Path, files: list[Path], fmt: str, arch: str | None, **fac
 
 
 def _fill(name: str, arrays: dict, origin: str):
+    """Build zoo model ``name`` and fill it; dtype/NaN/missing/extra/shape errors name structural keys."""
     from bbadapt import zoo
-    from bbadapt.weights import assign
+    from bbadapt.weights import assign, to_structural
 
     net = zoo.build(name)
-    assign(net, {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v for k, v in arrays.items()}, origin)
+    untagged = {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v for k, v in arrays.items()}
+    assign(net, check_tensors(to_structural(untagged, net), origin), origin)
     return net
 
 
@@ -142,7 +144,7 @@ def read_export(path: Path, arch: str | None = None, progress=None) -> Converted
     say(f"identifying the architecture of {json_path.name}")
     found = candidates(graph)
     name = _choose(found, arch, str(json_path))
-    arrays = check_tensors(ndarray_file.load(params_path), str(params_path))
+    arrays = ndarray_file.load(params_path)
     say(f"filling {name} from {params_path.name}")
     net = _fill(name, arrays, str(params_path))
     fix_gamma_notes = check_fix_gamma(graph, net, arrays, str(json_path))
@@ -235,7 +237,7 @@ def read_bare(path: Path, arch: str | None = None, progress=None) -> Converted:
         raise ModelError(f"{path} is a bare .params file, which does not say its architecture; "
                          f"name the model (bbadapt convert MODEL --weights FILE, or --arch){_hint(names)}")
     info = zoo.model_info(arch)
-    arrays = check_tensors(ndarray_file.load(path), str(path))
+    arrays = ndarray_file.load(path)
     (progress or (lambda _m: None))(f"filling {arch} from {path.name}")
     net = _fill(arch, arrays, str(path))
     provenance = _provenance(path, [path], FORMAT_PARAMS.name, arch, naming=naming_style(names))
@@ -246,7 +248,11 @@ def _sniff_export(path: Path, head: bytes) -> bool:
     """An MXNet graph JSON that is not symbolic-zoo, or arg:/aux: params with such a graph beside them."""
     try:
         if ndarray_file.looks_like_symbol_json(head):
-            return not mxnet_symbol.is_symbolic_zoo_graph(ndarray_file.symbol_json(path))
+            try:
+                graph = ndarray_file.symbol_json(path)
+            except WeightsError:
+                return True  # a damaged MXNet graph: read() says what is wrong with it
+            return not mxnet_symbol.is_symbolic_zoo_graph(graph)
         names = ndarray_file.names_if_ndarray(path, head)
         if not names or naming_style(names) != "export":
             return False

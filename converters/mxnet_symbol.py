@@ -22,12 +22,22 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from bbadapt.errors import ModelError, WeightsError
 
 from . import ndarray_file
-from .base import Converted, Format, check_tensors, custom_info, file_digest, require_file, unmatched_error
+from .base import (
+    Converted,
+    Format,
+    architecture_builder,
+    check_tensors,
+    custom_info,
+    file_digest,
+    require_file,
+    unmatched_error,
+)
 
 BUILDER = "converters.mxnet_symbol:symbolic_resnet"
 UNIT_RE = re.compile(r"^stage(\d+)_unit(\d+)_(bn[123]|conv[123]|sc)$")
@@ -134,6 +144,13 @@ def _unknown_layers(ops: dict, origin: str) -> None:
 
 def read_graph(graph: dict, origin: str) -> dict:
     """The builder kwargs (JSON-able) that describe the network a symbolic-zoo graph computes."""
+    try:
+        return _read_graph(graph, origin)
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
+        raise WeightsError(f"{origin}: malformed graph ({type(exc).__name__}: {exc}); a damaged -symbol.json?") from None
+
+
+def _read_graph(graph: dict, origin: str) -> dict:
     ops = layers_of(graph)
     _unknown_layers(ops, origin)
     stages = _units(ops, origin)
@@ -184,7 +201,7 @@ def layer_paths(kwargs: dict) -> dict[str, str]:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _network_class():
     from mxnet.gluon import HybridBlock
 
@@ -204,6 +221,7 @@ def _set_bn(bn, eps: float, fix_gamma: bool) -> None:
     bn.gamma.grad_req = "null" if fix_gamma else "write"
 
 
+@architecture_builder
 def symbolic_resnet(bottleneck: bool, units: list[int], channels: list[int], strides: list[int],
                     shortcuts: list[list[int]], classes: int, stem: dict, eps: float,
                     bn_eps: dict | None = None, fix_gamma: list[str] | None = None, materialize: bool = True):
@@ -284,6 +302,75 @@ def verify_layers(net, graph: dict, kwargs: dict, origin: str) -> None:
                          f"(graph vs gluon: {'; '.join(wrong[:3])})")
 
 
+ADD_OPS = ("elemwise_add", "_Plus", "_plus", "broadcast_add", "_add")
+WIRING_OPS = ("Activation", "Pooling") + ADD_OPS  # compared as counts; weighted layers edge by edge
+
+
+def _used(graph: dict) -> set[int]:
+    """Nodes the outputs depend on (a graph may hold dangling nodes)."""
+    nodes, todo, seen = graph["nodes"], [h[0] for h in graph["heads"]], set()
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend(src for src, *_ in nodes[i]["inputs"])
+    return seen
+
+
+def _frontiers(graph: dict, name_of) -> tuple[dict[str, frozenset], Counter]:
+    """Each weighted layer -> the weighted layers (or "data") it reads through unweighted ops.
+
+    ``name_of(i)`` gives the common name of weighted op node i (or None). Also returns the
+    counts of relu/pool/add ops the outputs depend on, so a dropped activation or residual
+    add is seen too.
+    """
+    nodes, used = graph["nodes"], _used(graph)
+    reach: list[frozenset] = []
+    layers: dict[str, frozenset] = {}
+    ops: Counter = Counter()
+    for i, node in enumerate(nodes):
+        if node["op"] == "null":
+            reach.append(frozenset({"data"}) if node["name"] == "data" else frozenset())
+            continue
+        below = frozenset().union(*(reach[src] for src, *_ in node["inputs"][:1 if node["op"] in PARAM_NAMES else None]))
+        name = name_of(i) if node["op"] in PARAM_NAMES else None
+        if name is not None:
+            layers[name] = below
+            reach.append(frozenset({name}))
+        else:
+            reach.append(below)
+            if node["op"] in WIRING_OPS and i in used:
+                ops["add" if node["op"] in ADD_OPS else node["op"]] += 1
+    return layers, ops
+
+
+def verify_wiring(net, graph: dict, kwargs: dict, origin: str) -> None:
+    """The graph and the built network connect their layers the same way (residuals included)."""
+    import mxnet as mx
+
+    from bbadapt.trace import _param_owner
+
+    paths = layer_paths(kwargs)
+    by_path = {p: n for n, p in paths.items()}
+    traced = json.loads(net(mx.sym.var("data")).tojson())
+    gluon_nodes = traced["nodes"]
+    owner = _param_owner(_blocks(net))
+
+    def gluon_name(i: int) -> str | None:
+        weight = gluon_nodes[gluon_nodes[i]["inputs"][1][0]]["name"]
+        return by_path.get(owner.get(weight, ""))
+
+    ours, our_ops = _frontiers(traced, gluon_name)
+    theirs, their_ops = _frontiers(graph, lambda i: graph["nodes"][i]["name"])
+    wrong = [f"{n} reads {sorted(theirs.get(n, ()))} in the graph, {sorted(ours.get(n, ()))} in gluon"
+             for n in sorted(set(ours) | set(theirs)) if ours.get(n) != theirs.get(n)]
+    if our_ops != their_ops:
+        wrong.append(f"relu/pool/add counts {dict(their_ops)} in the graph, {dict(our_ops)} in gluon")
+    if wrong:
+        raise ModelError(f"{origin}: the graph is wired differently from a pre-activation ResNet at "
+                         f"{len(wrong)} places ({'; '.join(wrong[:2])})")
+
+
 def symbolic_names(kwargs: dict, graph: dict) -> dict[str, str]:
     """Structural parameter name -> the key the symbolic zoo writes (``arg:conv0_weight`` ...)."""
     ops = layers_of(graph)
@@ -355,6 +442,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     arrays = check_tensors(ndarray_file.load(params_path), str(params_path))
     net = symbolic_resnet(**kwargs)
     verify_layers(net, graph, kwargs, str(json_path))
+    verify_wiring(net, graph, kwargs, str(json_path))
     from bbadapt.weights import assign
 
     assign(net, _map_arrays(arrays, symbolic_names(kwargs, graph), str(params_path)), str(params_path))
@@ -376,7 +464,11 @@ def sniff(path: Path, head: bytes) -> bool:
     """A symbolic-zoo graph (JSON), or an NDArray file with symbolic-zoo names."""
     try:
         if ndarray_file.looks_like_symbol_json(head):
-            return is_symbolic_zoo_graph(json.loads(path.read_text(encoding="utf-8")))
+            try:
+                graph = ndarray_file.symbol_json(path)
+            except WeightsError:
+                return True  # a damaged MXNet graph: read() says what is wrong with it
+            return is_symbolic_zoo_graph(graph)
         names = ndarray_file.names_if_ndarray(path, head)
         return bool(names) and is_symbolic_zoo_names(names)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -263,9 +263,17 @@ def test_saved_parameters_of_another_model_are_refused(cli, tmp_path):
 
 
 def test_exported_parameters_of_another_model_are_refused(cli, tmp_path):
+    alone = tmp_path / "other.params"  # without its -symbol.json: only the tensors can tell
+    shutil.copy(OTHER_EXPORTED_PARAMS, alone)
     out = tmp_path / "out"
-    assert_refused(cli("convert", MODEL, "--weights", OTHER_EXPORTED_PARAMS, "-o", out), 1, tmp_path=tmp_path,
+    assert_refused(cli("convert", MODEL, "--weights", alone, "-o", out), 1, tmp_path=tmp_path,
                    out=out, mentions=("another model",))
+
+
+def test_a_model_name_that_contradicts_the_export_graph_is_refused(cli, tmp_path):
+    out = tmp_path / "out"  # the -symbol.json beside the params says cifar_resnet20_v2
+    assert_refused(cli("convert", MODEL, "--weights", OTHER_EXPORTED_PARAMS, "-o", out), 2, tmp_path=tmp_path,
+                   out=out, mentions=("contradicts", "cifar_resnet20_v2"))
 
 
 def test_mis_shaped_parameter_is_refused_and_named(cli, tmp_path, real_arrays):
@@ -412,12 +420,14 @@ def _without_source_order(manifest: dict) -> dict:
     (lambda m: [m], "not a JSON object"),
     (_without_source_order, "invalid source spec"),
     (lambda m: {**m, "plan": "fold everything"}, "malformed plan"),
-    (lambda m: {**m, "arch": "resnet50_v1"}, "malformed arch record"),
+    (lambda m: {**m, "arch": "resnet50_v1"}, "unusable arch record"),
     # a manifest must never make bbadapt import and call arbitrary code
-    (lambda m: {**m, "arch": {"builder": "os:system", "kwargs": {"command": "touch pwned"}}}, "unknown architecture record"),
-    (lambda m: {**m, "arch": {"builder": "converters.base:_private"}}, "unknown architecture record"),
+    (lambda m: {**m, "arch": {"builder": "os:system", "kwargs": {"command": "touch pwned"}}}, "unusable arch record"),
+    (lambda m: {**m, "arch": {"builder": "converters.base:_private"}}, "unusable arch record"),
+    (lambda m: {**m, "arch": {"builder": "converters.mxnet_symbol:read", "kwargs": {"path": "x"}}},
+     "not an architecture builder"),
 ], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list", "arch-not-a-record",
-        "arch-builder-outside-converters", "arch-builder-private"])
+        "arch-builder-outside-converters", "arch-builder-private", "arch-builder-not-a-builder"])
 def test_check_refuses_a_damaged_manifest(cli, bundle_copy, tmp_path, damage, says):
     manifest_path = bundle_copy / "manifest.json"
     damaged = damage(json.loads(manifest_path.read_text()))

@@ -45,6 +45,10 @@ def write_checkpoint(directory: Path, graph_name: str, seed: int = 0, epoch: int
     randomize(net, seed, raw)  # the zoo graphs take raw RGB 0..255
     keys = mxnet_symbol.symbolic_names(kwargs, graph)
     arrays = {keys[k]: p.data() for k, p in structural_params(net).items()}
+    rng = np.random.RandomState(seed)
+    for layer in kwargs["fix_gamma"]:  # a stored gamma that both MXNet and the conversion must ignore
+        gamma = arrays[f"arg:{layer}_gamma"]
+        arrays[f"arg:{layer}_gamma"] = mx.nd.array(rng.uniform(0.5, 1.5, gamma.shape))
     sym = mx.sym.load(str(json_path))  # MXNet's own view of which tensors the graph needs
     expected = {f"arg:{a}" for a in sym.list_arguments() if a not in ("data", "softmax_label")}
     assert set(arrays) == expected | {f"aux:{a}" for a in sym.list_auxiliary_states()}
@@ -174,7 +178,7 @@ def test_the_arch_record_rebuilds_the_same_architecture(r18):
     rebuilt = converters.rebuild(arch)
     ours = {k: p.shape for k, p in structural_params(converted.net).items()}
     assert {k: p.shape for k, p in structural_params(rebuilt).items()} == ours
-    settings = lambda net: {p: dict(b._kwargs) for p, b in block_paths(net).items() if hasattr(b, "_kwargs")}  # noqa: E731
+    settings = lambda net: {p: dict(b._kwargs) for p, b in block_paths(net).items() if hasattr(b, "_kwargs")}
     assert settings(rebuilt) == settings(converted.net)
 
 
@@ -269,3 +273,41 @@ def test_a_format_flag_that_does_not_match_the_content_is_refused(r18):
     cifar = images.data_dir() / "cifar_resnet20_v1-symbol.json"
     with pytest.raises(WeightsError, match="does not look like mxnet-symbol.*detected: gluon-export"):
         converters.read(cifar, fmt="mxnet-symbol")
+
+
+def test_a_graph_that_is_not_a_zoo_resnet_is_refused_by_name(tmp_path):
+    graph = json.loads((GRAPHS / "resnet-18-symbol.json").read_text())
+    for node in graph["nodes"]:
+        if node["name"] == "fc1":
+            del node["attrs"]["num_hidden"]
+    with pytest.raises(WeightsError, match="malformed graph \\(KeyError: 'num_hidden'\\)"):
+        mxnet_symbol.read_graph(graph, "r18")
+    graph = json.loads((GRAPHS / "resnet-18-symbol.json").read_text())
+    graph["nodes"].append({"op": "Dropout", "name": "drop0", "attrs": {}, "inputs": [[len(graph["nodes"]) - 1, 0, 0]]})
+    with pytest.raises(WeightsError, match="operators this converter does not map: Dropout"):
+        mxnet_symbol.read_graph(graph, "r18")
+
+
+def _node(graph: dict, name: str) -> dict:
+    return next(n for n in graph["nodes"] if n["name"] == name)
+
+
+def test_a_graph_with_zoo_names_but_other_wiring_is_refused(tmp_path):
+    """Names are not trusted for topology: every weighted layer's inputs are compared with the Gluon net's."""
+    def rewire(graph):  # the stage1 shortcut conv reads the stem's pool output instead of the unit's relu1
+        names = [n["name"] for n in graph["nodes"]]
+        _node(graph, "stage1_unit1_sc")["inputs"][0] = [names.index("pooling0"), 0, 0]
+
+    json_path, _ = write_checkpoint(tmp_path, "resnet-18", edit=rewire)
+    with pytest.raises(ModelError, match=r"wired differently .*stage1_unit1_sc reads \['bn0'\] in the graph"):
+        converters.read(json_path)
+
+
+def test_a_dropped_activation_is_seen():
+    graph = ndarray_file.symbol_json(GRAPHS / "resnet-18-symbol.json")
+    kwargs = mxnet_symbol.read_graph(graph, "r18")
+    net = mxnet_symbol.symbolic_resnet(**kwargs)
+    mxnet_symbol.verify_wiring(net, graph, kwargs, "r18")  # the real graph fits
+    _node(graph, "stage2_unit1_conv2")["inputs"][0] = _node(graph, "stage2_unit1_relu2")["inputs"][0]
+    with pytest.raises(ModelError, match="relu/pool/add counts .*'Activation': 17"):
+        mxnet_symbol.verify_wiring(net, graph, kwargs, "r18")
