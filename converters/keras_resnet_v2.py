@@ -14,6 +14,8 @@ sequences of residual blocks (found by :func:`bbadapt.trace.find_stages`), then 
 
 from __future__ import annotations
 
+from .base import architecture_builder
+
 KERAS_EPS = 1.001e-5  # epsilon of every BatchNormalization in keras.applications ResNet/ResNetV2
 WIDTHS = (64, 128, 256, 512)  # bottleneck width per stage; block outputs are 4x that
 
@@ -118,13 +120,18 @@ def _define():
 ZeroPadMaxPool, NoTop, KerasBlockV2, KerasResNetV2 = _define()
 
 
-def _check_blocks(blocks) -> list[int]:
-    blocks = [int(b) for b in blocks]
-    if len(blocks) != len(WIDTHS) or any(b < 1 for b in blocks):
-        from bbadapt.errors import ModelError
+def _checked(blocks, classes, eps) -> tuple[list[int], int, float]:
+    """Builder arguments as they come from a manifest: validated, one ModelError line otherwise."""
+    from bbadapt.errors import ModelError
 
-        raise ModelError(f"a Keras ResNet has {len(WIDTHS)} stages of >= 1 block each; got {blocks}")
-    return blocks
+    try:
+        blocks, classes, eps = [int(b) for b in blocks], int(classes), float(eps)
+    except (TypeError, ValueError):
+        raise ModelError(f"Keras ResNet arguments blocks={blocks!r}, classes={classes!r}, eps={eps!r} are not numbers") from None
+    if len(blocks) != len(WIDTHS) or any(b < 1 for b in blocks) or classes < 0 or not eps > 0:
+        raise ModelError(f"a Keras ResNet has {len(WIDTHS)} stages of >= 1 block each, classes >= 0 and eps > 0; "
+                         f"got blocks={blocks}, classes={classes}, eps={eps}")
+    return blocks, classes, eps
 
 
 def _materialized(net, eps: float | None = None):
@@ -141,14 +148,16 @@ def _materialized(net, eps: float | None = None):
     return net
 
 
+@architecture_builder
 def keras_resnet_v2(blocks: list[int], classes: int = 1000, eps: float = KERAS_EPS):
     """Keras ResNetV2 (``[3, 4, 6, 3]`` = ResNet50V2), random init, shapes allocated.
 
     ``classes=0`` builds the headless net of an ``include_top=False`` file (output = pooled features).
     """
-    return _materialized(KerasResNetV2(_check_blocks(blocks), int(classes), float(eps)))
+    return _materialized(KerasResNetV2(*_checked(blocks, classes, eps)))
 
 
+@architecture_builder
 def keras_resnet_v1(blocks: list[int], classes: int = 1000, eps: float = KERAS_EPS):
     """Gluon ``resnetN_v1`` (stride in the first 1x1, like Keras v1) with Keras's BN eps.
 
@@ -159,8 +168,8 @@ def keras_resnet_v1(blocks: list[int], classes: int = 1000, eps: float = KERAS_E
 
     from bbadapt.layers import replace_block
 
-    blocks = _check_blocks(blocks)
-    net = vision.ResNetV1(vision.BottleneckV1, blocks, [64] + [4 * w for w in WIDTHS], classes=max(int(classes), 1))
+    blocks, classes, eps = _checked(blocks, classes, eps)
+    net = vision.ResNetV1(vision.BottleneckV1, blocks, [64] + [4 * w for w in WIDTHS], classes=max(classes, 1))
     if not classes:
         replace_block(net, "output", NoTop())
     return _materialized(net, eps)

@@ -185,6 +185,14 @@ def test_rebuild_makes_the_same_architecture(tmp_dir, version):
     assert repr(again) == repr(c.net)  # eps included
 
 
+@pytest.mark.parametrize("kwargs", [{"blocks": [3, 4, 6]}, {"blocks": [3, 4, 6, 3], "classes": -1},
+                                    {"blocks": [3, 4, 6, 3], "eps": 0}, {"blocks": "many"}])
+@pytest.mark.parametrize("builder", ["keras_resnet_v1", "keras_resnet_v2"])
+def test_a_damaged_arch_record_is_one_line(builder, kwargs):
+    with pytest.raises(ModelError, match="Keras ResNet"):
+        converters.rebuild({"builder": f"converters.keras_resnet_v2:{builder}", "kwargs": kwargs})
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_converted_nets_adapt_to_rgb255_and_pass_the_check(tmp_dir, version):
     c = converted(version, tmp_dir)
