@@ -16,6 +16,7 @@ logged iteration and per validation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import DeviceError, OptionError, OutputError
 
@@ -143,9 +144,20 @@ def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) 
     from .bundle import staged_output
 
     with staged_output(target, force=True) as stage:
-        net.save_parameters(str(stage / params_file(manifest)))
+        save_detector_params(net, stage / params_file(manifest))
         trainer.save_states(str(stage / STATES))
         (stage / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": section}, indent=2) + "\n")
+
+
+def save_detector_params(net, path: Path) -> None:
+    """``save_parameters`` minus the R-CNN target generator: gluoncv creates that block lazily on the
+    first training step, so its encoder constants would make the file fail a strict load into a
+    freshly built detector (the bundle's own parameters are exactly the rest)."""
+    import mxnet as mx
+
+    params = {name: p._reduce() for name, p in net._collect_params_with_prefix().items()
+              if not name.startswith("_target_generator.")}
+    mx.nd.save(str(path), params)
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
@@ -184,6 +196,54 @@ def learning_rate(config: TrainConfig, epoch: int, batch: int) -> float:
     return lr
 
 
+# ----------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def console_progress(console) -> Iterator[Callable[[dict], None]]:
+    """A rich progress bar (loss components, samples/s) on a terminal; plain lines otherwise.
+
+    Plain lines are printed for logged iterations, validations and checkpoints only, so a CI
+    log gets what ``train.log.jsonl`` gets, readable.
+    """
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[losses]}"), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("train", total=None, epoch="-", losses="")
+            yield lambda record: _bar_update(bar, task, console, record)
+    else:
+        yield lambda record: _plain_line(console, record)
+
+
+def _loss_text(record: dict) -> str:
+    parts = " ".join(f"{k}={record[k]:.3f}" for k in LOSSES)
+    return f"loss={record['loss']:.3f} ({parts}) lr={record['lr']:.2e} {record['samples_per_s']:.2f} samples/s"
+
+
+def _bar_update(bar, task, console, record: dict) -> None:
+    if record["event"] == "iter":
+        bar.update(task, completed=record["batch"] + 1, total=record["batches"], epoch=record["epoch"],
+                   losses=_loss_text(record))
+    else:
+        _plain_line(console, record)
+
+
+def _plain_line(console, record: dict) -> None:
+    event = record["event"]
+    if event == "iter" and record.get("logged"):
+        line = f"epoch {record['epoch']} batch {record['batch'] + 1}/{record['batches']}: {_loss_text(record)}"
+    elif event == "val":
+        line = f"epoch {record['epoch']} validation: {record['metric']} mAP {record['map']:.4f}"
+    elif event == "checkpoint":
+        line = f"checkpoint {record['path']}{' (new best)' if record['best'] else ''}"
+    else:
+        return
+    console.print(line, markup=False, highlight=False)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -199,7 +259,7 @@ class _Log:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.progress:
-            self.progress(record)
+            self.progress({**record, "logged": write})
 
 
 def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: float = 0.01,
@@ -247,6 +307,7 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
 
         mx_amp.init()
     net = _load_net(bundle_dir if start is None else start["dir"], ctx, config.batch_size // len(ctx))
+    check_proposals(net, config.short_side)
     trainer = _trainer(net, config, ctx, hvd)
     if start is not None:
         trainer.load_states(str(start["dir"] / STATES))
@@ -288,6 +349,27 @@ def _load_net(directory: Path, ctx: list, per_device: int):
     if per_device != net._batch_size:
         _set_per_device_batch(net, per_device)
     return net
+
+
+def check_proposals(net, short_side: int) -> None:
+    """gluoncv keeps a fixed number of RPN proposals per image (``rpn_train_post_nms``) and slices
+    them out of all anchors: an image with fewer anchors fails deep inside mxnet. Say so up front,
+    for the smallest image this run can produce (short x short)."""
+    import mxnet as mx
+
+    if getattr(net, "num_stages", 1) != 1:
+        return  # FPN: anchors on every level, far more than any proposal count
+    _, _, h, w = net.features(mx.sym.var("data")).infer_shape(data=(1, 3, short_side, short_side))[1][0]
+    anchors = net.rpn.anchor_generator(mx.nd.zeros((1, 1, h, w), ctx=_ctx_of(net))).shape[1]
+    wanted = max(net.rpn._train_post_nms, net.rpn._test_post_nms)
+    if wanted > anchors:
+        raise OptionError(f"--short-side {short_side} gives a {h}x{w} feature map with {anchors} anchors, fewer than the "
+                          f"detector's {wanted} RPN proposals per image; train at a larger --short-side or build the "
+                          "bundle with fewer proposals (rpn_train_post_nms / rpn_test_post_nms)")
+
+
+def _ctx_of(net):
+    return next(iter(net.collect_params().values())).list_ctx()[0]
 
 
 def _set_per_device_batch(net, n: int) -> None:
