@@ -139,7 +139,7 @@ def evaluate(directory: str | os.PathLike, dataset: str, *, metric: str = "voc07
     import mxnet as mx
 
     from .datasets import open_dataset
-    from .detection import load_detector
+    from .detector_bundle import load_detector
     from .spec import InputSpec
     from .train import detector_manifest
 

@@ -120,18 +120,9 @@ def _horovod():
 
 def detector_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of a detector bundle or checkpoint (one-line errors when unusable)."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise OutputError(f"{directory} is not a bbadapt detector bundle (manifest.json missing)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OutputError(f"{path} is not valid JSON") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("detector"), dict) or "target" not in manifest:
-        raise OutputError(f"{directory} is not a detector bundle (its manifest has no detector section); "
-                          "make one with `bbadapt convert MODEL --detector faster-rcnn`")
-    if not manifest["detector"].get("classes"):
-        raise OutputError(f"{path} lists no classes")
+    from .detector_bundle import detector_section
+
+    manifest, _ = detector_section(directory)
     return manifest
 
 
@@ -343,7 +334,7 @@ def _datasets(manifest: dict, config: TrainConfig):
 
 
 def _load_net(directory: Path, ctx: list, per_device: int):
-    from .detection import load_detector
+    from .detector_bundle import load_detector
 
     net = load_detector(directory, ctx=ctx)
     if per_device != net._batch_size:
