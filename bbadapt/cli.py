@@ -226,7 +226,7 @@ def train_cmd(
                            log_interval=log_interval, resume=resume, seed=seed, horovod=horovod,
                            val_dataset=val_dataset, num_workers=workers, progress=progress)
         best = f"{result['best_map']:.4f}" if result["best_map"] is not None else "not validated"
-        out_console.print(f"trained epochs {result['started_at_epoch']}..{result['epochs']} "
+        out_console.print(f"trained epochs {result['started_at_epoch'] + 1}..{result['epochs']} "
                           f"({result['iterations']} iterations in all); best VOC07 mAP {best}; "
                           f"checkpoints in {directory / 'checkpoints'}", markup=False)
 

@@ -32,6 +32,7 @@ from .errors import DatasetError, OptionError
 
 FORMATS = {"voc": "voc:DIR (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt; DIR or DIR/VOC<year>)",
            "coco": "coco:ANNOTATIONS.json[:IMAGES_DIR] (images default to the JSON's directory)"}
+DECODE_CHECK_LIMIT = 20000  # sets up to this many images get every image decoded when opened
 BOX_TOLERANCE = 1.0  # px a COCO box may overhang its image (float rounding in exporters); clipped, never more
 
 
@@ -110,17 +111,29 @@ class _Checks:
             raise DatasetError(f"{where}: box {_fmt(box)} lies outside the {width}x{height} image")
 
     @staticmethod
-    def image_size(path: Path, where: str) -> tuple[int, int]:
-        """(width, height) from the image header; a missing or unreadable image is one line."""
-        from PIL import Image, UnidentifiedImageError
+    def image_size(path: Path, where: str, decode: bool = True) -> tuple[int, int]:
+        """(width, height) of an image; a missing, unreadable or truncated image is one line.
+
+        ``decode``: also decode the pixels (JPEGs at 1/8 scale, a few ms each), because mxnet's
+        decoder fills a truncated JPEG with grey without a word; large sets skip this.
+        """
+        from PIL import Image, ImageFile, UnidentifiedImageError
 
         if not path.is_file():
             raise DatasetError(f"{where}: image {path} is missing")
+        lenient = ImageFile.LOAD_TRUNCATED_IMAGES  # importing gluoncv.data sets it to True, process-wide
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
             with Image.open(path) as im:
-                return im.size
-        except (UnidentifiedImageError, OSError) as exc:
+                size = im.size
+                if decode:
+                    im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                    im.load()
+                return size
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DatasetError(f"{where}: image {path} is unreadable ({exc})") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
     @staticmethod
     def read_image(path: Path):
@@ -190,7 +203,8 @@ class VOCSet(_Checks, VOCDetection):
             root = ET.parse(path).getroot()
         except ET.ParseError as exc:
             raise DatasetError(f"{where}: not valid XML ({exc})") from None
-        width, height = self.image_size(Path(self._image_path.format(base, name)), where)
+        width, height = self.image_size(Path(self._image_path.format(base, name)), where,
+                                        decode=len(self._items) <= DECODE_CHECK_LIMIT)
         size = (_xml_number(root, "size/width", where, None), _xml_number(root, "size/height", where, None))
         if None not in size and size != (width, height):
             raise DatasetError(f"{where}: says the image is {size[0]:g}x{size[1]:g}, the image is {width}x{height}")
@@ -294,7 +308,7 @@ class COCOSet(_Checks, Dataset):
         self._labels = [np.array(rows[i], dtype=np.float32).reshape(-1, 6) for i in self.image_ids]
         self._sizes = []
         for i, path in zip(self.image_ids, self._files, strict=True):
-            size = self.image_size(path, f"{where} (image {i})")
+            size = self.image_size(path, f"{where} (image {i})", decode=len(self._files) <= DECODE_CHECK_LIMIT)
             declared = (images[i].get("width"), images[i].get("height"))
             if None not in declared and tuple(declared) != size:
                 raise DatasetError(f"{where}: image {i} is declared {declared[0]}x{declared[1]}, "
@@ -380,7 +394,10 @@ def in_channel_order(transform, spec):
 
 def spec_transforms(spec, short: int, max_size: int, net=None, *, train: bool, **kwargs):
     """gluoncv's Faster R-CNN train (with ``net``: RPN targets too) or val transform, feeding ``spec``."""
-    from gluoncv.data.transforms.presets.rcnn import FasterRCNNDefaultTrainTransform, FasterRCNNDefaultValTransform
+    from gluoncv.data.transforms.presets.rcnn import (
+        FasterRCNNDefaultTrainTransform,
+        FasterRCNNDefaultValTransform,
+    )
 
     mean, std = transform_normalization(spec)
     if train:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .errors import DatasetError, OptionError
+from .errors import OptionError
 
 METRICS = ("voc07", "voc12", "coco")
 Prediction = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # (index, class ids (N,), scores (N,), boxes (N,4))
@@ -42,7 +42,6 @@ def predictions(net, data, ctx, spec, short: int, max_size: int, *,
     input ``spec``; boxes are clipped to the resized image, then scaled back, as gluoncv's
     own validation does.
     """
-    import mxnet as mx
     from gluoncv.nn.bbox import BBoxClipToImage
 
     from .datasets import spec_transforms
@@ -53,7 +52,9 @@ def predictions(net, data, ctx, spec, short: int, max_size: int, *,
         img, label = data[i]
         x, _, im_scale = transform(img, label)
         x = x.expand_dims(0).as_in_context(ctx)
-        ids, scores, boxes = net(x)
+        with warnings.catch_warnings():  # after training, gluoncv's target generator sits idle in inference
+            warnings.filterwarnings("ignore", message=".*is not used by any computation")
+            ids, scores, boxes = net(x)
         boxes = clip(boxes, x) * float(im_scale.asscalar())
         yield i, ids[0, :, 0].asnumpy(), scores[0, :, 0].asnumpy(), boxes[0].asnumpy()
         if progress:
