@@ -218,7 +218,7 @@ def test_a_new_run_never_overwrites_checkpoints_and_resume_needs_one(trained, bu
 # --------------------------------------------------------------------------- evaluation
 
 
-def test_evaluate_reproduces_the_validation_map_recorded_in_the_checkpoint(trained, data):
+def test_evaluate_reproduces_the_validation_map_recorded_in_the_checkpoint(trained, data, tmp_path):
     out, _ = trained
     result = cli("evaluate", out / "checkpoints" / "best", "--dataset", f"voc:{data}")
     assert result.returncode == 0, result.stderr
@@ -227,6 +227,11 @@ def test_evaluate_reproduces_the_validation_map_recorded_in_the_checkpoint(train
     assert per_class[0].split()[0] == "raccoon"
     assert mean.startswith("voc07 mAP ") and float(mean.split()[2]) == pytest.approx(recorded, abs=5e-5)
     assert "on 2 images (short side 128)" in mean
+    # the same photos as a COCO file: same mAP
+    ann = coco_from_voc(data, ["raccoon-9", "raccoon-10"], tmp_path / "val.json")
+    coco = cli("evaluate", out / "checkpoints" / "best", "--dataset", f"coco:{ann}:{data / 'JPEGImages'}")
+    assert coco.returncode == 0, coco.stderr
+    assert coco.stdout.strip().splitlines()[-1] == mean
 
 
 def _ground_truth(data, keep=lambda i: True):
@@ -335,3 +340,20 @@ def test_horovod_missing_is_one_line(bundle, data, monkeypatch):
     monkeypatch.setitem(sys.modules, "horovod.mxnet", None)  # import fails as where horovod is not installed
     with pytest.raises(DeviceError, match="--horovod needs horovod built with MXNet support"):
         train(bundle, f"voc:{data}", horovod=True)
+
+
+def test_data_parallel_over_two_contexts(bundle, data, tmp_path):
+    """MXNet data parallel (split per device, gradients summed by the kvstore), run on two CPU
+    contexts: the same code path as --gpus 0,1 without needing GPUs. Each step takes 2 images."""
+    out = tmp_path / "frcnn"
+    shutil.copytree(bundle, out)
+    result = train(out, f"voc:{data}", epochs=1, batch_size=2, ctx=[mx.cpu(0), mx.cpu(1)], lr=0.0002,
+                   short_side=128, max_size=192, log_interval=1, val_interval=2)
+    assert result["iterations"] == 2 and result["best_map"] is None  # 4 images / 2 per step; not validated
+    iters = log_records(out, "iter")
+    assert [r["iteration"] for r in iters] == [1, 2] and all(math.isfinite(r["loss"]) for r in iters)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "last"]
+    net = load_detector(out / "checkpoints" / "last")
+    assert net.classes == ["raccoon"]
+    with pytest.raises(OptionError, match="--batch-size 3 must be a multiple of the 2 devices"):
+        train(out, f"voc:{data}", batch_size=3, ctx=[mx.cpu(0), mx.cpu(1)], resume=True)
