@@ -219,12 +219,19 @@ def train_cmd(
         from .train import console_progress, contexts, train
 
         ctx = contexts(gpus, cpu)
-        with console_progress(err_console) as progress:
-            result = train(directory, dataset, epochs=epochs, lr=lr, lr_steps=steps, warmup_iters=warmup,
-                           batch_size=batch_size, ctx=ctx, amp=amp, hybridize=hybridize, short_side=short_side,
-                           max_size=max_size, checkpoint_every=checkpoint_every, val_interval=val_interval,
-                           log_interval=log_interval, resume=resume, seed=seed, horovod=horovod,
-                           val_dataset=val_dataset, num_workers=workers, progress=progress)
+        try:
+            with console_progress(err_console) as progress:
+                result = train(directory, dataset, epochs=epochs, lr=lr, lr_steps=steps, warmup_iters=warmup,
+                               batch_size=batch_size, ctx=ctx, amp=amp, hybridize=hybridize, short_side=short_side,
+                               max_size=max_size, checkpoint_every=checkpoint_every, val_interval=val_interval,
+                               log_interval=log_interval, resume=resume, seed=seed, horovod=horovod,
+                               val_dataset=val_dataset, num_workers=workers, progress=progress)
+        except KeyboardInterrupt:
+            fail("interrupted; checkpoints written so far are intact (continue with --resume)", 130)
+        if result["started_at_epoch"] >= result["epochs"]:
+            out_console.print(f"nothing to do: {directory / 'checkpoints' / 'last'} is at epoch "
+                              f"{result['started_at_epoch']} (--epochs {epochs})", markup=False)
+            return
         best = f"{result['best_map']:.4f}" if result["best_map"] is not None else "not validated"
         out_console.print(f"trained epochs {result['started_at_epoch'] + 1}..{result['epochs']} "
                           f"({result['iterations']} iterations in all); best VOC07 mAP {best}; "

@@ -357,3 +357,28 @@ def test_data_parallel_over_two_contexts(bundle, data, tmp_path):
     assert net.classes == ["raccoon"]
     with pytest.raises(OptionError, match="--batch-size 3 must be a multiple of the 2 devices"):
         train(out, f"voc:{data}", batch_size=3, ctx=[mx.cpu(0), mx.cpu(1)], resume=True)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from rich.console import Console
+
+    from bbadapt.train import console_progress
+
+    records = [{"event": "iter", "epoch": 0, "batch": b, "batches": 2, "iteration": b + 1, "lr": 0.01, "rpn_cls": 0.5,
+                "rpn_box": 0.25, "rcnn_cls": 1.0, "rcnn_box": 0.125, "loss": 1.875, "samples_per_s": 3.5,
+                "logged": b == 1} for b in range(2)]
+    records.append({"event": "val", "epoch": 0, "metric": "voc07", "map": 0.25, "logged": True})
+    plain = io.StringIO()
+    with console_progress(Console(file=plain, force_terminal=False, width=200)) as progress:
+        for r in records:
+            progress(r)
+    assert plain.getvalue().splitlines() == [
+        "epoch 0 batch 2/2: loss=1.875 (rpn_cls=0.500 rpn_box=0.250 rcnn_cls=1.000 rcnn_box=0.125) lr=1.00e-02 3.50 samples/s",
+        "epoch 0 validation: voc07 mAP 0.2500"]
+    bar = io.StringIO()
+    with console_progress(Console(file=bar, force_terminal=True, width=200)) as progress:
+        for r in records:
+            progress(r)
+    assert "2/2" in bar.getvalue() and "rcnn_box=0.125" in bar.getvalue() and "\x1b[" in bar.getvalue()
