@@ -9,6 +9,8 @@ a (randomly initialised) detector.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import warnings
@@ -91,11 +93,11 @@ def _score_coco(data, preds: Iterable[Prediction]) -> dict:
     results = []
     for i, ids, scores, boxes in preds:
         for cls, s, (x1, y1, x2, y2) in zip(ids, scores, boxes, strict=True):
-            if cls < 0:
-                continue
+            if cls < 0 or data.classes[int(cls)] not in cat_of:
+                continue  # padding, or a bundle class this file has no category for (nothing to match)
             results.append({"image_id": data.image_ids[i], "category_id": cat_of[data.classes[int(cls)]],
                             "bbox": [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)], "score": float(s)})
-    with _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints; the CLI's output is ours
         truth = COCO(str(data.annotations))
         if not results:
             return {"metric": "coco", "map": 0.0, "map50": 0.0, "per_class": {}, "images": len(data)}
@@ -113,20 +115,6 @@ def _score_coco(data, preds: Iterable[Prediction]) -> dict:
         per_class[name] = float(valid.mean()) if valid.size else float("nan")
     return {"metric": "coco", "map": float(ev.stats[0]), "map50": float(ev.stats[1]), "per_class": per_class,
             "images": len(data)}
-
-
-class _quiet:
-    """pycocotools prints to stdout; keep the CLI's output to our own lines."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._redirect = contextlib.redirect_stdout(io.StringIO())
-        self._redirect.__enter__()
-
-    def __exit__(self, *exc):
-        return self._redirect.__exit__(*exc)
 
 
 def evaluate(directory: str | os.PathLike, dataset: str, *, metric: str = "voc07", split: str = "val",

@@ -285,6 +285,9 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     config.check()
     bundle_dir = Path(bundle_dir)
     manifest = detector_manifest(bundle_dir)
+    if bundle_dir.resolve().parent.name == CHECKPOINTS and "checkpoint" in manifest:
+        raise OutputError(f"{bundle_dir} is a training checkpoint; continue its run with "
+                          f"`bbadapt train {bundle_dir.resolve().parent.parent} --resume`")
     manifest.pop("checkpoint", None)
     hvd = _horovod() if horovod else None
     if hvd is not None:

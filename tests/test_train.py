@@ -30,7 +30,7 @@ from bbadapt import images, zoo
 from bbadapt.bundle import staged_output, write_manifest
 from bbadapt.datasets import open_dataset
 from bbadapt.detector_bundle import add_detector, load_detector
-from bbadapt.errors import DeviceError, OptionError
+from bbadapt.errors import DeviceError, OptionError, OutputError
 from bbadapt.evaluate import score
 from bbadapt.rewrite import adapt
 from bbadapt.spec import PRESETS
@@ -212,6 +212,9 @@ def test_a_new_run_never_overwrites_checkpoints_and_resume_needs_one(trained, bu
     assert "holds checkpoints of an earlier run; pass --resume" in line
     assert tree_digest(out / "checkpoints") == before
     assert "nothing to resume" in error_line(cli("train", bundle, "--dataset", f"voc:{data}", "--resume", *TRAIN))
+    with pytest.raises(OutputError, match="is a training checkpoint; continue its run with .* --resume"):
+        train(out / "checkpoints" / "best", f"voc:{data}")
+    assert tree_digest(out / "checkpoints") == before
     assert not (bundle / "checkpoints").exists()
 
 
@@ -382,3 +385,14 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
         for r in records:
             progress(r)
     assert "2/2" in bar.getvalue() and "rcnn_box=0.125" in bar.getvalue() and "\x1b[" in bar.getvalue()
+
+
+def test_lr_schedule_warms_up_linearly_then_steps_down():
+    from bbadapt.train import TrainConfig, learning_rate
+
+    config = TrainConfig(lr=0.04, warmup_iters=10, warmup_factor=0.25, lr_steps=(2, 4), lr_decay=0.1)
+    warm = [learning_rate(config, 0, b) for b in range(12)]
+    assert warm[0] == pytest.approx(0.01) and warm[10:] == [pytest.approx(0.04)] * 2
+    assert np.allclose(np.diff(warm[:11]), 0.003)  # (0.04 - 0.01) / 10 per iteration
+    assert [learning_rate(config, e, 0) for e in range(1, 6)] == pytest.approx([0.04, 0.004, 0.004, 0.0004, 0.0004])
+    assert learning_rate(config, 1, 3) == pytest.approx(0.04)  # warmup happens in epoch 0 only
