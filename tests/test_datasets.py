@@ -20,7 +20,13 @@ from gluoncv.data import VOCDetection
 from gluoncv.data.transforms import image as gimage
 from gluoncv.data.transforms.presets.rcnn import FasterRCNNDefaultValTransform
 
-from bbadapt.datasets import COCOSet, open_dataset, parse_dataset, spec_transforms, transform_normalization
+from bbadapt.datasets import (
+    COCOSet,
+    open_dataset,
+    parse_dataset,
+    spec_transforms,
+    transform_normalization,
+)
 from bbadapt.errors import DatasetError, OptionError
 from bbadapt.spec import PRESETS, parse_spec
 
