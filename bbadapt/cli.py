@@ -211,7 +211,7 @@ def train_cmd(
         from .datasets import parse_dataset
         from .errors import OptionError
 
-        parse_dataset(dataset)  # usage errors before mxnet is imported
+        parse_dataset(dataset)  # usage errors before any bundle or data is read
         try:
             steps = [int(v) for v in lr_steps.split(",") if v.strip()]
         except ValueError:
