@@ -396,3 +396,17 @@ def test_lr_schedule_warms_up_linearly_then_steps_down():
     assert np.allclose(np.diff(warm[:11]), 0.003)  # (0.04 - 0.01) / 10 per iteration
     assert [learning_rate(config, e, 0) for e in range(1, 6)] == pytest.approx([0.04, 0.004, 0.004, 0.0004, 0.0004])
     assert learning_rate(config, 1, 3) == pytest.approx(0.04)  # warmup happens in epoch 0 only
+
+
+def test_training_on_the_same_photos_as_coco_gives_the_same_losses(trained, bundle, data, tmp_path):
+    """The COCO path (JSON written from the VOC files) feeds the identical boxes in the identical
+    order, so epoch 0 reproduces the VOC run's losses exactly."""
+    out, _ = trained
+    train_json = coco_from_voc(data, [f"raccoon-{i}" for i in (1, 2, 3, 4)], tmp_path / "train.json")
+    work = tmp_path / "frcnn"
+    shutil.copytree(bundle, work)
+    train(work, f"coco:{train_json}:{data / 'JPEGImages'}", epochs=1, lr=0.0002, short_side=128, max_size=192,
+          log_interval=1, val_interval=2)
+    coco = [r["loss"] for r in log_records(work, "iter")]
+    voc = [r["loss"] for r in log_records(out, "iter") if r["epoch"] == 0]
+    assert coco == voc
