@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from .errors import DeviceError, OptionError, OutputError
+from .errors import BbadaptError, DeviceError, OptionError, OutputError
 
 CHECKPOINTS = "checkpoints"
 LOG = "train.log.jsonl"
@@ -130,11 +130,22 @@ def params_file(manifest: dict) -> str:
     return manifest["detector"].get("params_file", "detector.params")
 
 
-def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) -> None:
-    """One checkpoint directory (manifest + parameters + optimizer state), atomically."""
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[Path]:
+    """A staged checkpoint directory; a failed write (disk full ...) is one line and leaves the others intact."""
     from .bundle import staged_output
 
-    with staged_output(target, force=True) as stage:
+    try:
+        with staged_output(target, force=True) as stage:
+            yield stage
+    except OSError as exc:
+        raise OutputError(f"cannot write checkpoint {target}: {exc.strerror or exc}; "
+                          "the checkpoints written before are intact") from None
+
+
+def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) -> None:
+    """One checkpoint directory (manifest + parameters + optimizer state), atomically."""
+    with _writing(target) as stage:
         save_detector_params(net, stage / params_file(manifest))
         trainer.save_states(str(stage / STATES))
         (stage / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": section}, indent=2) + "\n")
@@ -153,9 +164,7 @@ def save_detector_params(net, path: Path) -> None:
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """``last``/``best`` as full copies (not links: they must survive pruning of ``epoch-*``)."""
-    from .bundle import staged_output
-
-    with staged_output(target, force=True) as stage:
+    with _writing(target) as stage:
         for item in source.iterdir():
             shutil.copy2(item, stage / item.name)
 
@@ -499,8 +508,6 @@ class _Run:
 
     def _check_finite(self, record: dict) -> None:
         if not math.isfinite(record["loss"]):
-            from .errors import BbadaptError
-
             raise BbadaptError(f"training diverged at epoch {record['epoch']} batch {record['batch']} "
                                f"(loss {record['loss']}); lower --lr or add warmup. Checkpoints so far are intact")
 
