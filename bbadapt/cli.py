@@ -186,7 +186,9 @@ def list_models(all_models: bool = typer.Option(False, "--all", help="also list 
 def train_cmd(
     directory: Path = typer.Argument(..., help="a detector bundle (bbadapt convert MODEL --detector faster-rcnn)"),
     dataset: str = typer.Option(..., help="voc:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR]"),
-    val_dataset: Optional[str] = typer.Option(None, help="validation data [default: VOC split 'val' of --dataset; the COCO file itself]"),
+    val_dataset: Optional[str] = typer.Option(None, help="validation data [default: --dataset (VOC: its --val-split; COCO: the file itself)]"),
+    train_split: str = typer.Option("train", help="VOC image set to train on (ImageSets/Main/NAME.txt)"),
+    val_split: str = typer.Option("val", help="VOC image set to validate on"),
     epochs: int = typer.Option(2, min=1),
     lr: float = typer.Option(0.01, help="base learning rate (SGD, momentum 0.9, wd 1e-4)"),
     lr_steps: str = typer.Option("", help="epochs at which the lr is multiplied by 0.1, e.g. 14,20"),
@@ -225,7 +227,8 @@ def train_cmd(
                                batch_size=batch_size, ctx=ctx, amp=amp, hybridize=hybridize, short_side=short_side,
                                max_size=max_size, checkpoint_every=checkpoint_every, val_interval=val_interval,
                                log_interval=log_interval, resume=resume, seed=seed, horovod=horovod,
-                               val_dataset=val_dataset, num_workers=workers, progress=progress)
+                               val_dataset=val_dataset, train_split=train_split, val_split=val_split,
+                               num_workers=workers, progress=progress)
         except KeyboardInterrupt:
             fail("interrupted; checkpoints written so far are intact (continue with --resume)", 130)
         if result["started_at_epoch"] >= result["epochs"]:

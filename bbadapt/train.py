@@ -274,10 +274,12 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
           max_size: int = 1000, checkpoint_every: int = 1, val_interval: int = 1, log_interval: int = 10,
           resume: bool = False, seed: int = 0, horovod: bool = False, val_dataset: Optional[str] = None,
           flip_p: float = 0.5, num_workers: int = 0, momentum: float = 0.9, wd: float = 1e-4,
+          train_split: str = "train", val_split: str = "val",
           progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Train the detector bundle at ``bundle_dir`` on ``dataset`` (``voc:DIR`` or ``coco:ANN.json[:IMAGES]``).
 
-    VOC data trains on split ``train`` and validates on ``val``; COCO data validates on
+    VOC data trains on split ``train_split`` and validates on ``val_split`` (of ``val_dataset``
+    if given, else of ``dataset``); COCO data validates on
     ``val_dataset`` (default: the training file itself). ``ctx``: a list of mxnet contexts
     (see :func:`contexts`; default CPU). ``resume`` continues from ``checkpoints/last``
     (epoch, optimizer state, lr schedule position); without it, existing checkpoints are
@@ -290,7 +292,8 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
                          warmup_iters=warmup_iters, batch_size=batch_size, short_side=short_side, max_size=max_size,
                          flip_p=flip_p, checkpoint_every=checkpoint_every, val_interval=val_interval,
                          log_interval=log_interval, seed=seed, hybridize=hybridize, amp=amp, num_workers=num_workers,
-                         dataset=str(dataset), val_dataset=val_dataset, momentum=momentum, wd=wd)
+                         dataset=str(dataset), val_dataset=val_dataset, momentum=momentum, wd=wd,
+                         train_split=train_split, val_split=val_split)
     config.check()
     bundle_dir = Path(bundle_dir)
     manifest = detector_manifest(bundle_dir)
