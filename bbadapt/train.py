@@ -399,8 +399,9 @@ def _trainer(net, config: TrainConfig, ctx: list, hvd):
     import mxnet as mx
 
     net.collect_params().setattr("grad_req", "null")
-    trainable = [p for p in net.collect_train_params().values() if not isinstance(p, mx.gluon.Constant)]
-    for p in trainable:  # the anchors are a Constant that the stock '.*rpn' pattern also matches
+    # a name -> Parameter dict: horovod's DistributedTrainer sorts a *list* of Parameters, which fails
+    trainable = {name: p for name, p in net.collect_train_params().items() if not isinstance(p, mx.gluon.Constant)}
+    for p in trainable.values():  # the anchors are a Constant that the stock '.*rpn' pattern also matches
         p.grad_req = "write"
     options = {"learning_rate": config.lr, "wd": config.wd, "momentum": config.momentum}
     if config.amp:
