@@ -128,19 +128,19 @@ def evaluate(directory: str | os.PathLike, dataset: str, *, metric: str = "voc07
     import mxnet as mx
 
     from .datasets import open_dataset
-    from .detector_bundle import load_detector
     from .spec import InputSpec
-    from .train import detector_manifest
+    from .train import check_proposals, detector_manifest, load_quietly
 
     check_metric(metric)
     manifest = detector_manifest(directory)
     classes = manifest["detector"]["classes"]
     data = open_dataset(dataset, classes, split)
     ctx = ctx or mx.cpu()
-    net = load_detector(directory, ctx=ctx)
+    net = load_quietly(directory, ctx)
     trained = manifest.get("checkpoint", {}).get("config", {})
     short = short_side or trained.get("short_side") or _first(net.short)
     longest = max_size or trained.get("max_size") or net.max_size
+    check_proposals(net, short, training=False)
     net.hybridize(static_alloc=True)
     preds = predictions(net, data, ctx, InputSpec.from_dict(manifest["target"]), short, longest, progress=progress)
     result = score(data, preds, metric)

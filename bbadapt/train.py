@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -354,29 +355,38 @@ def _datasets(manifest: dict, config: TrainConfig):
     return data, val
 
 
-def _load_net(directory: Path, ctx: list, per_device: int):
+def load_quietly(directory: Path, ctx):
+    """``load_detector`` without mxnet's warning that the anchors Constant ignores ``grad_req``
+    (the freeze step sets it on every parameter its pattern matches; the anchors are never trained)."""
     from .detector_bundle import load_detector
 
-    net = load_detector(directory, ctx=ctx)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Constant parameter .* does not support grad_req")
+        return load_detector(directory, ctx=ctx)
+
+
+def _load_net(directory: Path, ctx: list, per_device: int):
+    net = load_quietly(directory, ctx)
     if per_device != net._batch_size:
         _set_per_device_batch(net, per_device)
     return net
 
 
-def check_proposals(net, short_side: int) -> None:
-    """gluoncv keeps a fixed number of RPN proposals per image (``rpn_train_post_nms``) and slices
-    them out of all anchors: an image with fewer anchors fails deep inside mxnet. Say so up front,
-    for the smallest image this run can produce (short x short)."""
+def check_proposals(net, short_side: int, training: bool = True) -> None:
+    """gluoncv keeps a fixed number of RPN proposals per image (``rpn_train_post_nms``, in
+    inference ``rpn_test_post_nms``) and slices them out of all anchors: an image with fewer
+    anchors fails deep inside mxnet. Say so up front, for the smallest image a run can see
+    (short x short)."""
     import mxnet as mx
 
     if getattr(net, "num_stages", 1) != 1:
         return  # FPN: anchors on every level, far more than any proposal count
     _, _, h, w = net.features(mx.sym.var("data")).infer_shape(data=(1, 3, short_side, short_side))[1][0]
     anchors = net.rpn.anchor_generator(mx.nd.zeros((1, 1, h, w), ctx=_ctx_of(net))).shape[1]
-    wanted = max(net.rpn._train_post_nms, net.rpn._test_post_nms)
+    wanted = max(net.rpn._train_post_nms, net.rpn._test_post_nms) if training else net.rpn._test_post_nms
     if wanted > anchors:
         raise OptionError(f"--short-side {short_side} gives a {h}x{w} feature map with {anchors} anchors, fewer than the "
-                          f"detector's {wanted} RPN proposals per image; train at a larger --short-side or build the "
+                          f"detector's {wanted} RPN proposals per image; use a larger --short-side or build the "
                           "bundle with fewer proposals (rpn_train_post_nms / rpn_test_post_nms)")
 
 

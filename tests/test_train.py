@@ -301,6 +301,8 @@ def _broken(data: Path, tmp_path: Path, tag: str, value: str) -> Path:
     ("class-not-in-bundle", 1, "raccoon-2.xml: class 'badger' is not one of the bundle's classes (raccoon)"),
     ("amp-on-cpu", 2, "--amp (mixed precision) needs GPUs"),
     ("not-a-detector", 1, "not a bbadapt output"),
+    ("too-small-for-the-proposals", 2, "--short-side 64 gives a 4x4 feature map with 240 anchors, fewer than the "
+                                       "detector's 300 RPN proposals per image"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, code, expected, bundle, data, tmp_path):
     target, dataset, extra = bundle, f"voc:{data}", []
@@ -312,6 +314,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, code, expected, bundle, 
         dataset = f"voc:{_broken(data, tmp_path, 'object/name', 'badger')}"
     elif case == "amp-on-cpu":
         extra = ["--amp"]
+    elif case == "too-small-for-the-proposals":
+        extra = ["--short-side", "64"]  # 64 / 16 = 4: 4 x 4 positions x 15 anchors
     elif case == "not-a-detector":
         target = tmp_path / "plain"
         target.mkdir()
@@ -414,3 +418,11 @@ def test_training_on_the_same_photos_as_coco_gives_the_same_losses(trained, bund
     coco = [r["loss"] for r in log_records(work, "iter")]
     voc = [r["loss"] for r in log_records(out, "iter") if r["epoch"] == 0]
     assert coco == voc
+
+
+def test_evaluate_refuses_a_size_too_small_for_the_proposals(bundle, data):
+    from bbadapt.evaluate import evaluate
+
+    with pytest.raises(OptionError, match="--short-side 32 gives a 2x2 feature map with 60 anchors, fewer than the "
+                                          "detector's 100 RPN proposals"):
+        evaluate(bundle, f"voc:{data}", short_side=32)
