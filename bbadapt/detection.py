@@ -224,7 +224,7 @@ def backbone_trainable(backbone, layout: BackboneLayout, freeze_at: int) -> list
     for unit in layout.units()[freeze_at:]:
         for path in unit:
             for _owner, _local, p in _owned_params(get_block(backbone, path)):
-                if p.grad_req != "null" and getattr(p, "_differentiable", True):
+                if p.grad_req != "null" and can_train(p):
                     params.append(p)
     return params
 
@@ -248,11 +248,18 @@ def make_train_patterns(backbone, layout: BackboneLayout, freeze_at: int, head_p
 
 
 def head_patterns(detector, layout: str) -> list[str]:
-    """Patterns of the detector's own layers: everything under its prefix, plus FPN's P layers."""
-    parts = [instance_pattern(detector.prefix, detector)]
+    """Patterns of the detector's own layers: everything under its prefix but the anchor constants, FPN's P layers."""
+    parts = [instance_pattern(detector.prefix, detector) + "(?!.*anchor)"]
     if layout == "fpn":
         parts.append(r"P\d+_")
     return parts
+
+
+def can_train(param) -> bool:
+    """Constants (anchors, FrozenAffine's zero/one) and non-differentiable parameters never train."""
+    from mxnet.gluon.parameter import Constant
+
+    return not isinstance(param, Constant) and getattr(param, "_differentiable", True)
 
 
 def apply_freeze(detector, train_patterns: str) -> list[str]:
@@ -260,7 +267,7 @@ def apply_freeze(detector, train_patterns: str) -> list[str]:
     selected = {id(p) for p in detector.collect_params(train_patterns).values()}
     trainable = []
     for key, p in sorted(detector._collect_params_with_prefix().items()):
-        if id(p) in selected and getattr(p, "_differentiable", True):
+        if id(p) in selected and can_train(p):
             p.grad_req = "write"
             trainable.append(key)
         else:
@@ -377,7 +384,7 @@ def _check_selection(detector, backbone, layout: BackboneLayout, freeze_at: int,
     backbone_ids = {id(p) for p in backbone.collect_params().values()}
     wanted = {p.name for p in backbone_trainable(backbone, layout, freeze_at)}
     got = {p.name for p in detector.collect_params(detector.train_patterns).values()
-           if id(p) in backbone_ids and getattr(p, "_differentiable", True)}
+           if id(p) in backbone_ids and can_train(p)}
     if got != wanted:
         extra, missing = sorted(got - wanted), sorted(wanted - got)
         raise ModelError(f"internal: generated train_patterns select {extra[:3]} too many and miss {missing[:3]}")
