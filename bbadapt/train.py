@@ -356,8 +356,8 @@ def _datasets(manifest: dict, config: TrainConfig):
 
 
 def load_quietly(directory: Path, ctx):
-    """``load_detector`` without mxnet's warning that the anchors Constant ignores ``grad_req``
-    (the freeze step sets it on every parameter its pattern matches; the anchors are never trained)."""
+    """``load_detector`` (bundles written before the anchors were excluded from ``train_patterns``
+    made mxnet warn that the anchors Constant ignores ``grad_req``; keep the CLI's stderr to our lines)."""
     from .detector_bundle import load_detector
 
     with warnings.catch_warnings():
@@ -411,7 +411,7 @@ def _trainer(net, config: TrainConfig, ctx: list, hvd):
     net.collect_params().setattr("grad_req", "null")
     # a name -> Parameter dict: horovod's DistributedTrainer sorts a *list* of Parameters, which fails
     trainable = {name: p for name, p in net.collect_train_params().items() if not isinstance(p, mx.gluon.Constant)}
-    for p in trainable.values():  # the anchors are a Constant that the stock '.*rpn' pattern also matches
+    for p in trainable.values():  # Constants (anchors) never train, whatever a pattern matches
         p.grad_req = "write"
     options = {"learning_rate": config.lr, "wd": config.wd, "momentum": config.momentum}
     if config.amp:
