@@ -17,6 +17,7 @@ Bundle I/O (``add_detector``, ``load_detector``, ``export_symbol``) lives in
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -326,7 +327,23 @@ def init_heads(detector, seed: int) -> None:
     for p in fresh:  # layers that name an initializer keep it (gluoncv's Normal(0.01) heads)
         p.initialize(init=mx.init.Zero() if p.init is None and p.name.endswith("bias") else None,
                      default_init=default, ctx=ctx)
-    detector(mx.nd.zeros((1, 3, 128, 128), ctx=ctx))  # resolves deferred shapes (and their seeded values)
+    with _one_proposal(detector):  # resolves deferred shapes (and their seeded values)
+        detector(mx.nd.zeros((1, 3, 128, 128), ctx=ctx))
+
+
+@contextlib.contextmanager
+def _one_proposal(detector):
+    """Run the shape-resolving pass with 1 RPN proposal instead of 300: stage 4 per ROI is the cost.
+
+    ``_rpn_test_post_nms`` / ``rpn._test_post_nms`` are gluoncv 0.10's (pinned) attributes
+    for the number of test-time proposals; both are restored on exit.
+    """
+    saved = (detector._rpn_test_post_nms, detector.rpn._test_post_nms)
+    detector._rpn_test_post_nms = detector.rpn._test_post_nms = 1
+    try:
+        yield
+    finally:
+        detector._rpn_test_post_nms, detector.rpn._test_post_nms = saved
 
 
 def _ctx_of_any(detector):

@@ -28,15 +28,16 @@ from bbadapt.spec import PRESETS
 from bbadapt.weights import randomize
 
 SHORT = 160  # short side of the test images (gluoncv's resize_short_within)
-N_PHOTOS = 3
+N_PHOTOS = 3  # resnet18
+N_PHOTOS_R50 = 2  # resnet50: each image runs ~300 ROIs through stage 4
 
 
-def _gluoncv_inputs():
+def _gluoncv_inputs(n: int = N_PHOTOS):
     """gluoncv's own test transform on real photos: (normalized tensors, the raw pixels it normalized)."""
     import mxnet as mx
     from gluoncv.data.transforms.presets.rcnn import load_test
 
-    files = [str(f) for f in images.photo_files()[:N_PHOTOS]]
+    files = [str(f) for f in images.photo_files()[:n]]
     tensors, origs = load_test(files, short=SHORT, max_size=1000)
     raw = [mx.nd.array(o.transpose(2, 0, 1)[None].astype(np.float32)) for o in origs]
     return tensors, raw
@@ -88,7 +89,7 @@ def _assert_same_detections(reference, ours, tensors, raw) -> list[dict]:
     results = []
     for x_norm, x_raw in zip(tensors, raw, strict=True):
         result = compare_detections(reference(x_norm), ours(x_raw))
-        assert result["passed"], result
+        assert result["passed"] and result["count_a"] > 0, result
         results.append(result)
     return results
 
@@ -119,9 +120,9 @@ def test_resnet50_v1b_detector_matches_gluoncv_faster_rcnn_voc(voc_reference, bn
     adapted = adapt(source, "imagenet", "rgb255", bn=bn)
     ours, _ = build_detector(adapted.net, adapted.graph, "gluoncv-v1b", ["raccoon"], "c4", freeze_at=2)
     _copy_heads(ref, ours)
-    tensors, raw = _gluoncv_inputs()
+    tensors, raw = _gluoncv_inputs(N_PHOTOS_R50)
     results = _assert_same_detections(ref, ours, tensors, raw)
-    assert sum(r["count_a"] for r in results) >= 10 * N_PHOTOS  # a meaningful number of detections compared
+    assert sum(r["count_a"] for r in results) >= 10 * N_PHOTOS_R50  # a meaningful number of detections compared
 
 
 def _forum_detector(base):
