@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Adapted": "rewrite", "adapt": "rewrite",
     "load_backbone": "bundle", "read_manifest": "bundle",
+    "load_detector": "detector_bundle",
     "convert": "pipeline", "recheck": "pipeline",
     "check": "equivalence",
     "BbadaptError": "errors",

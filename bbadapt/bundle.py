@@ -100,8 +100,12 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def read_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest of a bundle, with one-line errors for anything unusable."""
+def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> dict:
+    """The manifest of a bundle, with one-line errors for anything unusable.
+
+    ``require_params=False`` accepts a directory without the backbone parameters (a
+    detector checkpoint holds only the manifest and ``detector.params``).
+    """
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -137,7 +141,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             raise OutputError(f"{path} has an unusable arch record: it {problem}")
     if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
         raise OutputError(f"{path} has a malformed plan")
-    if not (directory / manifest.get("params_file", PARAMS)).is_file():
+    if require_params and not (directory / manifest.get("params_file", PARAMS)).is_file():
         raise OutputError(f"{directory} lacks its parameters file {manifest.get('params_file', PARAMS)}")
     return manifest
 
@@ -151,26 +155,37 @@ def save_backbone(adapted, directory: Path) -> str:
     return sha256_of(path)
 
 
+def backbone_structure(manifest: dict, net=None):
+    """The adapted backbone's block tree (values not meaningful): the architecture with the plan replayed.
+
+    Lets a caller that brings its own parameters (a detector checkpoint) rebuild the
+    structure without the bundle's ``backbone.params``.
+    """
+    from converters import rebuild
+
+    from .rewrite import apply_plan
+    from .spec import InputSpec
+
+    if net is None:
+        try:
+            net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
+        except ModelError as exc:  # the manifest names an architecture this bbadapt cannot build
+            raise OutputError(f"bundle manifest: {exc}") from None
+    apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
+               InputSpec.from_dict(manifest["target"]))
+    return net
+
+
 def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
     """Rebuild an adapted backbone: a HybridBlock taking the bundle's target-spec input.
 
     The architecture comes from the manifest's ``arch`` record (a zoo name, or a builder a
     converter provides); ``net`` overrides it with an architecture built by the caller.
     """
-    from converters import rebuild
-
-    from .rewrite import apply_plan
-    from .spec import InputSpec
     from .weights import load_into
 
     manifest = read_manifest(directory)
-    if net is None:
-        try:
-            net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
-        except ModelError as exc:  # the manifest names an architecture this bbadapt cannot build
-            raise OutputError(f"{directory}: {exc}") from None
-    apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
-               InputSpec.from_dict(manifest["target"]))
+    net = backbone_structure(manifest, net)
     load_into(net, Path(directory) / manifest.get("params_file", PARAMS))
     if ctx is not None:
         net.collect_params().reset_ctx(ctx)

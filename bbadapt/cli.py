@@ -296,6 +296,95 @@ def inspect_weights(
             render(info, out_console)
 
 
+@app.command("train")
+def train_cmd(
+    directory: Path = typer.Argument(..., help="a detector bundle (bbadapt convert MODEL --detector faster-rcnn)"),
+    dataset: str = typer.Option(..., help="voc:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR]"),
+    val_dataset: Optional[str] = typer.Option(None, help="validation data [default: --dataset (VOC: its --val-split; COCO: the file itself)]"),
+    train_split: str = typer.Option("train", help="VOC image set to train on (ImageSets/Main/NAME.txt)"),
+    val_split: str = typer.Option("val", help="VOC image set to validate on"),
+    epochs: int = typer.Option(2, min=1),
+    lr: float = typer.Option(0.01, help="base learning rate (SGD, momentum 0.9, wd 1e-4)"),
+    lr_steps: str = typer.Option("", help="epochs at which the lr is multiplied by 0.1, e.g. 14,20"),
+    warmup: int = typer.Option(0, min=0, help="linear warmup iterations at the start (from lr/3)"),
+    batch_size: int = typer.Option(1, min=1, help="images per step over all devices (per worker with --horovod)"),
+    gpus: Optional[str] = typer.Option(None, help="GPUs to train on, e.g. 0 or 0,1 (data parallel)"),
+    cpu: bool = typer.Option(False, "--cpu", help="train on the CPU (the default when no --gpus)"),
+    amp: bool = typer.Option(False, "--amp", help="mixed precision (GPU only)"),
+    hybridize: bool = typer.Option(True, help="hybridize with static_alloc"),
+    short_side: int = typer.Option(600, min=16),
+    max_size: int = typer.Option(1000, min=16),
+    checkpoint_every: int = typer.Option(1, min=1, help="write checkpoints/epoch-NNNN every N epochs"),
+    val_interval: int = typer.Option(1, min=1, help="validate (VOC07 mAP) every N epochs; best-by-mAP follows"),
+    log_interval: int = typer.Option(10, min=1, help="iterations per train.log.jsonl record"),
+    resume: bool = typer.Option(False, "--resume", help="continue from checkpoints/last"),
+    horovod: bool = typer.Option(False, "--horovod", help="run under horovodrun (see docs/training.md)"),
+    seed: int = typer.Option(0, min=0),
+    workers: int = typer.Option(0, min=0, help="data loader worker processes"),
+) -> None:
+    """Train a Faster R-CNN bundle on VOC or COCO data; checkpoints go to DIR/checkpoints/."""
+    with user_errors():
+        from .datasets import parse_dataset
+        from .errors import OptionError
+
+        parse_dataset(dataset)  # usage errors before any bundle or data is read
+        try:
+            steps = [int(v) for v in lr_steps.split(",") if v.strip()]
+        except ValueError:
+            raise OptionError(f"--lr-steps takes epoch numbers like 14,20, got {lr_steps!r}") from None
+        from .train import console_progress, contexts, train
+
+        ctx = contexts(gpus, cpu)
+        try:
+            with console_progress(err_console) as progress:
+                result = train(directory, dataset, epochs=epochs, lr=lr, lr_steps=steps, warmup_iters=warmup,
+                               batch_size=batch_size, ctx=ctx, amp=amp, hybridize=hybridize, short_side=short_side,
+                               max_size=max_size, checkpoint_every=checkpoint_every, val_interval=val_interval,
+                               log_interval=log_interval, resume=resume, seed=seed, horovod=horovod,
+                               val_dataset=val_dataset, train_split=train_split, val_split=val_split,
+                               num_workers=workers, progress=progress)
+        except KeyboardInterrupt:
+            fail("interrupted; checkpoints written so far are intact (continue with --resume)", 130)
+        if result["started_at_epoch"] >= result["epochs"]:
+            out_console.print(f"nothing to do: {directory / 'checkpoints' / 'last'} is at epoch "
+                              f"{result['started_at_epoch']} (--epochs {epochs})", markup=False)
+            return
+        best = f"{result['best_map']:.4f}" if result["best_map"] is not None else "not validated"
+        out_console.print(f"trained epochs {result['started_at_epoch'] + 1}..{result['epochs']} "
+                          f"({result['iterations']} iterations in all); best VOC07 mAP {best}; "
+                          f"checkpoints in {directory / 'checkpoints'}", markup=False)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    directory: Path = typer.Argument(..., help="a checkpoint (DIR/checkpoints/best) or a detector bundle"),
+    dataset: str = typer.Option(..., help="voc:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR]"),
+    metric: str = typer.Option("voc07", help="voc07 (11-point), voc12 (area) or coco (needs pycocotools)"),
+    split: str = typer.Option("val", help="VOC image set to evaluate on"),
+    gpu: Optional[int] = typer.Option(None, min=0, help="GPU to run on [default: CPU]"),
+    short_side: Optional[int] = typer.Option(None, min=16, help="[default: the training short side]"),
+    max_size: Optional[int] = typer.Option(None, min=16),
+) -> None:
+    """Print detection mAP per class and the mean."""
+    with user_errors():
+        from .datasets import parse_dataset
+        from .evaluate import check_metric
+
+        parse_dataset(dataset)
+        check_metric(metric)
+        from .evaluate import evaluate
+        from .train import contexts
+
+        ctx = contexts(str(gpu) if gpu is not None else None)[0]
+        with progress_line() as say:
+            result = evaluate(directory, dataset, metric=metric, split=split, ctx=ctx, short_side=short_side,
+                              max_size=max_size, progress=lambda i, n: say(f"image {i}/{n}") if i % 10 == 0 else None)
+        for name, ap in result["per_class"].items():
+            out_console.print(f"{name:<20} {ap:.4f}", markup=False)
+        out_console.print(f"{metric} mAP {result['map']:.4f} on {result['images']} images "
+                          f"(short side {result['short_side']})", markup=False)
+
+
 def main() -> None:
     app(prog_name="bbadapt")
 

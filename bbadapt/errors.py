@@ -35,3 +35,13 @@ class OptionError(BbadaptError, ValueError):
     """An invalid option value (fold, BN mode, sizes ...)."""
 
     exit_code = 2
+
+
+class DatasetError(BbadaptError):
+    """A dataset that cannot be used: missing files, bad boxes, classes the bundle does not know."""
+
+
+class DeviceError(BbadaptError):
+    """A device or mode this installation cannot provide (a GPU with CPU-only mxnet, AMP on CPU, no horovod)."""
+
+    exit_code = 2
