@@ -25,10 +25,13 @@ from typing import Sequence
 
 import mxnet as mx
 import numpy as np
-from gluoncv.data import VOCDetection
 from mxnet.gluon.data import Dataset
 
 from .errors import DatasetError, OptionError
+from .zoo import import_gluoncv
+
+import_gluoncv()  # before any gluoncv import: works beside torch >= 2 (the torch extra)
+from gluoncv.data import VOCDetection  # noqa: E402
 
 FORMATS = {"voc": "voc:DIR (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt; DIR or DIR/VOC<year>)",
            "coco": "coco:ANNOTATIONS.json[:IMAGES_DIR] (images default to the JSON's directory)"}

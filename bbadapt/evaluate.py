@@ -20,6 +20,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from .errors import OptionError
+from .zoo import import_gluoncv
+
+import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
 METRICS = ("voc07", "voc12", "coco")
 Prediction = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # (index, class ids (N,), scores (N,), boxes (N,4))

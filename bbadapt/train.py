@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import BbadaptError, DeviceError, OptionError, OutputError
+from .zoo import import_gluoncv
+
+import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
 CHECKPOINTS = "checkpoints"
 LOG = "train.log.jsonl"
@@ -518,7 +521,7 @@ class _Run:
         """Batchify already split the batch per device: move each shard to its device."""
         per_device = [elem if isinstance(elem, (list, tuple)) else [elem] for elem in batch]  # 1 device: plain arrays
         return [[part.as_in_context(c) for part in shard] for shard, c in
-                zip(zip(*per_device), self.ctx, strict=True)]
+                zip(zip(*per_device, strict=True), self.ctx, strict=True)]
 
     def _check_finite(self, record: dict) -> None:
         if not math.isfinite(record["loss"]):

@@ -14,6 +14,8 @@ from bbadapt import images, zoo
 from bbadapt.spec import PRESETS
 from bbadapt.weights import randomize
 
+zoo.import_gluoncv()  # before any test module imports gluoncv: it refuses to import beside torch >= 2
+
 SMALL_SIZES = [(48, 48), (37, 41)]
 CIFAR_SIZES = [(32, 32), (37, 29)]
 

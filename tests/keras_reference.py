@@ -44,7 +44,7 @@ def layer_specs(version: int, blocks: list[int], classes: int) -> list[Layer]:
     """Weighted layers in the order Keras 3 lists them in ``model.layers`` (observed with Keras 3.15)."""
     out = [_conv("conv1_conv", 7, 3, 64, True)] + ([_bn("conv1_bn", 64)] if version == 1 else [])
     cin = 64
-    for s, (n, w) in enumerate(zip(blocks, WIDTHS), start=2):
+    for s, (n, w) in enumerate(zip(blocks, WIDTHS, strict=True), start=2):
         for b in range(1, n + 1):
             p = f"conv{s}_block{b}_"
             if version == 1:
@@ -224,7 +224,7 @@ def write_legacy(path, specs: list[Layer], weights: dict, *, full_model: bool = 
             group = root.create_group(name)
             var_names = [f"{name}/{v}{suffix}" for v in VAR_NAMES[spec.cls][:len(spec.shapes)]]
             _write_list_attr(group, "weight_names", var_names)
-            for var_name, value in zip(var_names, weights[spec.name]):
+            for var_name, value in zip(var_names, weights[spec.name], strict=True):
                 group.create_dataset(var_name, data=value)
 
 
