@@ -234,7 +234,7 @@ def formats() -> None:
 
 
 EXPORTERS = {  # --option: (module, function); each writes atomically and verifies what it wrote
-    "symbol": ("bbadapt.detection", "export_symbol"),
+    "symbol": ("bbadapt.detector_bundle", "export_symbol"),
     "torchvision": ("converters.torchvision", "export_bundle"),
     "onnx": ("converters.onnx_out", "export_bundle"),
 }

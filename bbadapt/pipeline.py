@@ -149,9 +149,10 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
         }
         if detector:
             say(f"building the Faster R-CNN ({layout}) on the adapted backbone")
-            manifest["detector"] = _detection().add_detector(stage, adapted, info, classes or [], layout=layout,
-                                                             freeze_at=freeze_at, overrides=detector_options,
-                                                             progress=say)
+            from .detector_bundle import add_detector
+
+            manifest["detector"] = add_detector(stage, adapted, info, classes or [], layout=layout, freeze_at=freeze_at,
+                                                overrides=detector_options, progress=say, seed=seed)
         write_manifest(stage, manifest)
         write_reports(report, stage)
     return report, adapted
@@ -160,7 +161,7 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
 def _detection():
     from . import detection  # imports gluoncv's detector stack: only when a detector is asked for
 
-    return detection
+    return detection  # validate_request runs before any heavy work
 
 
 def _checked(original, adapted: Adapted, info: zoo.ModelInfo, images: str | None,

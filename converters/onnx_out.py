@@ -58,7 +58,7 @@ def _require_onnxruntime():
         import onnxruntime
     except ImportError:
         raise OutputError("ONNX export checks the file with onnxruntime, which is not installed: "
-                          f"pip install --no-deps onnxruntime=={ORT_VERSION} (see docs/formats-torch-detectron-onnx.md)") from None
+                          f"pip install --no-deps onnxruntime=={ORT_VERSION} (see docs/formats.md)") from None
     return onnxruntime
 
 

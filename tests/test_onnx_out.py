@@ -1,7 +1,7 @@
 """ONNX export of adapted backbones, judged by onnxruntime against MXNet on real photos.
 
 Needs the ``onnx`` extra and onnxruntime (installed with ``--no-deps``, see
-docs/formats-torch-detectron-onnx.md); the refusals when they are missing are tested
+docs/formats.md); the refusals when they are missing are tested
 everywhere.
 """
 

@@ -261,7 +261,7 @@ def test_corrupt_pth_and_bfloat16_are_one_line_errors(r18, torch, tmp_path):
 
 
 def test_torchvisions_own_resnet50_agrees_both_ways(torch, tmp_path):
-    """Runs only where torchvision is installed (not in CI: see docs/formats-torch-detectron-onnx.md)."""
+    """Runs only where torchvision is installed (not in CI: see docs/formats.md)."""
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     model = models.resnet50().eval()
