@@ -220,12 +220,20 @@ def _owned_params(block) -> list[tuple[object, str, object]]:
 
 
 def backbone_trainable(backbone, layout: BackboneLayout, freeze_at: int) -> list:
-    """Parameters of the units after the first ``freeze_at`` that can train (frozen BN never can)."""
+    """Parameters of the units after the first ``freeze_at`` that can train.
+
+    Decided by structure, not by the ``grad_req`` the net happens to carry: BatchNorm (any
+    frozen form) and FrozenAffine parameters never train, nor do constants.
+    """
     params = []
+    from mxnet.gluon import nn
+
+    from .layers import FrozenAffine
+
     for unit in layout.units()[freeze_at:]:
         for path in unit:
-            for _owner, _local, p in _owned_params(get_block(backbone, path)):
-                if p.grad_req != "null" and can_train(p):
+            for owner, _local, p in _owned_params(get_block(backbone, path)):
+                if can_train(p) and not isinstance(owner, (nn.BatchNorm, FrozenAffine)):
                     params.append(p)
     return params
 
@@ -237,7 +245,7 @@ def make_train_patterns(backbone, layout: BackboneLayout, freeze_at: int, head_p
     owners: list[str] = []
     for unit in layout.units()[freeze_at:]:
         for path in unit:
-            for owner, local, p in _owned_params(get_block(backbone, path)):
+            for _owner, local, p in _owned_params(get_block(backbone, path)):
                 if id(p) in wanted and p.name.startswith(backbone.prefix):
                     stem = re.escape(p.name[len(backbone.prefix):-len(local)])
                     if stem not in owners:
@@ -389,14 +397,14 @@ def build_detector(backbone, graph, family: str, classes: list[str], layout: str
     patterns = make_train_patterns(backbone, found, freeze_at, head_patterns(detector, layout))
     detector.train_patterns = patterns
     trainable = apply_freeze(detector, patterns)
-    _check_selection(detector, backbone, found, freeze_at, layout)
+    _check_selection(detector, backbone, found, freeze_at)
     info = {"architecture": "faster-rcnn", "family": family, "classes": list(classes), "layout": layout,
             "freeze_at": freeze_at, "settings": json_settings(settings), "train_patterns": patterns,
             "trainable": trainable, "backbone_layout": found.to_dict(), "seed": seed}
     return detector, info
 
 
-def _check_selection(detector, backbone, layout: BackboneLayout, freeze_at: int, kind: str) -> None:
+def _check_selection(detector, backbone, layout: BackboneLayout, freeze_at: int) -> None:
     """The generated regex must select exactly the intended backbone parameters (no more, no less)."""
     backbone_ids = {id(p) for p in backbone.collect_params().values()}
     wanted = {p.name for p in backbone_trainable(backbone, layout, freeze_at)}

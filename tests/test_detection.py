@@ -303,3 +303,15 @@ def test_export_symbol_writes_files_that_give_the_same_detections(tmp_path):
     x = mx.image.imresize(x, 192, 144).transpose((2, 0, 1)).expand_dims(0).astype("float32")
     same = compare_detections(gluon(x), imported(x))
     assert same["passed"] and same["count_a"] > 0
+
+
+def test_a_train_patterns_regex_that_selects_frozen_parameters_is_caught():
+    """The generated regex is checked against the intended set; a looser one (gluoncv-style) is refused."""
+    from bbadapt.detection import _check_selection
+
+    det, _, net = detector_for("resnet18_v1b", bn="global-stats", freeze_at=2)
+    layout = discover_layout(net)
+    _check_selection(det, net, layout, 2)  # the generated one passes
+    det.train_patterns = ".*"  # would train frozen BN gamma/beta and stage 1
+    with pytest.raises(ModelError, match="select"):
+        _check_selection(det, net, layout, 2)
