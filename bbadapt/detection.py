@@ -25,7 +25,7 @@ from .errors import ModelError, OptionError
 from .layers import get_block
 
 LAYOUTS = ("c4", "fpn")
-FREEZE_LEVELS = range(0, 6)  # 0: nothing frozen ... 5: the whole backbone
+FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone
 PROBE_SIZE = 64  # input side of the eager pass that discovers the execution order
 FPN_FILTERS = 256
 FPN_BOX_HIDDEN = 1024

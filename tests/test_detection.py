@@ -21,8 +21,14 @@ import pytest
 from bbadapt import zoo
 from bbadapt.bundle import SCHEMA_VERSION, staged_output, write_manifest
 from bbadapt.detection import C4_DEFAULTS, FPN_DEFAULTS, build_detector, discover_layout, validate_request
-from bbadapt.detector_bundle import (DETECTOR_PARAMS, add_detector, compare_detections, export_symbol,
-                                     load_detector, probe_photo)
+from bbadapt.detector_bundle import (
+    DETECTOR_PARAMS,
+    add_detector,
+    compare_detections,
+    export_symbol,
+    load_detector,
+    probe_photo,
+)
 from bbadapt.errors import BbadaptError, ModelError, OptionError, OutputError, WeightsError
 from bbadapt.rewrite import adapt, clone
 from bbadapt.trace import block_paths
@@ -67,7 +73,7 @@ def make_bundle(out: Path, name: str, bn: str = "fused", layout: str = "c4", cla
 
 @pytest.mark.parametrize("name", ["resnet18_v1b", "resnet18_v2", "resnet18_v1"])
 def test_c4_features_end_at_stride_16_and_top_features_at_stride_32(name):
-    det, info, net = detector_for(name)
+    det, info, _ = detector_for(name)
     x = photo(128)
     h, w = x.shape[2:]
     feat = det.features(x)
@@ -223,6 +229,7 @@ def test_a_checkpoint_directory_with_only_manifest_and_detector_params_loads(tmp
     same = compare_detections(trained(x), again(x), 0.0, 0.0)
     assert same["passed"] and same["count_a"] > 0
     assert not compare_detections(before, again(x))["passed"]  # the checkpoint's values, not the bundle's
+    assert load_detector(ckpt, per_device_batch_size=2)._batch_size == 2  # a training run's batch size
     assert not (ckpt / "backbone.params").exists()
 
 
