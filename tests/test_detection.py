@@ -192,7 +192,29 @@ def test_fpn_builds_and_runs_with_outputs_at_strides_4_to_64(name):
     assert all(f.shape[1] == 256 for f in feats)
     ids, scores, boxes = det(x)
     assert ids.shape[:2] == scores.shape[:2] == boxes.shape[:2] and boxes.shape[2] == 4
+
     assert info["settings"]["strides"] == list(FPN_DEFAULTS["strides"])
+
+
+def test_fpn_roi_features_come_from_each_rois_own_level_and_nothing_else():
+    """FPN pools each ROI from the level its size picks (FPN paper: 4 + log2(side/224), P2..P5) and adds zeros.
+
+    MXNet 1.9's CPU ROIAlign leaves the output of ROIs with batch index -1 unwritten, which
+    is how gluoncv masks the other levels; bbadapt's detector must not depend on that memory.
+    """
+    det, _, _ = detector_for("resnet18_v1b", layout="fpn")
+    feats = det.features(photo(128))[:4]
+    rois = mx.nd.array([[0, 0, 0, 29, 29], [0, 0, 0, 119, 119], [0, 0, 0, 239, 239], [0, 0, 0, 499, 499]])
+    pooled = det._pyramid_roi_feats(mx.nd, feats, rois, (7, 7), det._strides)
+    levels = []
+    for n, (_, x1, y1, x2, y2) in enumerate(rois.asnumpy()):
+        side = math.sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
+        level = min(max(math.floor(4 + math.log2(side / 224.0 + 1e-6)), 2), 5)
+        levels.append(level)
+        own = mx.nd.contrib.ROIAlign(feats[level - 2], rois[n:n + 1], (7, 7), 1.0 / det._strides[level - 2],
+                                     sample_ratio=2)
+        np.testing.assert_allclose(pooled[n].asnumpy(), own[0].asnumpy(), rtol=1e-6, atol=1e-6)
+    assert levels == [2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------- bundles
