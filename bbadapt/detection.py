@@ -18,6 +18,7 @@ Bundle I/O (``add_detector``, ``load_detector``, ``export_symbol``) lives in
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from .errors import ModelError, OptionError
 from .layers import get_block
 
 LAYOUTS = ("c4", "fpn")
-FREEZE_LEVELS = range(0, 6)  # 0: nothing frozen ... 5: the whole backbone
+FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone
 PROBE_SIZE = 64  # input side of the eager pass that discovers the execution order
 FPN_FILTERS = 256
 FPN_BOX_HIDDEN = 1024
@@ -220,12 +221,20 @@ def _owned_params(block) -> list[tuple[object, str, object]]:
 
 
 def backbone_trainable(backbone, layout: BackboneLayout, freeze_at: int) -> list:
-    """Parameters of the units after the first ``freeze_at`` that can train (frozen BN never can)."""
+    """Parameters of the units after the first ``freeze_at`` that can train.
+
+    Decided by structure, not by the ``grad_req`` the net happens to carry: BatchNorm (any
+    frozen form) and FrozenAffine parameters never train, nor do constants.
+    """
     params = []
+    from mxnet.gluon import nn
+
+    from .layers import FrozenAffine
+
     for unit in layout.units()[freeze_at:]:
         for path in unit:
-            for _owner, _local, p in _owned_params(get_block(backbone, path)):
-                if p.grad_req != "null" and can_train(p):
+            for owner, _local, p in _owned_params(get_block(backbone, path)):
+                if can_train(p) and not isinstance(owner, (nn.BatchNorm, FrozenAffine)):
                     params.append(p)
     return params
 
@@ -237,7 +246,7 @@ def make_train_patterns(backbone, layout: BackboneLayout, freeze_at: int, head_p
     owners: list[str] = []
     for unit in layout.units()[freeze_at:]:
         for path in unit:
-            for owner, local, p in _owned_params(get_block(backbone, path)):
+            for _owner, local, p in _owned_params(get_block(backbone, path)):
                 if id(p) in wanted and p.name.startswith(backbone.prefix):
                     stem = re.escape(p.name[len(backbone.prefix):-len(local)])
                     if stem not in owners:
@@ -316,6 +325,39 @@ def _fpn_box_head(detector):
     return head
 
 
+@functools.lru_cache(maxsize=1)
+def fpn_rcnn_class():
+    """gluoncv's ``FasterRCNN`` with ROI features pooled deterministically for FPN.
+
+    gluoncv pools each FPN level with ROIAlign after setting the ROIs of other levels to
+    batch index -1; MXNet 1.9's CPU ROIAlign skips such ROIs without writing their output,
+    so uninitialized memory entered the summed ROI features (detections changed from run to
+    run). Here every level pools every ROI and the other levels' ROIs are zeroed with
+    ``where`` (gluoncv's own path for MXNet builds without ``box_encode``). Same class name,
+    so parameter names and ``train_patterns`` are those of gluoncv's class.
+    """
+    from gluoncv.model_zoo.rcnn.faster_rcnn import FasterRCNN as GluonCVFasterRCNN
+
+    class FasterRCNN(GluonCVFasterRCNN):
+        def _pyramid_roi_feats(self, F, features, rpn_rois, roi_size, strides, roi_mode="align",
+                               roi_canonical_scale=224.0, sampling_ratio=2, eps=1e-6):
+            if roi_mode != "align":
+                return super()._pyramid_roi_feats(F, features, rpn_rois, roi_size, strides, roi_mode,
+                                                  roi_canonical_scale, sampling_ratio, eps)
+            top = self._max_stage - 1 if self._max_stage > 5 else self._max_stage  # P6 feeds the RPN only
+            _, x1, y1, x2, y2 = F.split(rpn_rois, axis=-1, num_outputs=5)
+            side = F.sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
+            level = F.squeeze(F.clip(F.floor(4 + F.log2(side / roi_canonical_scale + eps)), self._min_stage, top))
+            pooled = []
+            for i, stage in enumerate(range(self._min_stage, top + 1)):
+                feat = F.contrib.ROIAlign(features[i], rpn_rois, roi_size, 1.0 / strides[i],
+                                          sample_ratio=sampling_ratio)
+                pooled.append(F.where(level == stage, feat, F.zeros_like(feat)))
+            return F.ElementWiseSum(*pooled)
+
+    return FasterRCNN
+
+
 def init_heads(detector, seed: int) -> None:
     """Seeded initialization of every parameter the backbone did not bring, shapes included."""
     import mxnet as mx
@@ -381,22 +423,21 @@ def build_detector(backbone, graph, family: str, classes: list[str], layout: str
                                    features=features, top_features=top, classes=list(classes), **settings)
     else:
         features = _fpn_features(backbone, found)
-        detector = get_faster_rcnn(name=backbone.prefix.rstrip("_"), dataset="custom", pretrained=False, ctx=ctx,
-                                   features=features, top_features=None, box_features=None,
-                                   classes=list(classes), **settings)
+        detector = fpn_rcnn_class()(features=features, top_features=None, box_features=None,
+                                    classes=list(classes), **settings)
         detector.box_features = _fpn_box_head(detector)
     init_heads(detector, seed)
     patterns = make_train_patterns(backbone, found, freeze_at, head_patterns(detector, layout))
     detector.train_patterns = patterns
     trainable = apply_freeze(detector, patterns)
-    _check_selection(detector, backbone, found, freeze_at, layout)
+    _check_selection(detector, backbone, found, freeze_at)
     info = {"architecture": "faster-rcnn", "family": family, "classes": list(classes), "layout": layout,
             "freeze_at": freeze_at, "settings": json_settings(settings), "train_patterns": patterns,
             "trainable": trainable, "backbone_layout": found.to_dict(), "seed": seed}
     return detector, info
 
 
-def _check_selection(detector, backbone, layout: BackboneLayout, freeze_at: int, kind: str) -> None:
+def _check_selection(detector, backbone, layout: BackboneLayout, freeze_at: int) -> None:
     """The generated regex must select exactly the intended backbone parameters (no more, no less)."""
     backbone_ids = {id(p) for p in backbone.collect_params().values()}
     wanted = {p.name for p in backbone_trainable(backbone, layout, freeze_at)}

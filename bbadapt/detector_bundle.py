@@ -14,8 +14,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -100,18 +100,21 @@ def detector_section(directory: str | os.PathLike) -> tuple[dict, dict]:
     return manifest, section
 
 
-def load_detector(directory: str | os.PathLike, ctx=None):
+def load_detector(directory: str | os.PathLike, ctx=None, **overrides):
     """Rebuild the ``FasterRCNN`` stored in ``directory`` (bundle or checkpoint) on ``ctx``.
 
     Needs only ``manifest.json`` and ``detector.params``. ``ctx``: an ``mx.Context``
     (``mx.cpu()``, ``mx.gpu(0)``) or a list of them for data-parallel training.
+    ``overrides``: settings that do not change parameter shapes, e.g. a training run's
+    ``per_device_batch_size`` (gluoncv bakes the batch size into the graph).
     """
     directory = Path(directory)
     manifest, section = detector_section(directory)
     backbone = backbone_structure(manifest)
+    settings = {**section["settings"], **overrides}
     detector, _ = build_detector(backbone, None, section.get("family", manifest.get("family", "")),
                                  list(section["classes"]), section["layout"], int(section["freeze_at"]),
-                                 seed=int(section.get("seed", 0)), **section["settings"])
+                                 seed=int(section.get("seed", 0)), **settings)
     load_detector_params(detector, backbone, directory / section.get("params_file", DETECTOR_PARAMS))
     if ctx is not None:
         detector.collect_params().reset_ctx(ctx)

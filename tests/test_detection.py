@@ -21,8 +21,14 @@ import pytest
 from bbadapt import zoo
 from bbadapt.bundle import SCHEMA_VERSION, staged_output, write_manifest
 from bbadapt.detection import C4_DEFAULTS, FPN_DEFAULTS, build_detector, discover_layout, validate_request
-from bbadapt.detector_bundle import (DETECTOR_PARAMS, add_detector, compare_detections, export_symbol,
-                                     load_detector, probe_photo)
+from bbadapt.detector_bundle import (
+    DETECTOR_PARAMS,
+    add_detector,
+    compare_detections,
+    export_symbol,
+    load_detector,
+    probe_photo,
+)
 from bbadapt.errors import BbadaptError, ModelError, OptionError, OutputError, WeightsError
 from bbadapt.rewrite import adapt, clone
 from bbadapt.trace import block_paths
@@ -67,7 +73,7 @@ def make_bundle(out: Path, name: str, bn: str = "fused", layout: str = "c4", cla
 
 @pytest.mark.parametrize("name", ["resnet18_v1b", "resnet18_v2", "resnet18_v1"])
 def test_c4_features_end_at_stride_16_and_top_features_at_stride_32(name):
-    det, info, net = detector_for(name)
+    det, info, _ = detector_for(name)
     x = photo(128)
     h, w = x.shape[2:]
     feat = det.features(x)
@@ -186,7 +192,29 @@ def test_fpn_builds_and_runs_with_outputs_at_strides_4_to_64(name):
     assert all(f.shape[1] == 256 for f in feats)
     ids, scores, boxes = det(x)
     assert ids.shape[:2] == scores.shape[:2] == boxes.shape[:2] and boxes.shape[2] == 4
+
     assert info["settings"]["strides"] == list(FPN_DEFAULTS["strides"])
+
+
+def test_fpn_roi_features_come_from_each_rois_own_level_and_nothing_else():
+    """FPN pools each ROI from the level its size picks (FPN paper: 4 + log2(side/224), P2..P5) and adds zeros.
+
+    MXNet 1.9's CPU ROIAlign leaves the output of ROIs with batch index -1 unwritten, which
+    is how gluoncv masks the other levels; bbadapt's detector must not depend on that memory.
+    """
+    det, _, _ = detector_for("resnet18_v1b", layout="fpn")
+    feats = det.features(photo(128))[:4]
+    rois = mx.nd.array([[0, 0, 0, 29, 29], [0, 0, 0, 119, 119], [0, 0, 0, 239, 239], [0, 0, 0, 499, 499]])
+    pooled = det._pyramid_roi_feats(mx.nd, feats, rois, (7, 7), det._strides)
+    levels = []
+    for n, (_, x1, y1, x2, y2) in enumerate(rois.asnumpy()):
+        side = math.sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
+        level = min(max(math.floor(4 + math.log2(side / 224.0 + 1e-6)), 2), 5)
+        levels.append(level)
+        own = mx.nd.contrib.ROIAlign(feats[level - 2], rois[n:n + 1], (7, 7), 1.0 / det._strides[level - 2],
+                                     sample_ratio=2)
+        np.testing.assert_allclose(pooled[n].asnumpy(), own[0].asnumpy(), rtol=1e-6, atol=1e-6)
+    assert levels == [2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------- bundles
@@ -223,6 +251,7 @@ def test_a_checkpoint_directory_with_only_manifest_and_detector_params_loads(tmp
     same = compare_detections(trained(x), again(x), 0.0, 0.0)
     assert same["passed"] and same["count_a"] > 0
     assert not compare_detections(before, again(x))["passed"]  # the checkpoint's values, not the bundle's
+    assert load_detector(ckpt, per_device_batch_size=2)._batch_size == 2  # a training run's batch size
     assert not (ckpt / "backbone.params").exists()
 
 
@@ -303,3 +332,15 @@ def test_export_symbol_writes_files_that_give_the_same_detections(tmp_path):
     x = mx.image.imresize(x, 192, 144).transpose((2, 0, 1)).expand_dims(0).astype("float32")
     same = compare_detections(gluon(x), imported(x))
     assert same["passed"] and same["count_a"] > 0
+
+
+def test_a_train_patterns_regex_that_selects_frozen_parameters_is_caught():
+    """The generated regex is checked against the intended set; a looser one (gluoncv-style) is refused."""
+    from bbadapt.detection import _check_selection
+
+    det, _, net = detector_for("resnet18_v1b", bn="global-stats", freeze_at=2)
+    layout = discover_layout(net)
+    _check_selection(det, net, layout, 2)  # the generated one passes
+    det.train_patterns = ".*"  # would train frozen BN gamma/beta and stage 1
+    with pytest.raises(ModelError, match="select"):
+        _check_selection(det, net, layout, 2)

@@ -128,13 +128,14 @@ def test_resnet50_v1b_detector_matches_gluoncv_faster_rcnn_voc(voc_reference, bn
 def _forum_detector(base):
     """The forum thread's hand-wiring of a gluon v2 ResNet, with frozen (global-stats) BatchNorm."""
     from gluoncv.model_zoo.rcnn.faster_rcnn import get_faster_rcnn
+
     from bbadapt.weights import batchnorms
 
     for bn in batchnorms(base):
         bn._kwargs["use_global_stats"] = True
     features, top_features = base.features[:8], base.features[8:11]
     return get_faster_rcnn("resnet18_v2", "custom", features=features, top_features=top_features,
-                           classes=["raccoon"], train_patterns="|".join([".*dense", ".*rpn", ".*stage(2|3|4)_conv"]),
+                           classes=["raccoon"], train_patterns=".*dense|.*rpn|.*stage(2|3|4)_conv",
                            **C4_DEFAULTS)
 
 
