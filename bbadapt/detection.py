@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 from .errors import ModelError, OptionError
 from .layers import get_block
+from .zoo import import_gluoncv
+
+import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
 LAYOUTS = ("c4", "fpn")
 FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from test_cli_errors import assert_refused, run_cli
+from .test_cli_errors import assert_refused, run_cli
 
 MODEL = "resnet18_v1b"
 
@@ -76,3 +76,24 @@ def test_an_unknown_layout_is_a_usage_error(tmp_path):
                      "--layout", "retina", "-o", "out", cwd=tmp_path, mxnet_home=tmp_path / "home")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_detector_on_weights_from_another_format_reloads_through_its_arch_record(tmp_path):
+    """The seed's case: an original MXNet symbolic ResNet-18 (not a zoo net) as a detector backbone."""
+    import mxnet as mx
+
+    import bbadapt
+    from bbadapt import images
+
+    from .test_mxnet_symbol import write_checkpoint
+
+    json_path, _ = write_checkpoint(tmp_path / "r18", "resnet-18")
+    result = run_cli("convert", "--weights", json_path, "--detector", "faster-rcnn", "--classes", "raccoon",
+                     "--sizes", "64x64", "-o", "frcnn", cwd=tmp_path, mxnet_home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "frcnn" / "manifest.json").read_text())
+    assert manifest["arch"]["builder"] == "converters.mxnet_symbol:symbolic_resnet"
+    net = bbadapt.load_detector(tmp_path / "frcnn", ctx=mx.cpu())
+    raw, _ = images.photos((128, 160), limit=1)
+    ids, scores, boxes = net(mx.nd.array(raw))
+    assert np.all(np.isfinite(scores.asnumpy())) and boxes.shape[-1] == 4
