@@ -51,6 +51,8 @@ def user_errors() -> Iterator[None]:
         yield
     except BbadaptError as exc:
         fail(str(exc), exc.exit_code)
+    except typer.Exit:  # a command's own exit (it is a RuntimeError): not a bug
+        raise
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, traceback on request

@@ -196,6 +196,9 @@ def export_symbol(directory: str | os.PathLike, prefix: str | os.PathLike, force
     existing = [str(t) for t in targets if t.exists()]
     if existing and not force:
         raise OutputError(f"{', '.join(existing)} already exist; pass --force to replace")
+    not_files = [str(t) for t in targets if t.exists() and not t.is_file()]
+    if not_files:
+        raise OutputError(f"{', '.join(not_files)} exist and are not files; choose another prefix")
     say(f"loading the detector from {directory}")
     detector = load_detector(directory, ctx=mx.cpu())
     x = mx.nd.array(probe_photo(short), dtype="float32")
@@ -220,10 +223,33 @@ def export_symbol(directory: str | os.PathLike, prefix: str | os.PathLike, force
         if not result["passed"]:
             raise BbadaptError(f"the exported symbol does not reproduce the detections ({result['unmatched']} of "
                                f"{result['count_a']} unmatched); nothing written")
-        for src, dst in zip(written, targets, strict=True):
-            os.replace(src, dst)
+        _replace_together(written, targets)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if result["count_a"] == 0:
         result["note"] = "no detections on the probe photo (random heads?): only empty outputs were compared"
     return {"symbol": str(targets[0]), "params": str(targets[1]), "input_shape": list(x.shape), **result}
+
+
+def _replace_together(sources: list[Path], targets: list[Path]) -> None:
+    """Move ``sources`` onto ``targets`` as a set: on failure the old targets are put back."""
+    backups: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    try:
+        for target in targets:
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, backup)
+                backups.append((backup, target))
+        for src, dst in zip(sources, targets, strict=True):
+            os.replace(src, dst)
+            done.append(dst)
+    except OSError as exc:
+        for dst in done:
+            dst.unlink(missing_ok=True)
+        for backup, target in backups:
+            os.replace(backup, target)
+        raise OutputError(f"cannot write {targets[0].parent}: {exc.strerror or exc}; the previous files are unchanged") from None
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
+

@@ -20,7 +20,7 @@ from . import zoo
 from .rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
 from .equivalence import check
-from .errors import OptionError, WeightsError
+from .errors import OptionError, OutputError, WeightsError
 from .report import write_reports
 from .spec import InputSpec, parse_spec
 from .weights import randomize, sha256_of
@@ -126,6 +126,7 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
     info = original.info
     if detector:
         _detection().validate_request(info, classes or [], layout, freeze_at)
+        _detection().discover_layout(original.net)  # can it be cut into a detector? before minutes of checking
     src = src_override or parse_spec(info.source_spec)
     net = original.net
     say(f"adapting: fold={fold}, bn={bn}")
@@ -192,10 +193,15 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     """Re-run the equivalence check of an existing output and rewrite its reports."""
     say = progress or (lambda _m: None)
     directory = Path(directory)
+    if "checkpoint" in read_manifest(directory, require_params=False):
+        raise OutputError(f"{directory} is a training checkpoint: it holds the trained detector, not the converted "
+                          "backbone that `check` compares with its original; check the bundle it was trained from")
     manifest = read_manifest(directory)
     src, tgt = InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"])
     prov = manifest.get("weights", {})
     if prov.get("kind") == "file":
+        if not isinstance(prov.get("path"), str):
+            raise OutputError(f"{directory / 'manifest.json'}: the weights provenance names no file")
         for path, digest in (prov.get("files") or {prov["path"]: prov.get("sha256")}).items():
             if not Path(path).is_file():
                 raise WeightsError(f"the original weights {path} are gone; cannot re-check")
@@ -206,6 +212,10 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
         weights, model = prov.get("kind", "pretrained"), manifest["model"]
     loaded = load_source(model, weights, int(prov.get("seed", 0)), src, say, prov.get("format"))
     original, info, again = loaded.net, loaded.info, loaded.provenance
+    if prov.get("files") and set(again.get("files", {})) != set(prov["files"]):
+        # e.g. a -symbol.json whose newest -EEEE.params is not the one converted
+        raise WeightsError(f"re-reading {prov['path']} now reads {', '.join(sorted(again.get('files', {})))}, not the "
+                           f"files converted ({', '.join(sorted(prov['files']))}); pass those files to convert again")
     say("rebuilding the adapted backbone from the bundle")
     net = load_backbone(directory)
     adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None, manifest.get("health", []))

@@ -317,6 +317,8 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
         raise OptionError(f"--batch-size {batch_size} must be a multiple of the {len(ctx)} devices")
     rank0 = hvd is None or hvd.rank() == 0
     start = _start_state(bundle_dir, resume, rank0)
+    if start is not None:
+        _same_run(config, start.get("config", {}))
     data, val = _datasets(manifest, config)
     if amp:
         from mxnet.contrib import amp as mx_amp
@@ -330,6 +332,20 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     log = _Log(bundle_dir / LOG if rank0 else None, progress)
     run = _Run(net, trainer, ctx, config, manifest, bundle_dir, log, hvd, data, val, start)
     return run.fit()
+
+
+RESUME_MUST_MATCH = ("lr", "momentum", "wd", "lr_steps", "lr_decay", "warmup_iters", "warmup_factor", "batch_size",
+                     "short_side", "max_size", "flip_p", "seed", "dataset", "val_dataset", "train_split", "val_split")
+
+
+def _same_run(config: TrainConfig, stored: dict) -> None:
+    """--resume continues the stored run exactly: refuse settings that would silently change it."""
+    given = json.loads(json.dumps(_config_dict(config)))
+    differ = [f"{key} {given.get(key)!r} (the run used {stored[key]!r})" for key in RESUME_MUST_MATCH
+              if key in stored and given.get(key) != stored[key]]
+    if differ:
+        raise OptionError("--resume continues the checkpointed run, but these settings differ from it: "
+                          + "; ".join(differ) + " (pass the run's values; only --epochs may grow)")
 
 
 def _start_state(bundle_dir: Path, resume: bool, rank0: bool) -> Optional[dict]:

@@ -9,7 +9,6 @@ and detector never know which format the weights came from.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -105,16 +104,15 @@ def rebuild(arch: dict):
         raise ModelError(f"{arch['builder']} is not an architecture builder of this bbadapt")
     try:
         return builder(**dict(arch.get("kwargs", {})))
-    except TypeError as exc:  # wrong or missing keyword arguments in the record
-        raise ModelError(f"architecture record for {arch['builder']} does not fit it: {exc}") from None
+    except (TypeError, KeyError, ValueError, IndexError) as exc:  # arguments a tampered record got wrong
+        raise ModelError(f"architecture record for {arch['builder']} does not fit it: {type(exc).__name__}: {exc}") from None
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a file, as bbadapt records it everywhere (manifest provenance, re-checks)."""
+    from bbadapt.weights import sha256_of
+
+    return sha256_of(path)
 
 
 def require_file(path: str | os.PathLike) -> Path:

@@ -83,7 +83,11 @@ def sniff(path: Path, head: bytes) -> bool:
         if head.startswith(HDF5_MAGIC):
             import h5py
 
-            with h5py.File(path, "r") as f:
+            try:
+                f = h5py.File(path, "r")
+            except OSError:
+                return True  # an HDF5 file h5py cannot open (damaged): read() says so, instead of "unknown format"
+            with f:
                 return _layout(f) is not None
         if head.startswith(ZIP_MAGIC):
             with zipfile.ZipFile(path) as z:
@@ -509,7 +513,8 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     spec = "tf" if found.version == 2 else "caffe"
     info = custom_info(f"keras-{found.keras_name.lower()}", f"keras-v{found.version}", spec, 224)
     provenance = {
-        "kind": "file", "format": FORMAT.name, "path": origin, "sha256": digest, "files": {origin: digest},
+        "kind": "file", "format": FORMAT.name, "path": str(Path(path).resolve()), "sha256": digest,
+        "files": {str(Path(path).resolve()): digest},
         "arch_arg": arch, "keras_model": found.keras_name, "layout": weights.layout, "naming": NAMING[found.style],
         "include_top": bool(found.classes), "classes": found.classes, "bn_eps": found.eps,
         "conv_biases_folded_into_bn_mean": folded, **weights.facts,

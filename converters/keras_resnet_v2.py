@@ -14,6 +14,8 @@ sequences of residual blocks (found by :func:`bbadapt.trace.find_stages`), then 
 
 from __future__ import annotations
 
+import functools
+
 from .base import architecture_builder
 
 KERAS_EPS = 1.001e-5  # epsilon of every BatchNormalization in keras.applications ResNet/ResNetV2
@@ -117,7 +119,11 @@ def _define():
     return ZeroPadMaxPool, NoTop, KerasBlockV2, KerasResNetV2
 
 
-ZeroPadMaxPool, NoTop, KerasBlockV2, KerasResNetV2 = _define()
+@functools.cache
+def _classes():
+    """The Gluon classes, defined on first use: importing this module must not import mxnet
+    (``bbadapt formats`` and ``bbadapt inspect`` run without it)."""
+    return _define()
 
 
 def _checked(blocks, classes, eps) -> tuple[list[int], int, float]:
@@ -154,7 +160,7 @@ def keras_resnet_v2(blocks: list[int], classes: int = 1000, eps: float = KERAS_E
 
     ``classes=0`` builds the headless net of an ``include_top=False`` file (output = pooled features).
     """
-    return _materialized(KerasResNetV2(*_checked(blocks, classes, eps)))
+    return _materialized(_classes()[3](*_checked(blocks, classes, eps)))
 
 
 @architecture_builder
@@ -171,5 +177,5 @@ def keras_resnet_v1(blocks: list[int], classes: int = 1000, eps: float = KERAS_E
     blocks, classes, eps = _checked(blocks, classes, eps)
     net = vision.ResNetV1(vision.BottleneckV1, blocks, [64] + [4 * w for w in WIDTHS], classes=max(classes, 1))
     if not classes:
-        replace_block(net, "output", NoTop())
+        replace_block(net, "output", _classes()[1]())
     return _materialized(net, eps)

@@ -88,7 +88,7 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
         if entry.get("dtype") not in DTYPES:
             raise WeightsError(f"{path}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
         shape, (begin, end) = entry["shape"], entry["data_offsets"]
-        if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]) or begin > end:
+        if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]) or begin > end:  # bool is an int
             raise WeightsError(f"{path}: tensor {name!r} has an invalid shape or offsets")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
         if end - begin != expected:

@@ -378,7 +378,13 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
         raise OutputError(f"the exported weights do not reproduce the bundle (worst max rel {report['worst_max_rel']:.3g}); "
                           f"nothing written: {'; '.join(report.get('reasons', []))[:200]}")
     if as_pth:
-        write_atomic(out, lambda tmp: torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, str(tmp)), force)
+        def save_and_verify(tmp: Path) -> None:  # the .pth must hold exactly the checked tensors
+            torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, str(tmp))
+            back = torch.load(str(tmp), weights_only=True)
+            if set(back) != set(state) or any(not np.array_equal(back[k].numpy(), state[k]) for k in state):
+                raise OutputError(f"{out}: torch.load of the written file does not give the checked tensors")
+
+        write_atomic(out, save_and_verify, force)
     else:
         write_atomic(out, lambda tmp: tmp.write_bytes(payload), force)
     say(f"wrote {out}")

@@ -334,6 +334,17 @@ def test_export_symbol_writes_files_that_give_the_same_detections(tmp_path):
     assert same["passed"] and same["count_a"] > 0
 
 
+def test_export_symbol_over_a_directory_is_refused_and_leaves_everything_as_it_was(tmp_path):
+    make_bundle(tmp_path / "b", "resnet18_v1b")
+    prefix = tmp_path / "deploy" / "frcnn"
+    Path(f"{prefix}-0000.params").mkdir(parents=True)  # in the way, even with --force
+    Path(f"{prefix}-symbol.json").write_text("an earlier export")
+    with pytest.raises(OutputError, match="not files"):
+        export_symbol(tmp_path / "b", prefix, force=True, short=160)
+    assert Path(f"{prefix}-symbol.json").read_text() == "an earlier export"
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["frcnn-0000.params", "frcnn-symbol.json"]
+
+
 def test_a_train_patterns_regex_that_selects_frozen_parameters_is_caught():
     """The generated regex is checked against the intended set; a looser one (gluoncv-style) is refused."""
     from bbadapt.detection import _check_selection

@@ -34,6 +34,15 @@ def test_convert_a_keras_v2_file_to_rgb255_then_recheck_the_bundle(tmp_path, cli
     assert recheck.returncode == 0, recheck.stderr
 
 
+def test_a_keras_v2_backbone_is_refused_as_a_detector_before_the_check(tmp_path, cli):
+    """Keras V2 strides sit at the end of each stage (8/16/32/32): no C4 cut; said before minutes of work."""
+    weights = write(tmp_path / "weights.h5", "keras3-names", 2, keras_weights(2))
+    result = cli("convert", "--weights", weights, "--detector", "faster-rcnn", "--classes", "raccoon",
+                 "-o", tmp_path / "out")
+    assert_refused(result, 2, tmp_path=tmp_path, out=tmp_path / "out", mentions=("strides",))
+    assert "check" not in result.stderr.lower().replace("checkpoint", "")
+
+
 def test_formats_lists_keras(cli):
     result = cli("formats")
     assert result.returncode == 0 and "keras" in result.stdout and ".weights.h5" in result.stdout
@@ -49,6 +58,14 @@ def test_a_truncated_file(tmp_path, cli):
     cut = tmp_path / "cut.h5"
     cut.write_bytes(Path(full).read_bytes()[:4096])
     result = cli("convert", "--weights", cut, "--format", "keras", "-o", tmp_path / "out")
+    assert_refused(result, 1, tmp_path=tmp_path, out=tmp_path / "out", mentions=("truncated",))
+
+
+def test_a_truncated_file_is_called_damaged_even_without_format(tmp_path, cli):
+    full = _file(tmp_path, "full.h5")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(Path(full).read_bytes()[:4096])  # the HDF5 signature survives; h5py cannot open it
+    result = cli("convert", "--weights", cut, "-o", tmp_path / "out")
     assert_refused(result, 1, tmp_path=tmp_path, out=tmp_path / "out", mentions=("truncated",))
 
 

@@ -83,6 +83,7 @@ def test_the_reference_implementation_agrees_in_both_directions(tmp_path):
     ({"b__data_offsets": [20, 36]}, "overlaps"),
     ({"b__data_offsets": [32, 48], "b__shape": [2]}, "ends at byte 48"),
     ({"a__shape": [-2, 3]}, "invalid shape"),
+    ({"b__shape": [True, True]}, "invalid shape"),  # JSON true is a Python int subclass
 ])
 def test_lying_headers_are_one_line_errors(tmp_path, change, message):
     path = _two_tensors(tmp_path, **change)

@@ -219,6 +219,20 @@ def test_a_new_run_never_overwrites_checkpoints_and_resume_needs_one(trained, bu
     assert not (bundle / "checkpoints").exists()
 
 
+def test_check_on_a_checkpoint_says_what_a_checkpoint_is(trained):
+    out, _ = trained
+    line = error_line(cli("check", out / "checkpoints" / "best"))
+    assert "is a training checkpoint" in line and "check the bundle it was trained from" in line
+
+
+def test_resume_refuses_settings_that_would_silently_change_the_run(trained, data):
+    out, _ = trained
+    before = tree_digest(out / "checkpoints")
+    with pytest.raises(OptionError, match=r"settings differ from it: lr 0.01 \(the run used 0.0002\)"):
+        train(out, f"voc:{data}", epochs=EPOCHS + 1, resume=True, lr=0.01, short_side=128, max_size=192)
+    assert tree_digest(out / "checkpoints") == before
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
