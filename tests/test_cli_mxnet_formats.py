@@ -123,3 +123,17 @@ def test_a_bare_params_file_needs_its_model_and_an_arch_must_fit_the_graph(cli, 
     result = cli("convert", "cifar_resnet20_v1", "--weights", bare, "--out", out, "--sizes", "32x32")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "manifest.json").read_text())["weights"]["format"] == "gluon-params"
+
+
+def test_check_refuses_when_the_graph_now_pairs_with_a_newer_epoch(r18, cli, tmp_path):
+    """A -symbol.json reads the newest -EEEE.params beside it: a re-check must not silently compare with another epoch."""
+
+    work = tmp_path / "ckpt"
+    work.mkdir()
+    json_path = Path(shutil.copy(r18[0], work))
+    shutil.copy(r18[1], work)
+    out = tmp_path / "out"
+    assert cli("convert", "--weights", json_path, "--out", out, "--sizes", "64x64").returncode == 0
+    shutil.copy(r18[1], work / r18[1].name.replace("-0000.params", "-0001.params"))  # a later epoch appears
+    result = cli("check", out, "--sizes", "64x64")
+    assert_refused(result, 1, tmp_path=tmp_path, mentions=("now reads", "0001.params"))
