@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Offline: converts the packaged, real pretrained CIFAR ResNet-20 v2 (gluoncv export files)
-# to raw-RGB-0..255 input, and an ImageNet ResNet-50 v2 with calibrated random weights.
+# to raw-RGB-0..255 input, an ImageNet ResNet-50 v2 with calibrated random weights, and builds
+# a Faster R-CNN (raccoon) on a ResNet-18 v1b backbone, ready for `bbadapt train`.
 demo: $(STAMP)
 	$(BIN)/bbadapt convert cifar_resnet20_v2 --weights bbadapt/data/cifar_resnet20_v2-0000.params --to rgb255 --out out/cifar_resnet20_v2 --force
 	$(BIN)/bbadapt convert resnet50_v2 --weights random --to rgb255 --out out/resnet50_v2 --force
-	@echo "reports: out/cifar_resnet20_v2/report.html  out/resnet50_v2/report.html"
+	$(BIN)/bbadapt convert resnet18_v1b --weights random --detector faster-rcnn --classes raccoon --out out/frcnn_resnet18_v1b --force
+	@echo "reports: out/cifar_resnet20_v2/report.html  out/resnet50_v2/report.html  out/frcnn_resnet18_v1b/report.html"
+	@echo "train the detector: $(BIN)/bbadapt train out/frcnn_resnet18_v1b --dataset voc:DIR --cpu  (see docs/training.md)"
 
 # One thread per worker, two workers: the 2-core CI machine, without oversubscription.
 test: $(STAMP)
