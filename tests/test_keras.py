@@ -257,11 +257,19 @@ def test_an_hdf5_file_that_is_not_keras_is_not_taken_for_keras(tmp_path):
 
 
 def test_garbage_and_other_formats_are_not_sniffed_as_keras(tmp_path):
-    for name, content in (("junk.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100), ("a.zip", b"PK\x03\x04junk"),
-                          ("b.params", b"\x12\x01\x00\x00\x00\x00\x00\x00")):
+    for name, content in (("a.zip", b"PK\x03\x04junk"), ("b.params", b"\x12\x01\x00\x00\x00\x00\x00\x00")):
         path = tmp_path / name
         path.write_bytes(content)
         assert not kconv.sniff(path, content)
+
+
+def test_an_hdf5_signature_h5py_cannot_open_is_claimed_so_that_it_is_called_damaged(tmp_path):
+    """Keras is the only HDF5 format: a damaged one gets 'corrupt', not 'cannot tell the format'."""
+    content = b"\x89HDF\r\n\x1a\n" + b"\x00" * 100
+    path = tmp_path / "junk.h5"
+    path.write_bytes(content)
+    assert kconv.sniff(path, content)
+    assert "truncated/corrupt" in one_line_error(WeightsError, path)
 
 
 def test_unknown_layers_are_listed(tmp_path):
