@@ -247,12 +247,9 @@ def read_bare(path: Path, arch: str | None = None, progress=None) -> Converted:
 def _sniff_export(path: Path, head: bytes) -> bool:
     """An MXNet graph JSON that is not symbolic-zoo, or arg:/aux: params with such a graph beside them."""
     try:
-        if ndarray_file.looks_like_symbol_json(head):
-            try:
-                graph = ndarray_file.symbol_json(path)
-            except WeightsError:
-                return True  # a damaged MXNet graph: read() says what is wrong with it
-            return not mxnet_symbol.is_symbolic_zoo_graph(graph)
+        verdict = ndarray_file.sniff_graph(path, head, lambda graph: not mxnet_symbol.is_symbolic_zoo_graph(graph))
+        if verdict is not None:
+            return verdict
         names = ndarray_file.names_if_ndarray(path, head)
         if not names or naming_style(names) != "export":
             return False

@@ -463,12 +463,9 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
 def sniff(path: Path, head: bytes) -> bool:
     """A symbolic-zoo graph (JSON), or an NDArray file with symbolic-zoo names."""
     try:
-        if ndarray_file.looks_like_symbol_json(head):
-            try:
-                graph = ndarray_file.symbol_json(path)
-            except WeightsError:
-                return True  # a damaged MXNet graph: read() says what is wrong with it
-            return is_symbolic_zoo_graph(graph)
+        verdict = ndarray_file.sniff_graph(path, head, is_symbolic_zoo_graph)
+        if verdict is not None:
+            return verdict
         names = ndarray_file.names_if_ndarray(path, head)
         return bool(names) and is_symbolic_zoo_names(names)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

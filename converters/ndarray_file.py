@@ -206,6 +206,18 @@ def looks_like_symbol_json(head: bytes) -> bool:
     return head.lstrip().startswith(b"{") and b'"nodes"' in head
 
 
+def sniff_graph(path: str | os.PathLike, head: bytes, accepts) -> bool | None:
+    """A sniffer's answer for an MXNet graph JSON: ``accepts(graph)``, or True for a damaged
+    graph (the reader then says what is wrong with it); None when ``head`` is not a graph."""
+    if not looks_like_symbol_json(head):
+        return None
+    try:
+        graph = symbol_json(path)
+    except WeightsError:
+        return True
+    return accepts(graph)
+
+
 def node_attrs(node: dict) -> dict:
     """A node's attributes under whichever key its mxnet version used (attrs, attr, param)."""
     for key in ("attrs", "attr", "param"):
