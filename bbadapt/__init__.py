@@ -3,7 +3,7 @@
 Data flows one way: weights -> Gluon net + input spec -> :func:`adapt` -> :func:`check`
 -> bundle (:func:`convert` writes one, :func:`load_backbone` reads it back).
 
-The public names are imported on first use, so ``import bbadapt.errors`` (and every CLI
+The public names are imported on first use, so ``import bbadapt.core.errors`` (and every CLI
 argument error) does not pay for importing mxnet.
 """
 
@@ -12,13 +12,13 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "Adapted": "rewrite", "adapt": "rewrite",
-    "load_backbone": "bundle", "read_manifest": "bundle",
-    "load_detector": "detector_bundle",
+    "Adapted": "core.rewrite", "adapt": "core.rewrite",
+    "load_backbone": "bundle.backbone", "read_manifest": "bundle.manifest",
+    "load_detector": "detection.detector_bundle",
     "convert": "pipeline", "recheck": "pipeline",
-    "check": "equivalence",
-    "BbadaptError": "errors",
-    "PRESETS": "spec", "InputSpec": "spec", "affine_map": "spec", "parse_spec": "spec",
+    "check": "check.equivalence",
+    "BbadaptError": "core.errors",
+    "PRESETS": "core.spec", "InputSpec": "core.spec", "affine_map": "core.spec", "parse_spec": "core.spec",
 }
 __all__ = sorted(_PUBLIC)
 

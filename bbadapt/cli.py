@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-from .errors import BbadaptError, OptionError
+from bbadapt.core.errors import BbadaptError, OptionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn model-zoo ResNets into verified, detection-ready backbones.")
@@ -161,8 +162,8 @@ def convert(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
     """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone (and detector)."""
-    from .spec import parse_spec
-    from .zoo import model_info
+    from bbadapt.core.spec import parse_spec
+    from bbadapt.core.zoo import model_info
 
     with user_errors():
         if model and arch and model != arch:
@@ -180,7 +181,7 @@ def convert(
         if detector and not parse_classes(classes):
             raise OptionError("--detector needs --classes, e.g. --classes raccoon")
         sizes_parsed = parse_sizes(sizes)
-        from .pipeline import convert as run_convert
+        from bbadapt.pipeline import convert as run_convert
 
         out = out or default_out(model, weights)
         with progress_line() as say:
@@ -212,7 +213,7 @@ def check(
     sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW"),
 ) -> None:
     """Re-run the equivalence check of an existing output (rewrites its reports)."""
-    from .pipeline import recheck
+    from bbadapt.pipeline import recheck
 
     with user_errors():
         with progress_line() as say:
@@ -227,7 +228,7 @@ def formats() -> None:
     """The weight formats `convert --weights FILE` reads (detected from content; --format overrides)."""
     from rich.table import Table
 
-    from converters import formats as known
+    from converters.readers import formats as known
 
     table = Table("format", "what", "typical files")
     for f in known():
@@ -236,9 +237,9 @@ def formats() -> None:
 
 
 EXPORTERS = {  # --option: (module, function); each writes atomically and verifies what it wrote
-    "symbol": ("bbadapt.detector_bundle", "export_symbol"),
-    "torchvision": ("converters.torchvision", "export_bundle"),
-    "onnx": ("converters.onnx_out", "export_bundle"),
+    "symbol": ("bbadapt.detection.detector_bundle", "export_symbol"),
+    "torchvision": ("converters.writers.torchvision", "export_bundle"),
+    "onnx": ("converters.writers.onnx", "export_bundle"),
 }
 
 
@@ -272,7 +273,7 @@ def list_models(all_models: bool = typer.Option(False, "--all", help="also list 
     """The supported models and the input spec their pretrained weights expect."""
     from rich.table import Table
 
-    from .zoo import list_models as models
+    from bbadapt.core.zoo import list_models as models
 
     table = Table("model", "family", "default --from", "library", "status")
     for m in models(core_only=not all_models):
@@ -289,7 +290,7 @@ def inspect_weights(
     import json
 
     with user_errors():
-        from converters.inspection import inspect_file, render
+        from converters.readers.inspection import inspect_file, render
 
         info = inspect_file(file)
         if as_json:
@@ -326,15 +327,15 @@ def train_cmd(
 ) -> None:
     """Train a Faster R-CNN bundle on VOC or COCO data; checkpoints go to DIR/checkpoints/."""
     with user_errors():
-        from .datasets import parse_dataset
-        from .errors import OptionError
+        from bbadapt.core.errors import OptionError
+        from bbadapt.detection.datasets import parse_dataset
 
         parse_dataset(dataset)  # usage errors before any bundle or data is read
         try:
             steps = [int(v) for v in lr_steps.split(",") if v.strip()]
         except ValueError:
             raise OptionError(f"--lr-steps takes epoch numbers like 14,20, got {lr_steps!r}") from None
-        from .train import console_progress, contexts, train
+        from bbadapt.detection.train import console_progress, contexts, train
 
         ctx = contexts(gpus, cpu)
         try:
@@ -369,13 +370,13 @@ def evaluate_cmd(
 ) -> None:
     """Print detection mAP per class and the mean."""
     with user_errors():
-        from .datasets import parse_dataset
-        from .evaluate import check_metric
+        from bbadapt.detection.datasets import parse_dataset
+        from bbadapt.detection.evaluate import check_metric
 
         parse_dataset(dataset)
         check_metric(metric)
-        from .evaluate import evaluate
-        from .train import contexts
+        from bbadapt.detection.evaluate import evaluate
+        from bbadapt.detection.train import contexts
 
         ctx = contexts(str(gpu) if gpu is not None else None)[0]
         with progress_line() as say:

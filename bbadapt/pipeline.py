@@ -10,23 +10,26 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import images as imgs
-from . import zoo
-from .rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
-from .bundle import PARAMS, load_backbone, read_manifest, refuse_existing, save_backbone, staged_output, write_manifest
-from .equivalence import check
-from .errors import OptionError, OutputError, WeightsError
-from .report import write_reports
-from .spec import InputSpec, parse_spec
-from .weights import randomize, sha256_of
+from bbadapt.bundle.backbone import load_adapted, save_backbone
+from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
+from bbadapt.check.equivalence import check
+from bbadapt.check.report import write_reports
+from bbadapt.core import images as imgs
+from bbadapt.core import zoo
+from bbadapt.core.atomic import replace_together
+from bbadapt.core.errors import OptionError, OutputError, WeightsError
+from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
+from bbadapt.core.spec import InputSpec, parse_spec
+from bbadapt.core.weights import randomize, sha256_of
 
 if TYPE_CHECKING:
-    from converters import Converted
+    from bbadapt.core.registry import Converted
 
 Progress = Callable[[str], None]
 N_CALIBRATION_PHOTOS = 8
@@ -56,14 +59,15 @@ WEIGHT_KINDS = ("pretrained", "random")
 
 
 def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, source: InputSpec | None = None,
-                progress: Progress | None = None, fmt: str | None = None) -> "Converted":
+                progress: Progress | None = None, fmt: str | None = None) -> Converted:
     """The original network, whatever the weights: zoo ``pretrained``/``random``, or a file.
 
     A file goes through :mod:`converters` (format from content, ``fmt`` overrides; ``model``
     names the architecture where the file cannot). Returns a
     :class:`~converters.base.Converted`: the net, how to rebuild it, its info and provenance.
     """
-    from converters import Converted, read
+    from bbadapt.core.registry import Converted
+    from converters.readers import read
 
     say = progress or (lambda _m: None)
     if weights not in WEIGHT_KINDS:
@@ -150,7 +154,7 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
         }
         if detector:
             say(f"building the Faster R-CNN ({layout}) on the adapted backbone")
-            from .detector_bundle import add_detector
+            from bbadapt.detection.detector_bundle import add_detector
 
             manifest["detector"] = add_detector(stage, adapted, info, classes or [], layout=layout, freeze_at=freeze_at,
                                                 overrides=detector_options, progress=say, seed=seed)
@@ -160,7 +164,7 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
 
 
 def _detection():
-    from . import detection  # imports gluoncv's detector stack: only when a detector is asked for
+    from bbadapt.detection import build as detection  # imports gluoncv's detector stack: only when a detector is asked for
 
     return detection  # validate_request runs before any heavy work
 
@@ -197,7 +201,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
         raise OutputError(f"{directory} is a training checkpoint: it holds the trained detector, not the converted "
                           "backbone that `check` compares with its original; check the bundle it was trained from")
     manifest = read_manifest(directory)
-    src, tgt = InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"])
+    src = InputSpec.from_dict(manifest["source"])
     prov = manifest.get("weights", {})
     if prov.get("kind") == "file":
         if not isinstance(prov.get("path"), str):
@@ -217,8 +221,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
         raise WeightsError(f"re-reading {prov['path']} now reads {', '.join(sorted(again.get('files', {})))}, not the "
                            f"files converted ({', '.join(sorted(prov['files']))}); pass those files to convert again")
     say("rebuilding the adapted backbone from the bundle")
-    net = load_backbone(directory)
-    adapted = Adapted(net, src, tgt, manifest.get("bn", ""), manifest["plan"], None, manifest.get("health", []))
+    adapted = load_adapted(directory, manifest)
     tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
     report = _checked(original, adapted, info, images, sizes, tolerance, say)
     if again.get("sha256") != prov.get("sha256"):
@@ -227,8 +230,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     tmp = Path(tempfile.mkdtemp(prefix=".recheck-", dir=directory))
     try:  # each report file is replaced whole, never left half-written
         write_reports(report, tmp)
-        for name in ("report.json", "report.md", "report.html"):
-            os.replace(tmp / name, directory / name)
+        replace_together([(tmp / name, directory / name) for name in ("report.json", "report.md", "report.html")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

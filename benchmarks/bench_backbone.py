@@ -34,19 +34,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mxnet as mx
 import numpy as np
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from bbadapt import zoo
-from bbadapt.rewrite import adapt, clone
+from bbadapt.core import zoo
+from bbadapt.core.blocks import Identity, replace_block
+from bbadapt.core.rewrite import adapt, clone
+from bbadapt.core.trace import block_paths, trace
 from bbadapt.pipeline import load_source
-from bbadapt.layers import Identity, replace_block
-from bbadapt.trace import block_paths, trace
 
 MODELS = ("resnet50_v1b", "resnet50_v2")
 VARIANTS = ("global-stats", "affine", "fused", "no-BN floor")

@@ -31,16 +31,16 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
-from bbadapt import images, zoo
-from bbadapt.detection import build_detector
-from bbadapt.detector_bundle import compare_detections
-from bbadapt.rewrite import adapt
-from bbadapt.spec import PRESETS
-from bbadapt.weights import randomize
+from bbadapt.core import images, zoo
+from bbadapt.core.rewrite import adapt
+from bbadapt.core.spec import PRESETS
+from bbadapt.core.weights import randomize
+from bbadapt.detection.build import build_detector
+from bbadapt.detection.detector_bundle import compare_detections
 
 MODEL = "resnet50_v1b"
 PHOTO = "raccoon-1"
-VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon_voc" / "VOC2017"
+VOC = Path(__file__).resolve().parents[1] / "tests" / "data" / "raccoon_voc" / "VOC2017"
 TRAIN_TARGET, INFER_TARGET = 1.1, 1.0
 # faster_rcnn_resnet50_v1b_custom keeps FasterRCNN's constructor defaults where they differ from the voc model
 CUSTOM_SETTINGS = {"scales": (8, 16, 32), "max_num_gt": 300}

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from bbadapt import adapt, images, zoo
-from bbadapt.equivalence import check, reference
-from bbadapt.spec import PRESETS
-from bbadapt.weights import randomize
+from bbadapt import adapt
+from bbadapt.check.equivalence import check, reference
+from bbadapt.core import images, zoo
+from bbadapt.core.spec import PRESETS
+from bbadapt.core.weights import randomize
 
 BN_MODES = ("global-stats", "affine", "fused")
 

@@ -10,9 +10,9 @@ import functools
 
 import pytest
 
-from bbadapt import images, zoo
-from bbadapt.spec import PRESETS
-from bbadapt.weights import randomize
+from bbadapt.core import images, zoo
+from bbadapt.core.spec import PRESETS
+from bbadapt.core.weights import randomize
 
 zoo.import_gluoncv()  # before any test module imports gluoncv: it refuses to import beside torch >= 2
 

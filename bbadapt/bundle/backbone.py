@@ -1,0 +1,74 @@
+"""A bundle's backbone: the adapted parameters saved, and the network rebuilt from them.
+
+A bundle stores the adapted parameters (``save_parameters`` form) and the *plan* that
+produced its structure. :func:`load_backbone` rebuilds the architecture, replays the plan
+to get the same block tree, then loads the parameters strictly, so a reloaded backbone keeps
+its stages addressable (the detector builder needs them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bbadapt.bundle.manifest import PARAMS, read_manifest
+from bbadapt.core.errors import ModelError, OutputError
+
+
+def save_backbone(adapted, directory: Path) -> str:
+    """Write the adapted parameters; returns their sha256."""
+    from bbadapt.core.weights import sha256_of
+
+    path = directory / PARAMS
+    adapted.net.save_parameters(str(path))
+    return sha256_of(path)
+
+
+def backbone_structure(manifest: dict, net=None):
+    """The adapted backbone's block tree (values not meaningful): the architecture with the plan replayed.
+
+    Lets a caller that brings its own parameters (a detector checkpoint) rebuild the
+    structure without the bundle's ``backbone.params``.
+    """
+    from bbadapt.core.registry import rebuild
+    from bbadapt.core.rewrite import apply_plan
+    from bbadapt.core.spec import InputSpec
+
+    if net is None:
+        try:
+            net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
+        except ModelError as exc:  # the manifest names an architecture this bbadapt cannot build
+            raise OutputError(f"bundle manifest: {exc}") from None
+    apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
+               InputSpec.from_dict(manifest["target"]))
+    return net
+
+
+def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
+    """Rebuild an adapted backbone: a HybridBlock taking the bundle's target-spec input.
+
+    The architecture comes from the manifest's ``arch`` record (a zoo name, or a builder a
+    converter provides); ``net`` overrides it with an architecture built by the caller.
+    """
+    from bbadapt.core.weights import load_into
+
+    manifest = read_manifest(directory)
+    net = backbone_structure(manifest, net)
+    load_into(net, Path(directory) / manifest.get("params_file", PARAMS))
+    if ctx is not None:
+        net.collect_params().reset_ctx(ctx)
+    return net
+
+
+def load_adapted(directory: str | os.PathLike, manifest: dict | None = None):
+    """A bundle as the :class:`~bbadapt.core.rewrite.Adapted` that was saved (graph not traced).
+
+    The one way back from disk to the object the check and the writers work on.
+    """
+    from bbadapt.core.rewrite import Adapted
+    from bbadapt.core.spec import InputSpec
+
+    manifest = manifest or read_manifest(directory)
+    net = load_backbone(directory)
+    return Adapted(net, InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"]),
+                   manifest.get("bn", ""), [dict(step) for step in manifest["plan"]], None, manifest.get("health", []))

@@ -1,0 +1,373 @@
+"""The equivalence check: does the adapted net fed target-spec input compute what the
+original pipeline (source-spec normalization, then the original net) computes?
+
+Probes are the stem (input of the first stage), every stage output and the final output.
+Three nets run on the same raw images: the original in float32, the original in float64
+(the reference that says how much of any difference is plain fp32 rounding) and the
+adapted net in float32. A probe passes when
+
+* ``max_rel`` (max abs error / max |reference|) is within tolerance, and
+* the adapted net's RMS error against float64 is at most ``fp64_factor`` times the original
+  fp32 net's own RMS error against float64 (floored at fp32 resolution). RMS, not max:
+  the maximum of rounding noise over a million values is an extreme statistic that
+  wobbles by 2x between correct runs, while a real slip (a wrong eps, a lost beta) moves
+  the RMS by orders of magnitude.
+
+For the approximate ``fold=conv`` the verdict uses the stem interior only, and the report
+says how large the border error is; it never calls that fold exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bbadapt.core import images as imgs
+from bbadapt.core.rewrite import Adapted, clone
+from bbadapt.core.spec import InputSpec, parse_spec
+from bbadapt.core.trace import Graph, trace
+
+FP32_RESOLUTION = 2.0 ** -23
+INCONCLUSIVE_ABOVE = 1e-3  # a raised tolerance above this proves nothing useful: say so
+
+
+@dataclass
+class ProbeSet:
+    """Where to look: structural paths that exist in both the original and adapted nets."""
+
+    stem: str  # the first stage, probed at its input
+    stages: list[str]
+    rings: dict[str, int | None]  # border ring width (cells) per probe name
+    jumps: dict[str, int]  # stride per probe name
+
+    @classmethod
+    def from_graph(cls, graph: Graph) -> ProbeSet:
+        named = ([("stem", graph.stem)] if graph.stem else []) + [(f"stage{i + 1}", s) for i, s in enumerate(graph.stages)]
+        return cls(graph.stages[0].path if graph.stages else "", [s.path for s in graph.stages],
+                   {n: s.ring for n, s in named}, {n: s.jump for n, s in named})
+
+    def interior_size(self) -> int:
+        """Smallest square side at which every spatial probe keeps an interior of >= 2 cells."""
+        sides = [self.jumps[n] * (2 * r + 2) for n, r in self.rings.items() if r is not None]
+        return max(sides, default=32)
+
+    def names(self) -> list[str]:
+        return (["stem"] if self.stem else []) + [f"stage{i + 1}" for i in range(len(self.stages))] + ["output"]
+
+
+def _eager(net):
+    """``net`` itself, or an eager copy when hybridized (probe hooks fire only on eager blocks)."""
+    return clone(net, trainable=False) if getattr(net, "_active", False) else net
+
+
+def run_probes(net, x: np.ndarray, probes: ProbeSet, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Forward ``x`` through an un-hybridized net, capturing every probe as numpy."""
+    import mxnet as mx
+
+    from bbadapt.core.trace import block_paths
+
+    blocks = block_paths(net)
+    got: dict[str, np.ndarray] = {}
+    handles = []
+    if probes.stem:
+        handles.append(blocks[probes.stem].register_forward_pre_hook(
+            lambda _b, inputs: got.__setitem__("stem", inputs[0].asnumpy())))
+    for i, path in enumerate(probes.stages):
+        handles.append(blocks[path].register_forward_hook(
+            lambda _b, _inp, out, key=f"stage{i + 1}": got.__setitem__(key, out.asnumpy())))
+    try:
+        out = net(mx.nd.array(x, dtype=dtype))
+    finally:
+        for h in handles:
+            h.detach()
+    got["output"] = (out[0] if isinstance(out, (list, tuple)) else out).asnumpy()
+    return got
+
+
+def _stats(err: np.ndarray, scale: float) -> dict | None:
+    if err.size == 0:
+        return None
+    m = float(err.max())
+    return {"max_abs": m, "max_rel": m / scale, "mean_abs": float(err.mean())}
+
+
+def _ring_split(err: np.ndarray, ring: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split an NCHW error map into border ring and interior values."""
+    if err.ndim != 4 or ring is None:
+        return err.ravel(), np.empty(0)
+    h, w = err.shape[2:]
+    mask = np.ones((h, w), bool)
+    if 2 * ring < h and 2 * ring < w:
+        mask[ring:h - ring, ring:w - ring] = False
+    return err[:, :, mask].ravel(), err[:, :, ~mask].ravel()
+
+
+def default_sizes(input_size: int) -> list[tuple[int, int]]:
+    """Two sizes, one of them odd and non-square (odd sizes catch padding/stride slips)."""
+    if input_size <= 32:
+        return [(32, 32), (37, 29)]
+    return [(224, 224), (129, 161)]
+
+
+def probe_images(size: tuple[int, int], cifar: bool, photos_dir=None, n_photos: int = 2, n_noise: int = 1,
+                 seed: int = 0, colours=imgs.FLAT_COLOURS) -> tuple[np.ndarray, list[dict]]:
+    """Real photos (CIFAR tiles for CIFAR nets), noise and flat colours at ``size``."""
+    if cifar and photos_dir is None:
+        tiles, _ = imgs.cifar_tiles()
+        real = imgs.resize_batch(tiles[::10][:n_photos], size) if size != (32, 32) else tiles[::10][:n_photos]
+        names = [f"cifar-tile-{i * 10}" for i in range(len(real))]
+    else:
+        real, names = imgs.photos(size, limit=n_photos, directory=photos_dir)
+    noise = imgs.noise(size, n_noise, seed)
+    flat = imgs.flat(size, colours)
+    meta = ([{"kind": "photo", "name": n} for n in names] + [{"kind": "random", "name": f"noise-{i}"} for i in range(n_noise)]
+            + [{"kind": "flat", "name": "rgb(%d,%d,%d)" % c} for c in colours])
+    for m in meta:
+        m["size"] = list(size)
+    return np.concatenate([real, noise, flat]), meta
+
+
+@dataclass
+class Reference:
+    """The original pipeline's side of a check: probe images and the fp32/fp64 outputs.
+
+    Computing it is most of a check's cost (the float64 run above all); comparing several
+    adaptations of one network (fold x BN modes) can share one.
+    """
+
+    original: object  # the network given (identifies the reference)
+    net32: object  # the network actually run in float32 (an eager copy if the original is hybridized)
+    source: InputSpec
+    probes: ProbeSet
+    batches: list[np.ndarray]
+    inputs: list[dict]
+    fp32: list[dict[str, np.ndarray]]
+    fp64: list[dict[str, np.ndarray]]
+
+
+def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | None = None,
+              sizes: list[tuple[int, int]] | None = None, photos_dir=None, cifar: bool = False,
+              n_photos: int = 2, interiors: bool = False, progress: Callable[[str], None] | None = None) -> Reference:
+    """Run the original pipeline (source normalization, original net, fp32 and fp64).
+
+    ``interiors``: add one photo and one flat image at a size where every stage keeps an
+    interior untouched by the zero padding (what an approximate fold is judged on).
+    """
+    say = progress or (lambda _msg: None)
+    source = parse_spec(source)
+    say("tracing the original network")
+    probes = ProbeSet.from_graph(trace(original))
+    ref32 = _eager(original)
+    ref64 = clone(original, trainable=False)
+    ref64.cast("float64")
+    if images is None:
+        batches, inputs = [], []
+        plan = [(size, n_photos, 1, imgs.FLAT_COLOURS) for size in sizes or default_sizes(32 if cifar else 224)]
+        if interiors:
+            side = probes.interior_size()
+            plan.append(((side, side), 1, 0, imgs.FLAT_COLOURS[:1]))
+        for size, n_real, n_noise, colours in plan:
+            raw, meta = probe_images(size, cifar, photos_dir, n_real, n_noise, colours=colours)
+            batches.append(raw)
+            inputs += meta
+    else:
+        batches = list(images)
+        inputs = [{"kind": "given", "name": f"batch{i}", "size": list(b.shape[2:])} for i, b in enumerate(batches)]
+    fp32, fp64 = [], []
+    for k, raw in enumerate(batches):
+        say(f"running the original in float32 and float64 on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} "
+            f"({k + 1}/{len(batches)})")
+        fp32.append(run_probes(ref32, source.normalize(raw), probes))
+        fp64.append(run_probes(ref64, source.normalize(raw, "float64"), probes, "float64"))
+    return Reference(original, ref32, source, probes, batches, inputs, fp32, fp64)
+
+
+def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None, *,
+          images: list[np.ndarray] | None = None, sizes: list[tuple[int, int]] | None = None,
+          photos_dir=None, cifar: bool = False, n_photos: int = 2, tolerance: float = 1e-5,
+          fp64_factor: float = 2.0, labelled: tuple[np.ndarray, np.ndarray] | None = None,
+          ref: Reference | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
+
+    ``adapted`` is an :class:`~bbadapt.rewrite.Adapted` or a net (then ``target`` is needed).
+    ``images``: raw RGB 0..255 NCHW batches to use instead of the default probe set.
+    ``labelled``: (raw images, labels) to also report accuracy of both pipelines.
+    ``ref``: a :func:`reference` of the same original and source, to reuse.
+    Returns the report dict of ``docs/report-schema.md``.
+    """
+    say = progress or (lambda _msg: None)
+    source = parse_spec(source)
+    exact = True
+    meta_extra: dict = {}
+    if isinstance(adapted, Adapted):
+        target = adapted.target if target is None else parse_spec(target)
+        exact = adapted.exact
+        meta_extra = {"fold": adapted.fold, "bn": adapted.bn}
+        adapted_net = adapted.net
+    else:
+        adapted_net = adapted
+        target = parse_spec(target if target is not None else "rgb255")
+    if ref is None:
+        ref = reference(original, source, images=images, sizes=sizes, photos_dir=photos_dir, cifar=cifar,
+                        n_photos=n_photos, interiors=not exact, progress=say)
+    elif ref.original is not original or not ref.source.same_function(source):
+        raise ValueError("the reference was computed for another network or source spec")
+    elif images is not None or sizes is not None:
+        raise ValueError("images/sizes belong to the reference; pass them to reference(), not with ref=")
+    probes, inputs, ref32 = ref.probes, ref.inputs, ref.net32
+    test32 = _eager(adapted_net)
+    collected: dict[str, dict[str, list]] = {name: {"o32": [], "o64": [], "a32": []} for name in probes.names()}
+    for k, raw in enumerate(ref.batches):
+        say(f"running the adapted net on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{len(ref.batches)})")
+        a32 = run_probes(test32, target.normalize(raw), probes)
+        for name, c in collected.items():
+            c["o32"].append(ref.fp32[k][name])
+            c["o64"].append(ref.fp64[k][name])
+            c["a32"].append(a32[name])
+
+    probe_reports = []
+    heatmap = histogram = None
+    for name in probes.names():
+        c = collected[name]
+        ref_max = max(float(np.abs(v).max()) for v in c["o32"]) or 1.0
+        err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"], strict=True)]
+        flat_err = np.concatenate([e.ravel() for e in err_list])
+        e64_orig, rms_orig = _vs_float64(c["o32"], c["o64"])
+        e64_adapt, rms_adapt = _vs_float64(c["a32"], c["o64"])
+        rms_floor = FP32_RESOLUTION * _rms(c["o64"])
+        ring = probes.rings.get(name)
+        border, interior = zip(*(_ring_split(e, ring) for e in err_list), strict=True)
+        border_v, interior_v = np.concatenate(border), np.concatenate(interior)
+        cos = min(_cosine(a, o) for a, o in zip(c["a32"], c["o32"], strict=True))
+        rec = {
+            "name": name,
+            "path": probes.stem if name == "stem" else (probes.stages[int(name[5:]) - 1] if name.startswith("stage") else ""),
+            "shape": [1, *c["o32"][0].shape[1:]],
+            "ref_max_abs": ref_max,
+            "max_abs": float(flat_err.max()),
+            "max_rel": float(flat_err.max()) / ref_max,
+            "mean_abs": float(flat_err.mean()),
+            "median_abs": float(np.median(flat_err)),
+            "p99_abs": float(np.percentile(flat_err, 99)),
+            "cosine": cos,
+            "ring": ring if c["o32"][0].ndim == 4 else None,
+            "border": _stats(border_v, ref_max) if c["o32"][0].ndim == 4 else None,
+            "interior": _stats(interior_v, ref_max),
+            "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
+                     "ratio": rms_adapt / max(rms_orig, rms_floor, np.finfo(np.float64).tiny)},
+        }
+        # Equivalence cannot be shown finer than the original's own fp32 evaluation error.
+        rec["tolerance"] = max(tolerance, fp64_factor * e64_orig / ref_max)
+        if exact:
+            rec["passed"] = rec["max_rel"] <= rec["tolerance"] and rec["fp64"]["ratio"] <= fp64_factor
+        elif rec["interior"] is not None:  # approximate fold: away from the padding it must still be exact
+            rec["passed"] = rec["interior"]["max_rel"] <= rec["tolerance"]
+        else:
+            rec["passed"] = None  # informational: padding differences reach all of it by design
+        probe_reports.append(rec)
+        if name == "stem" and err_list[0].ndim == 4:
+            heatmap = {"probe": name, "values": err_list[0].mean(axis=(0, 1)).tolist()}
+        if name == "output":
+            counts, edges = np.histogram(np.log10(np.maximum(flat_err, 1e-12)), bins=40)
+            histogram = {"probe": name, "edges": edges.tolist(), "counts": counts.tolist()}
+
+    report = _verdict(probe_reports, exact, tolerance, fp64_factor)
+    raised = [p for p in probe_reports if p["tolerance"] > tolerance]
+    chaotic = [p["name"] for p in probe_reports if p["tolerance"] > INCONCLUSIVE_ABOVE]
+    report["conclusive"] = not chaotic
+    if chaotic:
+        report["notes"].append(
+            f"INCONCLUSIVE at {', '.join(chaotic)}: the original network is chaotic in float32 there (its own error "
+            f"against float64 exceeds {INCONCLUSIVE_ABOVE:g} relative), so this check only shows the adapted net is no "
+            "less accurate than the original; it cannot show that they compute the same function")
+    if raised:
+        report["tolerance"]["raised"] = {p["name"]: p["tolerance"] for p in raised}
+        report["notes"].append(
+            "equivalence cannot be shown finer than the original network's own float32 error: at " + ", ".join(
+                f"{p['name']} that error against float64 is max rel {p['fp64']['original'] / p['ref_max_abs']:.1e}"
+                for p in raised)
+            + f", above the tolerance {tolerance:.0e}; the tolerance there is {fp64_factor}x that error "
+              "(the RMS-vs-float64 criterion is unchanged)")
+    report.update({
+        "source": source.to_string(), "target": target.to_string(),
+        "fold": meta_extra.get("fold"), "bn": meta_extra.get("bn"),
+        "inputs": inputs, "probes": probe_reports,
+        "classification": _agreement(collected["output"]),
+        "heatmap": heatmap, "histogram": histogram,
+    })
+    if not exact:
+        stem = next((p for p in probe_reports if p["name"] == "stem"), None)
+        border = stem["border"]["max_rel"] if stem and stem["border"] else float("nan")
+        judged = [p["name"] for p in probe_reports if p["passed"] is not None]
+        report["notes"].append(
+            f"fold=conv is approximate: the input shift went into the first conv's bias, so zero padding means "
+            f"black in the adapted net but the mean colour in the original; stem border max rel {border:.2e}, "
+            f"final output max rel {probe_reports[-1]['max_rel']:.2e}. Judged on the interiors the padding "
+            f"cannot reach ({', '.join(judged) or 'none'}); the rest is information.")
+    if labelled is not None:
+        raw, labels = labelled
+        say(f"classifying {len(raw)} labelled images with both pipelines")
+        o = run_probes(ref32, source.normalize(raw), ProbeSet("", [], {}, {}))["output"]
+        a = run_probes(test32, target.normalize(raw), ProbeSet("", [], {}, {}))["output"]
+        report["classification"]["labelled"] = {
+            "n": int(len(labels)), "accuracy_original": float(np.mean(o.argmax(1) == labels)),
+            "accuracy_adapted": float(np.mean(a.argmax(1) == labels)), "top1_agreement": float(np.mean(o.argmax(1) == a.argmax(1)))}
+    return report
+
+
+def _rms(arrays: list[np.ndarray]) -> float:
+    return float(np.sqrt(np.mean(np.concatenate([np.square(a.astype(np.float64)).ravel() for a in arrays]))))
+
+
+def _vs_float64(fp32: list[np.ndarray], fp64: list[np.ndarray]) -> tuple[float, float]:
+    """Max abs and RMS error of float32 results against the float64 reference."""
+    diffs = [a.astype(np.float64) - r for a, r in zip(fp32, fp64, strict=True)]
+    return max(float(np.abs(d).max()) for d in diffs), _rms(diffs)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest per-image cosine similarity."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(np.abs(a - b).max(1) == 0, 1.0, 0.0))
+    return float(cos.min())
+
+
+def _agreement(out: dict[str, list]) -> dict | None:
+    """Top-1/top-5 agreement when the final output is class scores."""
+    o = np.concatenate([v.reshape(len(v), -1) for v in out["o32"]])
+    a = np.concatenate([v.reshape(len(v), -1) for v in out["a32"]])
+    if out["o32"][0].ndim != 2 or o.shape[1] < 2:
+        return None
+    k = min(5, o.shape[1])
+    top5 = [set(np.argsort(-x)[:k]) == set(np.argsort(-y)[:k]) for x, y in zip(o, a, strict=True)]
+    return {"n": int(len(o)), "top1_agreement": float(np.mean(o.argmax(1) == a.argmax(1))), "top5_agreement": float(np.mean(top5))}
+
+
+def _verdict(probes: list[dict], exact: bool, tolerance: float, fp64_factor: float) -> dict:
+    worst = max(p["max_rel"] for p in probes)
+    reasons = []
+    for p in probes:
+        if p["passed"] is False:
+            if exact and p["max_rel"] > p["tolerance"]:
+                reasons.append(f"{p['name']}: max rel {p['max_rel']:.2e} > tolerance {p['tolerance']:.1e}")
+            elif exact:
+                reasons.append(f"{p['name']}: RMS error vs float64 {p['fp64']['adapted_rms']:.2e} is {p['fp64']['ratio']:.1f}x "
+                               f"the original fp32 net's own ({p['fp64']['original_rms']:.2e}), above {fp64_factor}x: "
+                               "more than rounding")
+            else:
+                reasons.append(f"{p['name']}: interior max rel {p['interior']['max_rel']:.2e} > tolerance {p['tolerance']:.1e}")
+    if not exact and not any(p["passed"] is not None for p in probes):
+        reasons.append("approximate fold and no probe interior to judge (input too small)")
+    finite = all(math.isfinite(p["max_abs"]) for p in probes)
+    if not finite:
+        reasons.append("non-finite values in the outputs")
+    passed = not reasons
+    return {"schema_version": 1, "passed": passed, "verdict": "PASSED" if passed else "FAILED", "reasons": reasons,
+            "exact": exact, "notes": [], "worst_max_rel": worst,
+            "tolerance": {"max_rel": tolerance, "fp64_factor": fp64_factor}}

@@ -1,0 +1,210 @@
+"""The one way bbadapt puts files on disk: staged, verified, then renamed into place.
+
+Every writer (bundles, reports, checkpoints, exports) goes through this module so that the
+same promises hold everywhere:
+
+* nothing partial is ever visible at the target: work happens in a hidden sibling
+  (``.NAME.partial-XXXX``) that is removed on any failure, Ctrl-C included;
+* without ``force`` an existing target is never replaced, also when two runs race: the
+  final step is a rename that fails if the target appeared meanwhile, under a lock on the
+  parent directory, so exactly one run wins and the other gets "already exists";
+* with ``force`` the caller decides what may be replaced (``replaceable``): bbadapt only
+  ever replaces what it recognises as its own output;
+* a symbolic link at the target is followed: the directory it points to is replaced and the
+  link itself stays;
+* the commit (a handful of renames) runs with SIGINT/SIGTERM deferred: once it starts it
+  finishes, and the interrupt is delivered right after. Before it starts, an interrupt
+  removes the stage and leaves the target as it was.
+
+It lives in the core because every layer writes files (readers' safetensors writer
+included); what a bbadapt output *is* is decided by the callers (:mod:`bbadapt.bundle`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bbadapt.core.errors import OutputError
+
+Replaceable = Callable[[Path], "str | None"]  # an existing target -> why it must not be replaced, or None
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def resolve_target(out: str | os.PathLike) -> Path:
+    """``out`` with a symbolic link at its last component followed (the link is kept, its target replaced)."""
+    out = Path(out)
+    if out.is_symlink():
+        return Path(os.path.realpath(out))
+    return out
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: pending.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in pending[:1]:
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def _parent_lock(parent: Path) -> Iterator[None]:
+    """An exclusive lock on the parent directory for the check-then-rename step (leaves no file behind)."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _mkparent(out: Path, what: str) -> None:
+    ancestor = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise OutputError(f"cannot create {what} {out}: {ancestor} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {out}: {_strerror(exc)}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_target(out: Path, force: bool, replaceable: Replaceable | None, kind: str = "directory") -> None:
+    """Refuse early (before minutes of work) what the commit would refuse later."""
+    if not out.exists():
+        return
+    is_dir = out.is_dir()
+    if kind == "directory" and not is_dir:
+        raise OutputError(f"output {out} exists and is not a directory")
+    if kind == "file" and is_dir:
+        raise OutputError(f"{out} is a directory; give a file name")
+    if not force:
+        raise OutputError(f"output {out} already exists; pass --force to replace it")
+    if is_dir and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise OutputError(f"output {out} is (or contains) the current directory; choose another --out")
+    problem = replaceable(out) if replaceable else None
+    if problem:
+        raise OutputError(f"refusing to replace {out}: {problem}")
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, force: bool = False, replaceable: Replaceable | None = None,
+                     what: str = "output") -> Iterator[Path]:
+    """Yield an empty hidden sibling directory that becomes ``out`` only if the block succeeds."""
+    out = resolve_target(out)
+    check_target(out, force, replaceable)
+    _mkparent(out, what)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {out}: {_strerror(exc)}") from None
+    stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like any directory
+    try:
+        yield stage
+        with deferred_signals():
+            _commit_directory(stage, out, force, replaceable, what)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _commit_directory(stage: Path, out: Path, force: bool, replaceable: Replaceable | None, what: str) -> None:
+    with _parent_lock(out.parent):
+        check_target(out, force, replaceable)  # again: another run may have written it meanwhile
+        old = None
+        try:
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "content")
+            os.rename(stage, out)
+        except OSError as exc:  # put things back as they were
+            if old is not None and not out.exists():
+                os.replace(old / "content", out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputError(f"{what} {out} already exists (written by another run meanwhile)") from None
+            raise OutputError(f"cannot write {what} {out}: {_strerror(exc)}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
+               replaceable: Replaceable | None = None) -> None:
+    """Call ``write(tmp)`` for a hidden sibling file, then move it to ``out`` (never half a file)."""
+    out = resolve_target(out)
+    check_target(out, force, replaceable, kind="file")
+    _mkparent(out, "file")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=out.suffix, dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {_strerror(exc)}") from None
+    tmp = Path(name)
+    try:
+        try:
+            write(tmp)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {_strerror(exc)}") from None
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; the output should look like any file
+        with deferred_signals(), _parent_lock(out.parent):
+            check_target(out, force, replaceable, kind="file")
+            if force:
+                os.replace(tmp, out)
+            else:
+                try:
+                    os.link(tmp, out)  # fails if out appeared meanwhile: exactly one writer wins
+                except FileExistsError:
+                    raise OutputError(f"{out} already exists (written by another run meanwhile)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Move each ``(source, target)`` as one set: on failure every old target is put back."""
+    backups: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    with deferred_signals():
+        try:
+            for _, target in pairs:
+                if target.exists():
+                    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+                    os.replace(target, backup)
+                    backups.append((backup, target))
+            for src, dst in pairs:
+                os.replace(src, dst)
+                done.append(dst)
+        except OSError as exc:
+            for dst in done:
+                dst.unlink(missing_ok=True)
+            for backup, target in backups:
+                os.replace(backup, target)
+            raise OutputError(f"cannot write {pairs[0][1].parent}: {_strerror(exc)}; the previous files are unchanged") from None
+        for backup, _ in backups:
+            backup.unlink(missing_ok=True)

@@ -1,0 +1,108 @@
+"""What every weight reader yields, and the registry of architectures a bundle can name.
+
+A reader turns a foreign file into a :class:`Converted`: a Gluon network holding the weights
+under structural names, an ``arch`` record that rebuilds the same architecture later (bundle
+reload, re-checks), the input spec the weights expect, and provenance for the manifest.
+Nothing else crosses the boundary, so adapt, check, bundle and detector never know which
+format the weights came from.
+
+An ``arch`` record is either ``{"zoo": NAME}`` or ``{"builder": STABLE_NAME, "kwargs": {...}}``.
+Builders live in :mod:`bbadapt.core.architectures` and register under a *stable* name that
+does not depend on where the code sits: moving a module must never break a bundle on disk.
+bbadapt 0.1.0 wrote module paths (``"converters.mxnet_symbol:symbolic_resnet"``); those are
+mapped by :data:`ALIASES_0_1`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bbadapt.core.errors import ModelError
+from bbadapt.core.zoo import ModelInfo
+
+
+@dataclass
+class Converted:
+    """Weights from any source, as a Gluon net plus what is needed to rebuild and judge it."""
+
+    net: object  # a HybridBlock, parameters allocated and filled, shapes known
+    arch: dict  # {"zoo": "resnet50_v1b"} or {"builder": "mxnet-symbolic-resnet", "kwargs": {...}}
+    info: ModelInfo  # name/family/input size for reports and the check (is_cifar, default sizes)
+    provenance: dict  # {"kind": "file", "format": ..., "path": ..., "sha256": ..., ...}
+
+    @property
+    def source_spec(self) -> str:
+        return self.info.source_spec
+
+
+def custom_info(name: str, family: str, source_spec: str, input_size: int = 224) -> ModelInfo:
+    """A :class:`ModelInfo` for an architecture a reader provides (not a zoo model)."""
+    return ModelInfo(name=name, family=family, library="bbadapt", source_spec=source_spec,
+                     input_size=input_size, core=True)
+
+
+_BUILDERS: dict[str, Callable] = {}
+
+# Builder names as bbadapt 0.1.0 stored them in manifests -> today's stable names.
+ALIASES_0_1 = {
+    "converters.mxnet_symbol:symbolic_resnet": "mxnet-symbolic-resnet",
+    "converters.keras_resnet_v2:keras_resnet_v2": "keras-resnet-v2",
+    "converters.keras_resnet_v2:keras_resnet_v1": "keras-resnet-v1",
+    "converters.detectron:build": "gluon-resnet-v1",
+}
+
+
+def architecture_builder(name: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the builder an ``arch`` record calls ``name``.
+
+    Only registered functions can be called through :func:`rebuild`: a crafted manifest must
+    not be able to make bbadapt import and call anything else (readers, writers, os.system).
+    """
+    def register(func: Callable) -> Callable:
+        if _BUILDERS.setdefault(name, func) is not func:
+            raise ValueError(f"architecture builder name {name!r} registered twice")
+        return func
+
+    return register
+
+
+def _known_builders() -> dict[str, Callable]:
+    import bbadapt.core.architectures  # noqa: F401 - importing registers every builder
+
+    return _BUILDERS
+
+
+def stable_name(builder: str) -> str:
+    """The current name of a builder as a manifest stores it (0.1.0 module paths are mapped)."""
+    return ALIASES_0_1.get(builder, builder)
+
+
+def arch_problem(arch: object) -> str | None:
+    """Why ``arch`` is not a usable architecture record, or None when it is."""
+    if not isinstance(arch, dict):
+        return "is not a record"
+    if "zoo" in arch:
+        return None if isinstance(arch["zoo"], str) else "has a non-string zoo name"
+    builder = arch.get("builder")
+    if not isinstance(builder, str) or stable_name(builder) not in _known_builders():
+        return f"names no architecture builder of bbadapt ({builder!r})"
+    if not isinstance(arch.get("kwargs", {}), dict):
+        return "has non-keyword builder arguments"
+    return None
+
+
+def rebuild(arch: dict):
+    """Build (random init, shapes materialized) the architecture an ``arch`` record names."""
+    from bbadapt.core import zoo
+
+    problem = arch_problem(arch)
+    if problem:
+        raise ModelError(f"unknown architecture record: it {problem}")
+    if "zoo" in arch:
+        return zoo.build(arch["zoo"])
+    builder = _known_builders()[stable_name(arch["builder"])]
+    try:
+        return builder(**dict(arch.get("kwargs", {})))
+    except (TypeError, KeyError, ValueError, IndexError) as exc:  # arguments a tampered record got wrong
+        raise ModelError(f"architecture record for {arch['builder']} does not fit it: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,79 @@
+"""Foreign weight formats -> (Gluon architecture, structural-name params, source input spec).
+
+One module per format, each exposing ``FORMAT`` (a :class:`~converters.base.Format`). The
+format of a file is detected from its content; ``--format`` overrides. Every converter
+yields a :class:`~converters.base.Converted` and nothing else, so everything after it
+(adapt, check, bundle, detector) is format-agnostic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from bbadapt.core.registry import Converted, rebuild
+from converters.readers.base import HEAD_BYTES, Format, require_file
+
+# Order matters only for sniffing: the most specific signatures first.
+FORMAT_MODULES = ("mxnet_symbol", "gluon_params", "torchvision", "keras", "detectron")
+
+__all__ = ["Converted", "Format", "formats", "detect", "read", "rebuild", "FORMAT_MODULES"]
+
+
+def formats() -> list[Format]:
+    """Every format this bbadapt reads, in sniffing order."""
+    found = []
+    for name in FORMAT_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # a format module not present in this build
+            raise
+        found.extend(getattr(module, "FORMATS", (module.FORMAT,)))  # a module may read several formats
+    return found
+
+
+def by_name(name: str) -> Format:
+    from bbadapt.core.errors import OptionError
+
+    known = {f.name: f for f in formats()}
+    if name not in known:
+        raise OptionError(f"unknown format {name!r}; known formats: {', '.join(known)} (see `bbadapt formats`)")
+    return known[name]
+
+
+def detect(path: str | os.PathLike) -> Format:
+    """The format of ``path``, from its content (magic bytes, JSON, HDF5, zip, pickle)."""
+    from bbadapt.core.errors import WeightsError
+
+    path = require_file(path)
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+    for fmt in formats():
+        if fmt.sniff(path, head):
+            return fmt
+    raise WeightsError(f"cannot tell the format of {path}; pass --format (see `bbadapt formats`)")
+
+
+def read(path: str | os.PathLike, fmt: str | None = None, arch: str | None = None, progress=None) -> Converted:
+    """Read foreign weights; ``fmt`` overrides detection and must match the content."""
+    from bbadapt.core.errors import WeightsError
+
+    path = require_file(path)
+    chosen = by_name(fmt) if fmt else detect(path)
+    if fmt:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+        if not chosen.sniff(path, head):
+            raise WeightsError(f"{path} does not look like {chosen.name} ({chosen.description}); "
+                               f"detected: {_detected_name(path)}")
+    return chosen.read(Path(path), arch=arch, progress=progress or (lambda _m: None))
+
+
+def _detected_name(path: Path) -> str:
+    try:
+        return detect(path).name
+    except Exception:  # noqa: BLE001 - only for the error message
+        return "unknown"

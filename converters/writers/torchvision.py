@@ -1,0 +1,175 @@
+"""A bbadapt backbone bundle as a torchvision ResNet state dict.
+
+Out: :func:`export_bundle` writes a bundle's backbone as a torchvision state dict. What
+the file means: **torchvision's standard ``resnetN`` taking the bundle's SOURCE input spec**
+(the convention the weights were trained with, ``imagenet`` for torchvision/gluoncv
+weights), because torchvision's architecture has no layer where a folded input
+normalization could live exactly (folding a shift into the first conv is wrong near the
+zero-padded border). Every frozen BatchNorm form is re-expressed exactly as a BN with
+``running_mean 0``, ``running_var 1 - eps`` (so ``1/sqrt(var + eps)`` is exactly 1 in
+float32), ``weight s`` and ``bias t``; a fused conv keeps its fused weights and its bias
+moves into the BN's ``bias``. So the exported BNs are frozen-BN constants, not dataset
+statistics: use them in eval mode or as ``FrozenBatchNorm2d`` (torchvision detection and
+detectron2 do), never let training-mode BN update them.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bbadapt.core.errors import ModelError, OutputError
+from converters.readers import safetensors_io
+from converters.readers.base import file_digest
+from converters.readers.torchvision import IGNORED_SUFFIX, VAR_ONE, conv_bn_pairs, expected_shapes
+from converters.readers.torchvision import read as read_torchvision
+
+
+def _affine_of(block) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen-BN slot's function as ``x * s + t`` (float64): Identity, FrozenAffine or BatchNorm."""
+    from mxnet.gluon import nn
+
+    from bbadapt.core.blocks import FrozenAffine, Identity, bn_constants, param_value
+
+    if isinstance(block, Identity):
+        return np.ones(1), np.zeros(1)
+    if isinstance(block, FrozenAffine):
+        return param_value(block.scale), param_value(block.shift)
+    if isinstance(block, nn.BatchNorm):
+        return bn_constants(block)
+    raise ModelError(f"unexpected block {type(block).__name__} where a BatchNorm was")
+
+
+def _first_conv(bundle, block) -> tuple[np.ndarray, np.ndarray]:
+    """conv1 re-expressed for SOURCE-spec input: (weight, bias), the input fold undone exactly."""
+    from mxnet.gluon import nn
+
+    from bbadapt.core.blocks import FrozenAffine, param_value
+    from bbadapt.core.spec import affine_map
+
+    perm, a, b = affine_map(bundle.source, bundle.target)
+    ops = {s["op"] for s in bundle.adapted.plan}
+    if "input_bn" in ops:
+        raise ModelError("the bundle folded its input into a data BatchNorm, which torchvision's ResNet has no place for")
+    if isinstance(block, nn.HybridSequential):  # input_insert: FrozenAffine (target order) before the conv
+        affine, conv = block[0], block[1]
+        if not isinstance(affine, FrozenAffine):
+            raise ModelError("conv1 of the bundle is a sequence that does not start with its input affine")
+        want_scale, want_shift = np.empty(3), np.empty(3)
+        want_scale[list(perm)], want_shift[list(perm)] = a, b
+        if not (np.allclose(param_value(affine.scale), want_scale, rtol=1e-6, atol=0)
+                and np.allclose(param_value(affine.shift), want_shift, rtol=1e-6, atol=1e-6)):
+            raise ModelError("the bundle's input affine does not match its source/target specs; cannot undo it")
+        weight = param_value(conv.weight)[:, list(perm)]
+        bias = param_value(conv.bias) if conv.bias is not None else np.zeros(weight.shape[0])
+        return weight, bias
+    weight_t = param_value(block.weight)
+    bias = param_value(block.bias) if block.bias is not None else np.zeros(weight_t.shape[0])
+    if "input_conv" in ops:  # weights were scaled by a and permuted; the shift went into the bias
+        weight = weight_t[:, list(perm)] / a.reshape(1, 3, 1, 1)
+        return weight, bias - np.einsum("ochw,c->o", weight, b)
+    return weight_t, bias  # no input step: source and target are the same function
+
+
+def torchvision_state(bundle) -> dict[str, np.ndarray]:
+    """The bundle backbone as torchvision ``resnetN`` tensors (float32; num_batches_tracked int64 0)."""
+    from bbadapt.core.blocks import get_block, param_value
+
+    depth = _v1b_depth(bundle.model)
+    net = bundle.adapted.net
+    state: dict[str, np.ndarray] = {}
+    for conv_path, bn_path in conv_bn_pairs(depth):
+        conv = get_block(net, conv_path)
+        if conv_path == "conv1":
+            weight, bias = _first_conv(bundle, conv)
+        else:
+            weight = param_value(conv.weight)
+            bias = param_value(conv.bias) if conv.bias is not None else np.zeros(weight.shape[0])
+        s, t = _affine_of(get_block(net, bn_path))
+        s, t = np.broadcast_to(s, bias.shape), np.broadcast_to(t, bias.shape)
+        state[f"{conv_path}.weight"] = weight
+        state[f"{bn_path}.weight"] = s
+        state[f"{bn_path}.bias"] = s * bias + t
+        state[f"{bn_path}.running_mean"] = np.zeros_like(s)
+        state[f"{bn_path}.running_var"] = np.full_like(s, VAR_ONE)
+    fc = get_block(net, "fc")
+    state["fc.weight"], state["fc.bias"] = param_value(fc.weight), param_value(fc.bias)
+    state = {k: v.astype(np.float32) for k, v in state.items()}
+    state.update({f"{bn}{IGNORED_SUFFIX}": np.zeros((), np.int64) for _, bn in conv_bn_pairs(depth)})
+    want = expected_shapes(depth, classes=state["fc.weight"].shape[0])
+    wrong = sorted(k for k in want if tuple(state[k].shape) != want[k])
+    if wrong or set(want) != set(state):
+        raise ModelError(f"the bundle's {bundle.model} does not have torchvision resnet{depth}'s channel counts "
+                         f"(e.g. {wrong[0] if wrong else min(set(want) ^ set(state))}); a pruned variant?")
+    return state
+
+
+def _v1b_depth(model: str) -> int:
+    m = re.fullmatch(r"resnet(18|34|50|101|152)_v1b", model)
+    if not m:
+        raise ModelError(f"the bundle's model {model} is not torchvision-compatible: torchvision's ResNet is "
+                         "gluoncv resnet{18,34,50,101,152}_v1b (7x7 stem, stride in the 3x3, conv shortcut)")
+    return int(m.group(1))
+
+
+def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
+                  sizes: list[tuple[int, int]] | None = None) -> dict:
+    """Write a bundle's backbone as a torchvision ``resnetN`` state dict (``.safetensors``, or ``.pth`` with torch).
+
+    The file is read back (by this module's own reader) and checked against the bundle's
+    backbone on real photos before it is renamed into place; the exported model expects
+    the bundle's SOURCE spec (see the module docstring). Returns a summary with the check.
+    """
+    import bbadapt
+    from bbadapt.core.atomic import check_target, write_file
+    from bbadapt.core.spec import parse_spec
+    from converters.writers.bundle_io import check_summary, open_bundle
+
+    say = progress or (lambda _m: None)
+    out = Path(out)
+    check_target(out, force, None, kind="file")
+    as_pth = out.suffix in (".pth", ".pt")
+    if as_pth:
+        try:
+            import torch
+        except ImportError:
+            raise OutputError(f"writing {out.suffix} needs torch (pip install 'bbadapt[torch]'); "
+                              "write .safetensors instead (torchvision loads it with safetensors.torch.load_file)") from None
+    elif out.suffix != ".safetensors":
+        raise OutputError(f"{out}: name the torchvision export .safetensors (or .pth/.pt with torch installed)")
+    say(f"reading bundle {bundle_dir}")
+    bundle = open_bundle(bundle_dir)
+    state = torchvision_state(bundle)
+    source = parse_spec(bundle.source)
+    metadata = {"format": "pt", "bbadapt.input_spec": source.to_string(), "bbadapt.model": bundle.model,
+                "bbadapt.arch": f"torchvision.models.resnet{_v1b_depth(bundle.model)}",
+                "bbadapt.bn": "frozen constants: running_mean 0, running_var 1-eps, weight s, bias t (eval mode only)"}
+    payload = safetensors_io.dumps(state, metadata)
+    with tempfile.TemporaryDirectory(prefix="bbadapt-export-") as tmp:
+        staged = Path(tmp) / "export.safetensors"
+        staged.write_bytes(payload)
+        say("reading the export back and checking it against the bundle")
+        again = read_torchvision(staged)
+    report = bbadapt.check(again.net, source, bundle.adapted, sizes=sizes, n_photos=2)
+    if not report["passed"]:
+        raise OutputError(f"the exported weights do not reproduce the bundle (worst max rel {report['worst_max_rel']:.3g}); "
+                          f"nothing written: {'; '.join(report.get('reasons', []))[:200]}")
+    if as_pth:
+        def save_and_verify(tmp: Path) -> None:  # the .pth must hold exactly the checked tensors
+            torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, str(tmp))
+            back = torch.load(str(tmp), weights_only=True)
+            if set(back) != set(state) or any(not np.array_equal(back[k].numpy(), state[k]) for k in state):
+                raise OutputError(f"{out}: torch.load of the written file does not give the checked tensors")
+
+        write_file(out, save_and_verify, force)
+    else:
+        write_file(out, lambda tmp: tmp.write_bytes(payload), force)
+    say(f"wrote {out}")
+    return {"format": "torchvision", "out": str(out), "container": "pth" if as_pth else "safetensors",
+            "architecture": metadata["bbadapt.arch"], "input_spec": source.to_string(), "bundle_target": bundle.target.to_string(),
+            "tensors": len(state), "sha256": file_digest(out), "check_passed": bool(report["passed"]),
+            "check_worst_max_rel": float(report["worst_max_rel"]), "check": check_summary(report),
+            "meaning": "torchvision's standard ResNet fed the bundle's source spec; BNs hold frozen constants (eval mode)"}

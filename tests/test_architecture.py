@@ -1,0 +1,63 @@
+"""The house's layers: arrows point down only, and no module imports itself in a circle.
+
+The layer contract lives in pyproject.toml (``[tool.importlinter]``) and ``make lint`` runs it;
+these tests show that the contract holds today, that it really fails on a wrong-way import,
+and that the whole import graph (lazy imports inside functions included) has no cycle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+REPO = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+
+
+def test_the_layer_contract_holds():
+    result = _lint(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 1 kept, 0 broken." in result.stdout
+
+
+def test_a_core_module_importing_the_pipeline_breaks_the_contract(tmp_path):
+    for name in ("bbadapt", "converters"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    spec = tmp_path / "bbadapt" / "core" / "spec.py"
+    spec.write_text(spec.read_text() + "\n\ndef _wrong_way():\n    from bbadapt import pipeline  # noqa\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "bbadapt.core is not allowed to import bbadapt.pipeline" in result.stdout
+
+
+def test_no_module_is_part_of_an_import_cycle():
+    graph = grimp.build_graph("bbadapt", "converters")
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    cycles: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            if state.get(imported) == 1:
+                cycles.append(path[path.index(imported):] + [imported])
+            elif imported not in state:
+                visit(imported, path + [imported])
+        state[module] = 2
+
+    for module in sorted(graph.modules):
+        if module not in state:
+            visit(module, [module])
+    # a package's __init__ that re-exports its children is not a cycle between modules
+    real = [c for c in cycles if not any(b.startswith(a + ".") or a.startswith(b + ".") for a, b in itertools.pairwise(c))]
+    assert real == [], "import cycles: " + "; ".join(" -> ".join(c) for c in real)
