@@ -54,8 +54,8 @@ def user_errors() -> Iterator[None]:
         fail(str(exc), exc.exit_code)
     except typer.Exit:  # a command's own exit (it is a RuntimeError): not a bug
         raise
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
+    except KeyboardInterrupt as exc:  # bbadapt.core.atomic says when the write had already completed
+        fail(f"interrupted; {exc or 'nothing was written'}", 130)
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, traceback on request
         if os.environ.get("BBADAPT_DEBUG"):
             raise

@@ -18,7 +18,8 @@ import numpy as np
 
 from bbadapt.bundle.backbone import load_adapted, save_backbone
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
-from bbadapt.check.equivalence import check
+from bbadapt.check.budget import require_check_memory
+from bbadapt.check.equivalence import check, default_sizes
 from bbadapt.check.report import write_reports
 from bbadapt.core import images as imgs
 from bbadapt.core import zoo
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 N_CALIBRATION_PHOTOS = 8
 N_CALIBRATION_TILES = 32
+CHECK_IMAGES_PER_SIZE = 2 + 1 + 3  # photos, noise, flat colours: what check() runs at each size
 
 
 def params_digest(net) -> str:
@@ -172,6 +174,8 @@ def _detection():
 def _checked(original, adapted: Adapted, info: zoo.ModelInfo, images: str | None,
              sizes: list[tuple[int, int]] | None, tolerance: float, say: Progress) -> dict:
     """The check as convert and recheck run it: report with model name and BN health notes."""
+    say("estimating the check's memory")
+    require_check_memory(original, sizes or default_sizes(info.input_size), CHECK_IMAGES_PER_SIZE)
     report = check(original, adapted.source, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
                    tolerance=tolerance, labelled=_labelled(info), progress=say)
     report["model"] = info.name

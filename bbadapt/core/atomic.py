@@ -41,6 +41,23 @@ def _strerror(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def disk_full(where: Path, exc: BaseException) -> bool:
+    """Whether ``exc`` (raised while writing under ``where``) means the disk is full.
+
+    Libraries report it differently: OSError ENOSPC from Python, a C++ "No space left on
+    device" inside an MXNetError, a short write elsewhere. The file system's own free-block
+    count decides when the message does not say.
+    """
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if "No space left on device" in str(exc):
+        return True
+    try:
+        return os.statvfs(where).f_bavail == 0
+    except OSError:
+        return False
+
+
 def resolve_target(out: str | os.PathLike) -> Path:
     """``out`` with a symbolic link at its last component followed (the link is kept, its target replaced)."""
     out = Path(out)
@@ -50,8 +67,12 @@ def resolve_target(out: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends, then deliver them (main thread only)."""
+def deferred_signals(done: str = "the write completed") -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them (main thread only).
+
+    A SIGINT held this way surfaces as ``KeyboardInterrupt(done)`` so the user is told the
+    truth: the interrupt came too late to stop the write, which finished.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -64,8 +85,10 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sig in pending[:1]:
-            signal.raise_signal(sig)
+    if signal.SIGTERM in pending:
+        signal.raise_signal(signal.SIGTERM)
+    if signal.SIGINT in pending:
+        raise KeyboardInterrupt(done)
 
 
 @contextlib.contextmanager
@@ -126,8 +149,13 @@ def staged_directory(out: str | os.PathLike, force: bool = False, replaceable: R
         raise OutputError(f"cannot create {what} {out}: {_strerror(exc)}") from None
     stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like any directory
     try:
-        yield stage
-        with deferred_signals():
+        try:
+            yield stage
+        except Exception as exc:  # noqa: BLE001 - a full disk surfaces as OSError, MXNetError, PIL errors...
+            if disk_full(stage, exc):
+                raise OutputError(f"cannot write {what} {out}: No space left on device") from None
+            raise
+        with deferred_signals(f"{out} was written completely before the interrupt took effect"):
             _commit_directory(stage, out, force, replaceable, what)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -172,6 +200,10 @@ def write_file(out: str | os.PathLike, write: Callable[[Path], None], force: boo
             write(tmp)
         except OSError as exc:
             raise OutputError(f"cannot write {out}: {_strerror(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - see disk_full
+            if disk_full(tmp.parent, exc):
+                raise OutputError(f"cannot write {out}: No space left on device") from None
+            raise
         tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; the output should look like any file
         with deferred_signals(), _parent_lock(out.parent):
             check_target(out, force, replaceable, kind="file")

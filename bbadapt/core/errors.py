@@ -45,3 +45,7 @@ class DeviceError(BbadaptError):
     """A device or mode this installation cannot provide (a GPU with CPU-only mxnet, AMP on CPU, no horovod)."""
 
     exit_code = 2
+
+
+class ResourceError(BbadaptError):
+    """What was asked needs more memory (or disk) than this machine has: refused before allocating."""

@@ -1,0 +1,55 @@
+"""The check's memory is known before it allocates: huge --sizes are refused with the estimate."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from bbadapt.check.budget import activation_elements_per_pixel, available_bytes, check_bytes
+from bbadapt.check.equivalence import check
+from bbadapt.core import zoo
+from bbadapt.core.rewrite import adapt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_estimate_is_above_what_the_check_really_grows_by():
+    """Measured in a fresh process: peak RSS only grows, so another test's allocations must not hide it."""
+    code = (
+        "import resource\n"
+        "from bbadapt.core import zoo\nfrom bbadapt.core.rewrite import adapt\n"
+        "from bbadapt.check.equivalence import check\n"
+        "from bbadapt.check.budget import activation_elements_per_pixel, check_bytes\n"
+        "net = zoo.build('resnet18_v1'); a = adapt(net, 'imagenet', 'rgb255')\n"
+        "est = check_bytes(activation_elements_per_pixel(net), [(384, 384)], 6)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "check(net, 'imagenet', a, sizes=[(384, 384)])\n"
+        "print(est, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    estimate, growth = map(int, result.stdout.split()[-2:])
+    assert growth > 0 and estimate >= growth, (estimate, growth)
+    assert estimate < 4 * growth, "an estimate far above reality would refuse sizes that fit"
+
+
+def test_activations_per_pixel_grow_with_depth_and_width():
+    small, big = (activation_elements_per_pixel(zoo.build(n)) for n in ("resnet18_v1", "resnet50_v1b"))
+    assert 50 < small < big
+
+
+def test_available_memory_is_a_positive_number_of_bytes():
+    assert 0 < available_bytes() < 1 << 50
+
+
+def test_sizes_far_beyond_memory_are_refused_before_allocating(tmp_path):
+    args = [sys.executable, "-m", "bbadapt.cli", "convert", "resnet18_v1", "--weights", "random",
+            "--sizes", "100000x100000", "--out", str(tmp_path / "out")]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bbadapt: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "the check at 100000x100000 needs about" in errors[0] and "choose smaller --sizes" in errors[0]
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20  # kB: well under 3 GB
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
