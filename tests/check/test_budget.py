@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bbadapt.check.budget import activation_elements_per_pixel, available_bytes, check_bytes
-from bbadapt.check.equivalence import check
+from bbadapt.check.budget import activation_elements_per_pixel, available_bytes
 from bbadapt.core import zoo
-from bbadapt.core.rewrite import adapt
 
 REPO = Path(__file__).resolve().parents[2]
 

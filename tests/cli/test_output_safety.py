@@ -7,7 +7,6 @@ seeded random weights: about ten seconds a conversion) and looks at the disk aft
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
