@@ -190,6 +190,8 @@ def calibrate_batchnorms(net, calibration: np.ndarray) -> None:
     measured: set[int] = set()
 
     def measure(bn, inputs) -> None:
+        if not isinstance(inputs[0], mx.nd.NDArray):
+            return  # a hybridized net being traced: symbols, no data (and no hook runs in its graph)
         mean, var = channel_moments(inputs[0].asnumpy(), bn._kwargs.get("axis", 1))
         bn.running_mean.set_data(mx.nd.array(mean, dtype=bn.running_mean.dtype))
         bn.running_var.set_data(mx.nd.array(var, dtype=bn.running_var.dtype))
