@@ -162,9 +162,11 @@ def channel_moments(x: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarra
     training mode. Two-pass, so a constant channel (a dead filter) gets exactly variance 0
     and its own value as mean; never negative, never NaN.
     """
-    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0).reshape(x.shape[axis], -1)
-    mean = x.mean(axis=1)
-    return mean, np.square(x - mean[:, None]).mean(axis=1)
+    others = tuple(i for i in range(x.ndim) if i != axis)
+    mean = x.mean(axis=others, dtype=np.float64)
+    centred = x - np.expand_dims(mean, others)  # float64, one temporary
+    np.square(centred, out=centred)
+    return mean, centred.mean(axis=others)
 
 
 def calibrate_batchnorms(net, calibration: np.ndarray) -> None:
