@@ -13,9 +13,7 @@ named in the error, never skipped.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,22 +126,22 @@ def batchnorms(net) -> list:
 
 
 def randomize(net, seed: int, calibration: np.ndarray) -> None:
-    """Seeded random weights whose BatchNorm statistics come from real photos.
+    """Seeded random weights whose BatchNorm statistics are the real moments of photos.
 
     He-normal conv/dense weights, gamma in [0.5, 1.5] and small beta (fix_gamma BNs get
-    gamma != 1 on purpose: it must be ignored), then one training-mode pass over
-    ``calibration`` (already normalized for the net) with momentum 0, so every running
-    mean/var is the real statistic of that layer's input. Activations then have the scale
-    real weights give, which is what makes an equivalence check meaningful.
+    gamma != 1 on purpose: it must be ignored), then :func:`calibrate_batchnorms` on
+    ``calibration`` (raw images already normalized for the net). Activations then have the
+    scale real weights give, and every BN fold works on statistics far from 0/1 (the mean
+    part of the fold included), which is what makes an equivalence check meaningful.
+    The net must not be hybridized (calibration reads each BN's input in eager mode).
     """
     import mxnet as mx
-    from mxnet import autograd
 
     rng = np.random.RandomState(seed)
     for key, param in sorted(structural_params(net).items()):
         shape = param.shape
         if key.endswith("running_mean"):
-            value = np.zeros(shape)
+            value = np.zeros(shape)  # placeholders: every one is measured below
         elif key.endswith("running_var"):
             value = np.ones(shape)
         elif key.endswith("gamma"):
@@ -154,28 +152,62 @@ def randomize(net, seed: int, calibration: np.ndarray) -> None:
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
             value = rng.normal(0.0, np.sqrt(2.0 / max(fan_in, 1)), shape)
         param.set_data(mx.nd.array(value, dtype=param.dtype))
-    bns = batchnorms(net)
-    saved = [bn._kwargs["momentum"] for bn in bns]
-    try:
-        for bn in bns:
-            bn._kwargs["momentum"] = 0.0
-        with autograd.train_mode(), native_stderr_silenced():
-            net(mx.nd.array(calibration)).wait_to_read()
-    finally:
-        for bn, momentum in zip(bns, saved, strict=True):
-            bn._kwargs["momentum"] = momentum
+    calibrate_batchnorms(net, calibration)
 
 
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """Hide MKLDNN's per-layer log lines that training-mode pooling prints from C++."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+def channel_moments(x: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of ``x`` in float64, two-pass.
+
+    Biased (divide by N): the statistic of this batch, what a BatchNorm normalizes with in
+    training mode. Two-pass, so a constant channel (a dead filter) gets exactly variance 0
+    and its own value as mean; never negative, never NaN.
+    """
+    others = tuple(i for i in range(x.ndim) if i != axis)
+    mean = x.mean(axis=others, dtype=np.float64)
+    centred = x - np.expand_dims(mean, others)  # float64, one temporary
+    np.square(centred, out=centred)
+    return mean, centred.mean(axis=others)
+
+
+def calibrate_batchnorms(net, calibration: np.ndarray) -> None:
+    """Set every BN's running mean/var to the moments of its own input on ``calibration``.
+
+    Why not a training-mode pass with momentum 0: MXNet 1.9.1 updates moving statistics
+    only in the backward pass, so a forward in ``train_mode`` leaves them at 0/1 (this
+    function's predecessor did exactly that), and its fp32 one-pass variance is poor for
+    channels whose mean dwarfs their spread. Instead one inference-mode forward runs with
+    a pre-hook on every BatchNorm that measures the input in float64 (:func:`channel_moments`)
+    and stores it *before* that BN runs: layers are calibrated in order, and each later BN
+    sees its input as the finished, calibrated net computes it. The stored values are
+    those moments rounded to the parameter's dtype. Floor: none above 0; a channel with no
+    variation stores variance 0 (the BN's eps keeps the division finite, and ``adapt``
+    reports such channels under BN health). Deterministic: no randomness, no momentum.
+    """
+    import mxnet as mx
+    from mxnet import autograd
+
+    from .trace import block_paths
+
+    bns = {path: block for path, block in block_paths(net).items() if isinstance(block, mx.gluon.nn.BatchNorm)}
+    measured: set[int] = set()
+
+    def measure(bn, inputs) -> None:
+        if not isinstance(inputs[0], mx.nd.NDArray):
+            return  # a hybridized net being traced: symbols, no data (and no hook runs in its graph)
+        mean, var = channel_moments(inputs[0].asnumpy(), bn._kwargs.get("axis", 1))
+        bn.running_mean.set_data(mx.nd.array(mean, dtype=bn.running_mean.dtype))
+        bn.running_var.set_data(mx.nd.array(var, dtype=bn.running_var.dtype))
+        measured.add(id(bn))
+
+    handles = [bn.register_forward_pre_hook(measure) for bn in bns.values()]
     try:
-        os.dup2(devnull, 2)
-        yield
+        with autograd.predict_mode():
+            net(mx.nd.array(calibration))
+        mx.nd.waitall()
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        for handle in handles:
+            handle.detach()
+    missed = [path for path, bn in bns.items() if id(bn) not in measured]
+    if missed:
+        raise WeightsError(f"cannot calibrate {len(missed)} BatchNorms ({_listing(missed)}): the forward pass never "
+                           "reached them (a hybridized net runs no per-block hooks)")

@@ -44,6 +44,7 @@ def test_a_stricter_tolerance_than_fp32_can_show_is_explained_not_silently_met(t
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["tolerance"]["raised"]
+    assert "where the original's own float32 error is larger: judged relative to the original (2x)" in result.stdout
     assert any("cannot be shown finer than the original network's own float32 error" in n for n in report["notes"])
 
 

@@ -41,9 +41,15 @@ def test_the_core_list_covers_every_family_of_the_brief():
 
 
 def assert_exactly_equivalent(adapted, report):
+    """Within 1e-5, or, at a probe where the original's own fp32 error against float64 is
+    larger than half that (deep nets with real BN statistics), within 2x that error, with
+    the raise stated in the report."""
     assert adapted.exact and report["exact"] and report["conclusive"]
     assert report["passed"], report["reasons"]
-    assert report["worst_max_rel"] <= 1e-5
+    for p in report["probes"]:
+        assert p["max_rel"] <= max(1e-5, 2 * p["fp64"]["original"] / p["ref_max_abs"]), p["name"]
+    if report["worst_max_rel"] > 1e-5:
+        assert report["tolerance"]["raised"] and any("own float32 error" in n for n in report["notes"])
     assert all(p["fp64"]["ratio"] <= 2 for p in report["probes"])
     assert report["classification"]["top1_agreement"] == 1.0
 

@@ -1,0 +1,106 @@
+"""Every frozen-BN form stays exact when the statistics are far from 0/1.
+
+Calibrated random weights give statistics of order 1 (means ~0.5, variances ~1). Trained
+nets are not so kind, so here a ResNet-18 v1 is calibrated on raw 0..255 pixels (its stem
+BatchNorm then sees means of tens to hundreds and variances of 1e3..1e4) after every conv
+filter was scaled by its own factor between 10**-3.5 and 10**0.5 (variances down to 1e-8:
+eps dominates there). The statistics are still the real moments of the photos
+(``calibrate_batchnorms``), so the network computes something sensible. Each BN form is
+judged by the check and, independently, against the original run in float64.
+
+The tolerance rule: equivalence cannot be shown finer than the original's own float32
+error, so a probe where that error exceeds half the tolerance is judged by 2x that error
+instead, the RMS-vs-float64 criterion (adapted <= 2x the original's) still applies, and the
+report says so.
+"""
+
+import functools
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import bbadapt
+from bbadapt import images, zoo
+from bbadapt.equivalence import check, reference
+from bbadapt.report import render_markdown
+from bbadapt.rewrite import BN_MODES, clone
+from bbadapt.spec import PRESETS
+from bbadapt.trace import block_paths
+from bbadapt.weights import calibrate_batchnorms, randomize
+
+from ..conftest import SMALL_SIZES
+
+SOURCE, TARGET = "rgb255", "imagenet"
+
+
+@functools.lru_cache(maxsize=1)
+def _net_far_from_unit():
+    """ResNet-18 v1 fed raw pixels, filters rescaled per channel, statistics measured (do not mutate)."""
+    net = zoo.build("resnet18_v1")
+    x = PRESETS[SOURCE].normalize(images.photos((64, 64), limit=3)[0])
+    randomize(net, 0, x)
+    rng = np.random.RandomState(1)
+    for block in block_paths(net).values():
+        if isinstance(block, mx.gluon.nn.Conv2D):
+            w = block.weight.data().asnumpy()
+            block.weight.set_data(mx.nd.array(w * 10 ** rng.uniform(-3.5, 0.5, (len(w), 1, 1, 1))))
+    calibrate_batchnorms(net, x)
+    return net
+
+
+@functools.lru_cache(maxsize=1)
+def _reference():
+    return reference(_net_far_from_unit(), SOURCE, sizes=SMALL_SIZES, n_photos=1)
+
+
+def _statistics(net) -> tuple[np.ndarray, np.ndarray]:
+    bns = [b for b in block_paths(net).values() if isinstance(b, mx.gluon.nn.BatchNorm)]
+    return (np.concatenate([b.running_mean.data().asnumpy() for b in bns]),
+            np.concatenate([b.running_var.data().asnumpy() for b in bns]))
+
+
+def test_the_statistics_really_are_far_from_zero_and_one():
+    mean, var = _statistics(_net_far_from_unit())
+    assert np.sum(np.abs(mean) > 10) >= 10  # means of tens (and hundreds, at the stem)
+    assert var.min() < 1e-7 and var.max() > 1e4  # variances spanning 1e-8 .. 1e4
+    assert np.sum(var < 1e-6) > 100 and np.sum(var > 1e3) >= 5
+
+
+def _own_error(probe: dict) -> float:
+    return probe["fp64"]["original"] / probe["ref_max_abs"]
+
+
+@pytest.mark.parametrize("bn", BN_MODES)
+def test_each_bn_form_matches_the_original_and_float64(bn):
+    net = _net_far_from_unit()
+    adapted = bbadapt.adapt(net, SOURCE, TARGET, bn=bn)
+    report = check(net, SOURCE, adapted, ref=_reference())
+    assert report["passed"] and report["exact"] and report["conclusive"], report["reasons"]
+    for p in report["probes"]:
+        assert p["fp64"]["ratio"] <= 2, p["name"]
+        assert p["tolerance"] == max(1e-5, 2 * _own_error(p))  # the rule, probe by probe
+    # independently of check(): the adapted net in float32 against the original in float64
+    raw = images.photos((40, 44), limit=2)[0]
+    twin64 = clone(net, trainable=False)
+    twin64.cast("float64")
+    truth = twin64(mx.nd.array(PRESETS[SOURCE].normalize(raw, "float64"), dtype="float64")).asnumpy()
+    own = net(mx.nd.array(PRESETS[SOURCE].normalize(raw))).asnumpy()
+    got = adapted.net(mx.nd.array(PRESETS[TARGET].normalize(raw))).asnumpy()
+    scale = np.abs(truth).max()
+    assert np.abs(got - truth).max() / scale <= max(1e-5, 2 * np.abs(own - truth).max() / scale)
+
+
+def test_where_the_originals_own_error_exceeds_the_tolerance_the_adapted_net_is_judged_relative_to_it():
+    """Asked for 1e-6, finer than this float32 original can be evaluated at some probes:
+    those probes are judged by 2x the original's own error against float64, and the
+    notes and the verdict line say so."""
+    net = _net_far_from_unit()
+    report = check(net, SOURCE, bbadapt.adapt(net, SOURCE, TARGET, bn="fused"), ref=_reference(), tolerance=1e-6)
+    noisy = {p["name"]: 2 * _own_error(p) for p in report["probes"] if 2 * _own_error(p) > 1e-6}
+    assert noisy and len(noisy) < len(report["probes"])  # some probes, not all
+    assert report["tolerance"]["raised"] == noisy
+    assert report["passed"], report["reasons"]
+    assert all(p["max_rel"] <= p["tolerance"] and p["fp64"]["ratio"] <= 2 for p in report["probes"])
+    assert any("cannot be shown finer than the original network's own float32 error" in n for n in report["notes"])
+    assert "raised where the original is noisier in fp32" in render_markdown(report).rstrip().splitlines()[-1]
