@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt import images, zoo
-from bbadapt.equivalence import check, reference
-from bbadapt.report import render_markdown
-from bbadapt.rewrite import BN_MODES, clone
-from bbadapt.spec import PRESETS
-from bbadapt.trace import block_paths
-from bbadapt.weights import calibrate_batchnorms, randomize
+from bbadapt.check.equivalence import check, reference
+from bbadapt.check.report import render_markdown
+from bbadapt.core import images, zoo
+from bbadapt.core.rewrite import BN_MODES, clone
+from bbadapt.core.spec import PRESETS
+from bbadapt.core.trace import block_paths
+from bbadapt.core.weights import calibrate_batchnorms, randomize
 
 from ..conftest import SMALL_SIZES
 
