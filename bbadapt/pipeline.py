@@ -76,9 +76,9 @@ def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, s
     info = zoo.model_info(model)
     if weights == "pretrained":
         say(f"getting pretrained {model} (cache: {os.environ.get('MXNET_HOME', '~/.mxnet')}/models)")
-        net = zoo.build(model, pretrained=True)
-        return Converted(net, {"zoo": model}, info,
-                         {"kind": "pretrained", "library": info.library, "sha256": params_digest(net)})
+        net, fetched = zoo.build_pretrained(model, say)
+        return Converted(net, {"zoo": model}, info, {"kind": "pretrained", "library": info.library,
+                                                     "sha256": params_digest(net), **fetched.provenance()})
     net = zoo.build(model)
     raw, what = calibration_images(info)
     say(f"random weights (seed {seed}), calibrating BatchNorm statistics on {what}")
