@@ -23,6 +23,7 @@ from .errors import ModelError, OutputError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PARAMS = "backbone.params"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; its plan grows with the net, never to megabytes
 
 
 @contextlib.contextmanager
@@ -112,10 +113,12 @@ def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> 
         raise OutputError(f"no bbadapt output at {directory}")
     if not path.is_file():
         raise OutputError(f"{directory} is not a bbadapt output ({MANIFEST} missing)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise OutputError(f"{path} is {path.stat().st_size:,} bytes, not a bbadapt manifest (damaged bundle)")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OutputError(f"{path} is not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise OutputError(f"{path} is not valid JSON (damaged bundle)") from None
     if not isinstance(manifest, dict):
         raise OutputError(f"{path} is not a bbadapt manifest (not a JSON object)")
     version = manifest.get("schema_version")
@@ -141,6 +144,10 @@ def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> 
             raise OutputError(f"{path} has an unusable arch record: it {problem}")
     if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
         raise OutputError(f"{path} has a malformed plan")
+    for key, section in (("params_file", manifest), ("detector.params_file", manifest.get("detector"))):
+        name = section.get("params_file") if isinstance(section, dict) else None
+        if name is not None and not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")):
+            raise OutputError(f"{path}: {key} {name!r} is not a file name inside the bundle; refused")
     if require_params and not (directory / manifest.get("params_file", PARAMS)).is_file():
         raise OutputError(f"{directory} lacks its parameters file {manifest.get('params_file', PARAMS)}")
     return manifest

@@ -36,6 +36,7 @@ import numpy as np
 
 from bbadapt.errors import ModelError, WeightsError
 
+from . import limits
 from .base import (
     Converted,
     Format,
@@ -50,6 +51,7 @@ from .keras_resnet_v2 import KERAS_EPS
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
 KERAS_ZIP_MEMBER = "model.weights.h5"  # the weights inside a Keras 3 ``.keras`` archive
+MAX_METADATA_BYTES = 1 << 20  # a .keras metadata.json is a few hundred bytes
 OLD_EPS = 1e-3  # Keras 2 BatchNormalization default: the Caffe-style ResNet50 never set it
 STAGES = (2, 3, 4, 5)  # Keras stage numbers: conv2..conv5 / res2..res5
 DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
@@ -136,6 +138,7 @@ def _array(group, key: str, where: str) -> np.ndarray:
     dataset = group[key]
     if not hasattr(dataset, "shape"):
         raise WeightsError(f"{where}: {key!r} is not a tensor")
+    limits.check_hdf5_dataset(dataset, where)
     if _text(dataset.attrs.get("dtype", "")) == "bfloat16":  # how Keras 3 marks bfloat16 variables
         raise WeightsError(f"{where} holds bfloat16 tensors (e.g. {key}); bbadapt converts float32 weights only")
     return np.asarray(dataset[()])
@@ -235,6 +238,7 @@ def _open_h5(path: Path):
     try:
         if head.startswith(ZIP_MAGIC):
             with zipfile.ZipFile(path) as z:
+                limits.check_zip(z, str(path), [KERAS_ZIP_MEMBER])  # before inflating it into memory
                 return h5py.File(io.BytesIO(z.read(KERAS_ZIP_MEMBER)), "r")
         return h5py.File(path, "r")
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
@@ -277,8 +281,10 @@ def _archive_facts(path: Path) -> dict:
 
     try:
         with zipfile.ZipFile(path) as z:
+            if z.getinfo("metadata.json").file_size > MAX_METADATA_BYTES:
+                return {}
             meta = json.loads(z.read("metadata.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, RecursionError):
         return {}
     return {k: str(meta[k]) for k in ("keras_version",) if k in meta}
 

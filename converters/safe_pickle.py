@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -44,9 +45,15 @@ def _dtype(*args):
 
 
 def _reconstruct(subtype, shape, dtype):
+    """numpy pickles an array as ``_reconstruct(ndarray, (0,), dtype)`` and sends shape and data with its state,
+    whose size numpy checks against the bytes in the file; a bigger shape here allocates from nothing."""
     if subtype is not np.ndarray:
         raise WeightsError(f"the pickle rebuilds an array subclass {subtype!r}; refused")
-    return np.core.multiarray._reconstruct(np.ndarray, shape, _dtype(dtype))
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+    if not all(type(d) is int and d >= 0 for d in dims) or math.prod(dims) > 1:
+        raise WeightsError(f"the pickle allocates an array of shape {tuple(dims)!r} before its data "
+                           "(numpy writes (0,)); corrupt or hostile file, refused")
+    return np.core.multiarray._reconstruct(np.ndarray, tuple(dims), _dtype(dtype))
 
 
 def _frombuffer(buffer, dtype, shape, order):

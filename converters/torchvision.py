@@ -37,7 +37,7 @@ import numpy as np
 
 from bbadapt.errors import ModelError, OutputError, WeightsError
 
-from . import safetensors_io
+from . import limits, safetensors_io
 from .affine_bn import unit_variance
 from .base import Converted, Format, check_tensors, file_digest, require_file, unmatched_error
 
@@ -142,6 +142,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise WeightsError(f"{path} is a PyTorch checkpoint and reading it needs torch (pip install 'bbadapt[torch]'); "
                            "or save the state dict as .safetensors, which bbadapt reads without torch") from None
+    _check_torch_zip(path)
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files; all mean "unreadable"
@@ -156,6 +157,17 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     if odd:
         raise WeightsError(f"{path} holds bfloat16 tensors ({len(odd)}, e.g. {odd[0]}); bbadapt converts float32 weights only")
     return {str(k): v.detach().cpu().numpy() for k, v in loaded.items()}
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A torch zip checkpoint's members may not declare more than they store (before torch inflates them)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            limits.check_zip(z, str(path))
+    except zipfile.BadZipFile as exc:
+        raise WeightsError(f"cannot read {path}: damaged zip ({exc})") from None
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, np.ndarray], dict]:
