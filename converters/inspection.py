@@ -141,7 +141,7 @@ def _torchvision_tensors(path: Path) -> tuple[dict, dict, str]:
     arrays = {k: v for k, v in arrays.items() if not k.endswith(torchvision.IGNORED_SUFFIX)}
     try:
         depth, bottleneck, counts = torchvision.layout(set(arrays))
-    except ModelError as exc:
+    except (ModelError, WeightsError) as exc:  # no ResNet: described, not damaged
         return arrays, {"guess": "not a torchvision ResNet", "depth": None, "classes": None, "source": "names",
                         "problem": str(exc)}, facts["container"]
     fc = arrays.get("fc.weight")
@@ -184,7 +184,7 @@ def _detectron_tensors(path: Path) -> tuple[dict, dict, str]:
     blobs = detectron.blobs_of(safe_pickle.load(path), path)
     try:
         depth, bottleneck, counts = detectron.layout(set(blobs))
-    except ModelError as exc:
+    except (ModelError, WeightsError) as exc:  # no ResNet: described, not damaged
         return blobs, {"guess": "not a Detectron ResNet", "depth": None, "classes": None, "source": "names",
                        "problem": str(exc)}, "Caffe2 blobs"
     classes, _ = detectron._head(blobs)

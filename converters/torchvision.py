@@ -59,22 +59,22 @@ VAR_ONE = unit_variance(BN_EPS)  # running_var of an exported frozen BN: var + e
 
 
 def layout(names) -> tuple[int, bool, tuple[int, ...]]:
-    """(depth, bottleneck, blocks per stage) read off the tensor names; ModelError if no ResNet."""
+    """(depth, bottleneck, blocks per stage) read off the tensor names; WeightsError (exit 1) if no ResNet."""
     blocks: dict[int, set[int]] = {}
     for name in names:
         m = _BLOCK_KEY.match(name)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if sorted(blocks) != [1, 2, 3, 4] or "conv1.weight" not in names:
-        raise ModelError("the tensors are not a torchvision ResNet state dict (need conv1.weight and layer1..layer4)")
+        raise WeightsError("the tensors are not a torchvision ResNet state dict (need conv1.weight and layer1..layer4)")
     counts = tuple(len(blocks[k]) for k in (1, 2, 3, 4))
     if any(sorted(blocks[k]) != list(range(len(blocks[k]))) for k in blocks):
-        raise ModelError(f"the ResNet blocks are not numbered 0..n-1 in every layer ({counts})")
+        raise WeightsError(f"the ResNet blocks are not numbered 0..n-1 in every layer ({counts})")
     bottleneck = "layer1.0.conv3.weight" in names
     depth = DEPTHS.get((counts, bottleneck))
     if depth is None:
         known = ", ".join(f"resnet{d}: {c} {'bottleneck' if b else 'basic'}" for (c, b), d in DEPTHS.items())
-        raise ModelError(f"a ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per stage is not "
+        raise WeightsError(f"a ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per stage is not "
                          f"one of torchvision's ({known})")
     return depth, bottleneck, counts
 
