@@ -285,9 +285,18 @@ def _graph_bns(graph: dict | None) -> dict[str, dict]:
         attrs = ndarray_file.node_attrs(node)
         gamma = nodes[node["inputs"][1][0]]["name"]
         found[gamma[: -len("gamma")]] = {
-            "node": node["name"], "eps": float(attrs.get("eps", 1e-3)),
+            "node": node["name"], "eps": _number(attrs.get("eps"), 1e-3),
             "fix_gamma": str(attrs.get("fix_gamma", "True")).lower() in ("true", "1")}
     return found
+
+
+def _number(text, default: float) -> float:
+    """An attribute that should be a number (``default`` when absent; NaN, shown as nan, when it is not one)."""
+    try:
+        value = float(default if text is None else text)
+    except (TypeError, ValueError):
+        return float("nan")
+    return value
 
 
 def _bn_health(arrays: dict, graph: dict | None) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,10 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
 KERAS_ZIP_MEMBER = "model.weights.h5"  # the weights inside a Keras 3 ``.keras`` archive
 MAX_METADATA_BYTES = 1 << 20  # a .keras metadata.json is a few hundred bytes
+# What h5py raises for damaged files besides OSError: HDF5 errors mapped to KeyError (objects), RuntimeError
+# (links, B-trees), ValueError/TypeError (datatypes, attributes) -- found by fuzzing (tests/converters/fuzz_readers.py)
+HDF5_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)  # damaged or exotic zip members
 OLD_EPS = 1e-3  # Keras 2 BatchNormalization default: the Caffe-style ResNet50 never set it
 STAGES = (2, 3, 4, 5)  # Keras stage numbers: conv2..conv5 / res2..res5
 DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
@@ -241,7 +246,7 @@ def _open_h5(path: Path):
                 limits.check_zip(z, str(path), [KERAS_ZIP_MEMBER])  # before inflating it into memory
                 return h5py.File(io.BytesIO(z.read(KERAS_ZIP_MEMBER)), "r")
         return h5py.File(path, "r")
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+    except (*HDF5_DAMAGE, *ZIP_DAMAGE) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise WeightsError(f"cannot read {path}: not a readable HDF5/Keras file, or truncated/corrupt ({reason})") from None
 
@@ -262,8 +267,9 @@ def read_keras_file(path: Path) -> KerasWeights:
             group = f["model_weights"] if layout == "legacy-full-model" else f
             facts.update({k: _text(group.attrs[k]) for k in ("keras_version", "backend") if k in group.attrs})
             layers, facts["layer_names_from"] = _read_legacy(group, origin), "layer_names attribute"
-    except OSError as exc:  # a dataset whose bytes are cut off
-        raise WeightsError(f"cannot read {path}: truncated or corrupt HDF5 data ({str(exc).splitlines()[0][:100]})") from None
+    except HDF5_DAMAGE as exc:  # a dataset whose bytes are cut off, a damaged B-tree or object header
+        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot read {path}: truncated or corrupt HDF5 data ({reason})") from None
     finally:
         f.close()
     facts.update(_archive_facts(path))
@@ -284,7 +290,7 @@ def _archive_facts(path: Path) -> dict:
             if z.getinfo("metadata.json").file_size > MAX_METADATA_BYTES:
                 return {}
             meta = json.loads(z.read("metadata.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, RecursionError):
+    except (*ZIP_DAMAGE, KeyError, ValueError, OSError, RecursionError):
         return {}
     return {k: str(meta[k]) for k in ("keras_version",) if k in meta}
 

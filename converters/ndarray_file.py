@@ -206,7 +206,32 @@ def symbol_json(path: str | os.PathLike) -> dict:
         raise WeightsError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); truncated?") from None
     if not (isinstance(graph, dict) and isinstance(graph.get("nodes"), list) and "heads" in graph):
         raise WeightsError(f"{path} is JSON but not an MXNet symbol graph (no nodes/heads)")
+    problem = _graph_problem(graph)
+    if problem:
+        raise WeightsError(f"{path}: damaged MXNet graph ({problem})")
     return graph
+
+
+def _graph_problem(graph: dict) -> str | None:
+    """What makes ``graph`` structurally unusable, or None: every node a named op whose inputs are
+    earlier nodes (MXNet writes graphs in topological order), every head a node. Code that walks a
+    graph relies on this instead of guarding each step."""
+    nodes = graph["nodes"]
+
+    def edge(entry, limit: int) -> bool:
+        return isinstance(entry, list) and 1 <= len(entry) <= 3 and all(type(v) is int for v in entry) \
+            and 0 <= entry[0] < limit
+
+    for i, node in enumerate(nodes):
+        if not (isinstance(node, dict) and isinstance(node.get("op"), str) and isinstance(node.get("name"), str)
+                and isinstance(node.get("inputs"), list)):
+            return f"node #{i} lacks op/name/inputs"
+        if not all(edge(e, i) for e in node["inputs"]):
+            return f"node {node['name']!r} reads a node that does not precede it"
+    heads = graph["heads"]
+    if not (isinstance(heads, list) and heads and all(edge(h, len(nodes)) for h in heads)):
+        return "its heads name no node"
+    return None
 
 
 def looks_like_symbol_json(head: bytes) -> bool:
