@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint benchmark clean
+.PHONY: demo test lint benchmark fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ PYTEST      := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
 test: lint
 	$(PYTEST) $(FIRST_RUN)
 	$(PYTEST) $(SECOND_RUN)
+
+# Mutation fuzzing of every reader and `inspect` (a short run is part of `make test`); FUZZ_EXAMPLES per target.
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home $(BIN)/python -m tests.converters.fuzz_readers all --examples $(FUZZ_EXAMPLES)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_backbone.py

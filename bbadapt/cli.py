@@ -290,17 +290,21 @@ def inspect_weights(
     file: Path = typer.Argument(..., help="a weights file (.params, -symbol.json, ...)"),
     as_json: bool = typer.Option(False, "--json", help="print the inspection as JSON"),
 ) -> None:
-    """What a weights file is: format, tensors, probable architecture, BatchNorm health (no mxnet needed)."""
+    """What a weights file is: format, tensors, probable architecture, BatchNorm health (no mxnet needed).
+
+    Every format is read completely and validated: exit 1 for a damaged or unsafe file."""
     import json
 
     with user_errors():
         from converters.readers.inspection import inspect_file, render
 
-        info = inspect_file(file)
+        info = inspect_file(file)  # an unsafe or unreadable file raises: one line, exit 1
         if as_json:
             out_console.print(json.dumps(info, indent=2), markup=False, highlight=False, soft_wrap=True)
         else:
             render(info, out_console)
+        if info.get("status") == "damaged":
+            raise typer.Exit(1)
 
 
 @app.command("train")

@@ -82,9 +82,9 @@ def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, s
     info = zoo.model_info(model)
     if weights == "pretrained":
         say(f"getting pretrained {model} (cache: {os.environ.get('MXNET_HOME', '~/.mxnet')}/models)")
-        net = zoo.build(model, pretrained=True)
-        return Converted(net, {"zoo": model}, info,
-                         {"kind": "pretrained", "library": info.library, "sha256": params_digest(net)})
+        net, fetched = zoo.build_pretrained(model, say)
+        return Converted(net, {"zoo": model}, info, {"kind": "pretrained", "library": info.library,
+                                                     "sha256": params_digest(net), **fetched.provenance()})
     net = zoo.build(model)
     raw, what = calibration_images(info)
     say(f"random weights (seed {seed}), calibrating BatchNorm statistics on {what}")
@@ -140,6 +140,7 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
     for param in net.collect_params().values():
         param.grad_req = "null"  # the original only serves as the reference now: free its gradients
     report = _checked(net, adapted, info, images, sizes, tolerance, say)
+    report["notes"] += output_notes(original.provenance)
     say(f"writing {out}")
     with staged_output(out, force) as stage:
         params_sha = save_backbone(adapted, stage)
@@ -196,6 +197,13 @@ def health_notes(health: list[dict]) -> list[str]:
     return notes
 
 
+def output_notes(provenance: dict) -> list[str]:
+    """What an original graph computed after its classifier (softmax, a loss): output-only, not converted."""
+    ops = provenance.get("output_activations") or []
+    return [f"the original graph applies {', '.join(ops)} after its classifier; output-only, not part of the "
+            "converted network, which outputs the classifier's logits (apply it yourself where needed)"] if ops else []
+
+
 def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,
             progress: Progress | None = None) -> dict:
     """Re-run the equivalence check of an existing output and rewrite its reports."""
@@ -228,6 +236,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     adapted = load_adapted(directory, manifest)
     tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
     report = _checked(original, adapted, info, images, sizes, tolerance, say)
+    report["notes"] += output_notes(again)
     if again.get("sha256") != prov.get("sha256"):
         report["notes"].append("the regenerated original weights differ bitwise from those converted "
                                "(random calibration on another machine?); errors include that difference")

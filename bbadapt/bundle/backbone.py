@@ -39,8 +39,11 @@ def backbone_structure(manifest: dict, net=None):
             net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
         except ModelError as exc:  # the manifest names an architecture this bbadapt cannot build
             raise OutputError(f"bundle manifest: {exc}") from None
-    apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
-               InputSpec.from_dict(manifest["target"]))
+    try:
+        apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
+                   InputSpec.from_dict(manifest["target"]))
+    except ModelError as exc:  # a step the architecture does not have: the bundle is damaged, not the arguments
+        raise OutputError(f"bundle manifest: its plan does not fit the architecture: {exc}") from None
     return net
 
 

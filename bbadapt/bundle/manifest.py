@@ -140,6 +140,10 @@ def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> 
             raise OutputError(f"{path} has an unusable arch record: it {problem}")
     if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
         raise OutputError(f"{path} has a malformed plan")
+    for key, section in (("params_file", manifest), ("detector.params_file", manifest.get("detector"))):
+        name = section.get("params_file") if isinstance(section, dict) else None
+        if name is not None and not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")):
+            raise OutputError(f"{path}: {key} {name!r} is not a file name inside the bundle; refused")
     if require_params and not (directory / manifest.get("params_file", PARAMS)).is_file():
         raise OutputError(f"{directory} lacks its parameters file {manifest.get('params_file', PARAMS)}")
     return manifest

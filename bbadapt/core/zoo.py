@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import io
 from dataclasses import dataclass
 
 from bbadapt.core.errors import ModelError, WeightsError
@@ -122,28 +121,67 @@ def import_gluoncv():
 def build(name: str, pretrained: bool = False):
     """Build a zoo model with its parameters allocated (random init unless ``pretrained``).
 
-    ``pretrained`` uses the libraries' own download and cache (``$MXNET_HOME/models``);
-    a failed download becomes one :class:`WeightsError` line instead of retry chatter.
+    ``pretrained`` fetches the zoo's weights through :mod:`bbadapt.core.download` (timeouts,
+    sha1 verified, clean cache); see :func:`build_pretrained` for the file's provenance.
     """
     import mxnet as mx
 
-    info = model_info(name)
     if pretrained:
-        chatter = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-                net = instantiate(info, pretrained=True)
-        except Exception as exc:  # noqa: BLE001 - requests/OSError/MXNetError: all mean "no weights here"
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise WeightsError(
-                f"could not get pretrained weights for {name} ({type(exc).__name__}: {reason}); "
-                "offline? pass --weights PATH (a .params file) or --weights random"
-            ) from None
-    else:
-        net = instantiate(info, pretrained=False)
-        net.initialize(mx.init.Xavier(magnitude=2.0))
+        return build_pretrained(name)[0]
+    info = model_info(name)
+    net = instantiate(info, pretrained=False)
+    net.initialize(mx.init.Xavier(magnitude=2.0))
     materialize(net, info.input_size)
     return net
+
+
+def build_pretrained(name: str, say=None):
+    """(net with the zoo's pretrained weights, :class:`~bbadapt.core.download.Fetched` file record).
+
+    The zoo's own builder loads the file (gluoncv's pruned nets, for one, load it their own
+    way); only where the file comes from is bbadapt's: both zoos resolve
+    ``model_store.get_model_file`` when a pretrained model is built, and for that call it is
+    bbadapt's verified download.
+    """
+    from bbadapt.core import download
+
+    info = model_info(name)
+    fetched: list = []
+
+    def get_model_file(zoo_name: str, tag=None, root=None) -> str:  # the zoos' signature; tag/root: ours decide
+        found = download.fetch(download.zoo_file(info.library, zoo_name), say=say)
+        fetched.append(found)
+        return str(found.path)
+
+    with _model_file_source(info.library, get_model_file):
+        try:
+            net = instantiate(info, pretrained=True)
+        except WeightsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MXNetError/ValueError: a verified file the net does not take
+            raise WeightsError(f"could not load the pretrained weights of {name} "
+                               f"({type(exc).__name__}: {download.shorten(str(exc).splitlines()[0] if str(exc) else '')}); "
+                               f"{download.HINT}") from None
+    if not fetched:
+        raise WeightsError(f"the {info.library} zoo built {name} without loading a weights file; {download.HINT}")
+    materialize(net, info.input_size)
+    return net, fetched[-1]
+
+
+@contextlib.contextmanager
+def _model_file_source(library: str, get_model_file):
+    """Let ``library``'s zoo get its weights file from ``get_model_file`` for the duration."""
+    if library == "mxnet":
+        from mxnet.gluon.model_zoo import model_store
+    else:
+        import_gluoncv()
+        from gluoncv.model_zoo import model_store
+    original = model_store.get_model_file
+    model_store.get_model_file = get_model_file
+    try:
+        yield
+    finally:
+        model_store.get_model_file = original
 
 
 def materialize(net, size: int = 64) -> None:

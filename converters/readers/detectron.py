@@ -69,20 +69,21 @@ def blobs_of(loaded, path: Path) -> dict[str, np.ndarray]:
 
 
 def layout(names) -> tuple[int, bool, tuple[int, ...]]:
-    """(depth, bottleneck, blocks per stage) read off the blob names."""
+    """(depth, bottleneck, blocks per stage) read off the blob names; WeightsError (the file's content, not an
+    argument, is wrong: exit 1) when they are no ResNet bbadapt builds."""
     blocks: dict[int, set[int]] = {}
     for name in names:
         m = _BLOCK.match(name)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if sorted(blocks) != [2, 3, 4, 5] or "conv1_w" not in names:
-        raise ModelError("the blobs are not a Detectron ResNet (need conv1_w and res2..res5 blocks)")
+        raise WeightsError("the blobs are not a Detectron ResNet (need conv1_w and res2..res5 blocks)")
     counts = tuple(len(blocks[k]) for k in (2, 3, 4, 5))
     bottleneck = "res2_0_branch2c_w" in names
     depth = resnet_depth(counts, bottleneck)
     if depth is None:
-        raise ModelError(f"a Detectron ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per "
-                         f"stage has no Gluon resnet_v1 twin (known: {sorted(RESNET_LAYOUTS)})")
+        raise WeightsError(f"a Detectron ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per "
+                           f"stage has no Gluon resnet_v1 twin (known: {sorted(RESNET_LAYOUTS)})")
     return depth, bottleneck, counts
 
 

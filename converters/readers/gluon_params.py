@@ -260,8 +260,10 @@ def _sniff_export(path: Path, head: bytes) -> bool:
 
 
 def _sniff_bare(path: Path, head: bytes) -> bool:
-    """Any named NDArray file whose names are not the symbolic zoo's."""
+    """Any named NDArray file whose names are not the symbolic zoo's; also a damaged one (read() says what is wrong)."""
     names = ndarray_file.names_if_ndarray(path, head)
+    if names is None:
+        return ndarray_file.is_ndarray_file(head)
     return bool(names) and naming_style(names) != "symbolic-zoo"
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.errors import BbadaptError, WeightsError
-from converters.readers import ndarray_file
+from converters.readers import ndarray_file, safe_pickle, safetensors_io
 from converters.readers.base import HEAD_BYTES, file_digest, require_file
 
 FP16_MAX = 65504.0
 # bbadapt.rewrite.TINY_VAR (a test keeps them equal); importing rewrite would import mxnet
 TINY_VAR = 1e-6
-VAR_SUFFIXES = ("running_var", "moving_var")
+VAR_SUFFIXES = ("running_var", "moving_var", "moving_variance")
 WEIGHTED_OPS = ("Convolution", "FullyConnected")
 
 
@@ -39,7 +39,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
             _, params, _ = ndarray_file.pair(path)
         except WeightsError as exc:
             return {"path": str(path), "format": _graph_format(graph), "graph_summary": _graph_summary(graph),
-                    "problems": [str(exc)]}
+                    "status": "problems", "problems": [str(exc)]}
         with open(params, "rb") as f:
             info = _inspect_params(params, f.read(HEAD_BYTES), (path, graph))
         info["inspected_from"] = str(path)
@@ -70,7 +70,12 @@ def _graph_format(graph: dict) -> str:
 
 
 def _inspect_other(path: Path) -> dict:
-    """Not an MXNet file: name the format if a converter recognises it (cheap sniffing only)."""
+    """Not an MXNet file: read it completely with its format's reader (no mxnet), and describe it.
+
+    A damaged or unsafe file raises the reader's one-line :class:`WeightsError` (the CLI exits
+    1); a file no converter claims is described as such, after a pickle has been checked for
+    what it would call.
+    """
     import converters
 
     try:
@@ -78,10 +83,116 @@ def _inspect_other(path: Path) -> dict:
     except BbadaptError:
         fmt = None
     except Exception as exc:  # noqa: BLE001 - a format module that needs a missing package
-        fmt, reason = None, f"{type(exc).__name__}: {exc}"
-        return {"path": str(path), "format": fmt, "problems": [f"format detection failed ({reason})"]}
-    problems = [] if fmt else ["not a format bbadapt reads (see `bbadapt formats`)"]
-    return {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size, "problems": problems}
+        return {"path": str(path), "format": None, "status": "unknown",
+                "problems": [f"format detection failed ({type(exc).__name__}: {exc})"]}
+    if fmt in FOREIGN_READERS:
+        arrays, architecture, naming = FOREIGN_READERS[fmt](path)
+        return _describe(path, fmt, arrays, architecture, naming)
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+    if safetensors_io.looks_like(head):  # safetensors of some other network: still parsed and validated
+        arrays, architecture, naming = _torchvision_tensors(path)
+        return _describe(path, "safetensors", arrays, architecture, "safetensors")
+    if safe_pickle.looks_like(head):
+        try:
+            safe_pickle.load(path)  # refuses, never runs, what a hostile pickle would call
+        except safe_pickle.UnsafePickle:
+            raise
+        except WeightsError:
+            pass  # not a pickle after all
+        else:
+            return {"path": str(path), "format": None, "status": "unknown", "size_bytes": path.stat().st_size,
+                    "problems": ["a pickle of plain data and arrays, but not a format bbadapt reads "
+                                 "(see `bbadapt formats`)"]}
+    return {"path": str(path), "format": None, "status": "unknown", "size_bytes": path.stat().st_size,
+            "problems": ["not a format bbadapt reads (see `bbadapt formats`)"]}
+
+
+def _describe(path: Path, fmt: str, arrays: dict, architecture: dict, naming: str) -> dict:
+    info = {
+        "path": str(path), "format": fmt, "size_bytes": path.stat().st_size, "sha256": file_digest(path),
+        "graph": None,
+        "tensors": {"count": len(arrays), "dtypes": dict(Counter(str(a.dtype) for a in arrays.values())),
+                    "parameters": int(sum(a.size for a in arrays.values())), "naming": naming, "prefix": None},
+        "architecture": architecture,
+        "batchnorm": _bn_health(arrays, None),
+    }
+    info["problems"] = _problems(info, arrays)
+    if architecture.get("problem"):
+        info["problems"].append(architecture["problem"])
+    info["status"] = _status(info, arrays)
+    return info
+
+
+def _status(info: dict, arrays: dict) -> str:
+    """ok, problems (worth a look; a conversion may still be exact) or damaged (NaN/Inf values, negative variances)."""
+    broken = any(a.dtype.kind == "f" and not np.all(np.isfinite(a)) for a in arrays.values()) \
+        or info["batchnorm"]["negative_var"]
+    return "damaged" if broken else "problems" if info["problems"] else "ok"
+
+
+def _torchvision_tensors(path: Path) -> tuple[dict, dict, str]:
+    from bbadapt.errors import ModelError
+
+    from . import torchvision
+
+    arrays, facts = torchvision.read_state_dict(path)
+    arrays = {k: v for k, v in arrays.items() if not k.endswith(torchvision.IGNORED_SUFFIX)}
+    try:
+        depth, bottleneck, counts = torchvision.layout(set(arrays))
+    except (ModelError, WeightsError) as exc:  # no ResNet: described, not damaged
+        return arrays, {"guess": "not a torchvision ResNet", "depth": None, "classes": None, "source": "names",
+                        "problem": str(exc)}, facts["container"]
+    fc = arrays.get("fc.weight")
+    return arrays, {"guess": f"torchvision resnet{depth} ({'bottleneck' if bottleneck else 'basic'} blocks "
+                             f"{list(counts)}; gluoncv twin resnet{depth}_v1b)",
+                    "depth": depth, "classes": int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None,
+                    "source": "names"}, f"torchvision state dict ({facts['container']})"
+
+
+KERAS_TENSOR_NAMES = {"conv": ("kernel", "bias"), "bn": ("gamma", "beta", "moving_mean", "moving_variance"),
+                      "dense": ("kernel", "bias")}
+
+
+def _keras_tensors(path: Path) -> tuple[dict, dict, str]:
+    from bbadapt.errors import ModelError
+
+    from . import keras
+
+    weights = keras.read_keras_file(path)
+    arrays = {}
+    for layer, tensors in weights.layers.items():
+        key, _ = keras._key(layer)
+        names = KERAS_TENSOR_NAMES.get(key[-1] if key else "", ())
+        for i, tensor in enumerate(tensors):
+            arrays[f"{layer}/{names[i] if i < len(names) else i}"] = tensor
+    try:
+        _, found = keras.parse_layers(weights.layers, str(path))
+    except (WeightsError, ModelError) as exc:
+        return arrays, {"guess": "not a Keras ResNet", "depth": None, "classes": None, "source": "names",
+                        "problem": str(exc)}, weights.layout
+    return arrays, {"guess": f"Keras {found.keras_name} ({keras.NAMING[found.style]})", "depth": found.depth,
+                    "classes": found.classes or None, "source": "names"}, f"Keras {weights.layout}"
+
+
+def _detectron_tensors(path: Path) -> tuple[dict, dict, str]:
+    from bbadapt.errors import ModelError
+
+    from . import detectron
+
+    blobs = detectron.blobs_of(safe_pickle.load(path), path)
+    try:
+        depth, bottleneck, counts = detectron.layout(set(blobs))
+    except (ModelError, WeightsError) as exc:  # no ResNet: described, not damaged
+        return blobs, {"guess": "not a Detectron ResNet", "depth": None, "classes": None, "source": "names",
+                       "problem": str(exc)}, "Caffe2 blobs"
+    classes, _ = detectron._head(blobs)
+    return blobs, {"guess": f"Detectron R-{depth} ({'bottleneck' if bottleneck else 'basic'} blocks {list(counts)}; "
+                            f"gluon twin resnet{depth}_v1, BatchNorms as AffineChannel)",
+                   "depth": depth, "classes": classes, "source": "names"}, "Caffe2/Detectron blobs"
+
+
+FOREIGN_READERS = {"torchvision": _torchvision_tensors, "keras": _keras_tensors, "detectron": _detectron_tensors}
 
 
 def _inspect_params(path: Path, head: bytes, companion: tuple[Path, dict] | None) -> dict:
@@ -102,6 +213,7 @@ def _inspect_params(path: Path, head: bytes, companion: tuple[Path, dict] | None
         "batchnorm": _bn_health(arrays, graph),
     }
     info["problems"] = _problems(info, arrays)
+    info["status"] = _status(info, arrays)
     return info
 
 
@@ -172,9 +284,18 @@ def _graph_bns(graph: dict | None) -> dict[str, dict]:
         attrs = ndarray_file.node_attrs(node)
         gamma = nodes[node["inputs"][1][0]]["name"]
         found[gamma[: -len("gamma")]] = {
-            "node": node["name"], "eps": float(attrs.get("eps", 1e-3)),
+            "node": node["name"], "eps": _number(attrs.get("eps"), 1e-3),
             "fix_gamma": str(attrs.get("fix_gamma", "True")).lower() in ("true", "1")}
     return found
+
+
+def _number(text, default: float) -> float:
+    """An attribute that should be a number (``default`` when absent; NaN, shown as nan, when it is not one)."""
+    try:
+        value = float(default if text is None else text)
+    except (TypeError, ValueError):
+        return float("nan")
+    return value
 
 
 def _bn_health(arrays: dict, graph: dict | None) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,17 @@ from bbadapt.core.architectures.keras_resnet import KERAS_EPS
 from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.zoo import RESNET_LAYOUTS
+from converters.readers import limits
 from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
 KERAS_ZIP_MEMBER = "model.weights.h5"  # the weights inside a Keras 3 ``.keras`` archive
+MAX_METADATA_BYTES = 1 << 20  # a .keras metadata.json is a few hundred bytes
+# What h5py raises for damaged files besides OSError: HDF5 errors mapped to KeyError (objects), RuntimeError
+# (links, B-trees), ValueError/TypeError (datatypes, attributes) -- found by fuzzing (tests/converters/fuzz_readers.py)
+HDF5_DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)  # damaged or exotic zip members
 OLD_EPS = 1e-3  # Keras 2 BatchNormalization default: the Caffe-style ResNet50 never set it
 STAGES = (2, 3, 4, 5)  # Keras stage numbers: conv2..conv5 / res2..res5
 DEPTHS = {blocks: d for d, (blocks, bottleneck) in RESNET_LAYOUTS.items() if bottleneck}  # Keras ships 50/101/152
@@ -129,6 +136,7 @@ def _array(group, key: str, where: str) -> np.ndarray:
     dataset = group[key]
     if not hasattr(dataset, "shape"):
         raise WeightsError(f"{where}: {key!r} is not a tensor")
+    limits.check_hdf5_dataset(dataset, where)
     if _text(dataset.attrs.get("dtype", "")) == "bfloat16":  # how Keras 3 marks bfloat16 variables
         raise WeightsError(f"{where} holds bfloat16 tensors (e.g. {key}); bbadapt converts float32 weights only")
     return np.asarray(dataset[()])
@@ -228,9 +236,10 @@ def _open_h5(path: Path):
     try:
         if head.startswith(ZIP_MAGIC):
             with zipfile.ZipFile(path) as z:
+                limits.check_zip(z, str(path), [KERAS_ZIP_MEMBER])  # before inflating it into memory
                 return h5py.File(io.BytesIO(z.read(KERAS_ZIP_MEMBER)), "r")
         return h5py.File(path, "r")
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+    except (*HDF5_DAMAGE, *ZIP_DAMAGE) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise WeightsError(f"cannot read {path}: not a readable HDF5/Keras file, or truncated/corrupt ({reason})") from None
 
@@ -251,8 +260,9 @@ def read_keras_file(path: Path) -> KerasWeights:
             group = f["model_weights"] if layout == "legacy-full-model" else f
             facts.update({k: _text(group.attrs[k]) for k in ("keras_version", "backend") if k in group.attrs})
             layers, facts["layer_names_from"] = _read_legacy(group, origin), "layer_names attribute"
-    except OSError as exc:  # a dataset whose bytes are cut off
-        raise WeightsError(f"cannot read {path}: truncated or corrupt HDF5 data ({str(exc).splitlines()[0][:100]})") from None
+    except HDF5_DAMAGE as exc:  # a dataset whose bytes are cut off, a damaged B-tree or object header
+        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot read {path}: truncated or corrupt HDF5 data ({reason})") from None
     finally:
         f.close()
     facts.update(_archive_facts(path))
@@ -270,8 +280,10 @@ def _archive_facts(path: Path) -> dict:
 
     try:
         with zipfile.ZipFile(path) as z:
+            if z.getinfo("metadata.json").file_size > MAX_METADATA_BYTES:
+                return {}
             meta = json.loads(z.read("metadata.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+    except (*ZIP_DAMAGE, KeyError, ValueError, OSError, RecursionError):
         return {}
     return {k: str(meta[k]) for k in ("keras_version",) if k in meta}
 

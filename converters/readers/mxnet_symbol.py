@@ -35,7 +35,7 @@ BUILDER = "mxnet-symbolic-resnet"
 UNIT_RE = re.compile(r"^stage(\d+)_unit(\d+)_(bn[123]|conv[123]|sc)$")
 STEM_LAYERS = ("bn_data", "conv0", "bn0", "bn1", "fc1")
 KNOWN_OPS = {"BatchNorm", "Convolution", "Activation", "Pooling", "Flatten", "FullyConnected",
-             "elemwise_add", "_Plus", "_plus", "SoftmaxOutput", "null"}
+             "elemwise_add", "_Plus", "_plus", "null"}  # the ops after the classifier: OUTPUT_OPS
 # BatchNorm operator defaults (src/operator/nn/batch_norm-inl.h) for nodes that omit them
 BN_DEFAULT_EPS, BN_DEFAULT_FIX_GAMMA = 1e-3, True
 # (graph param suffix, gluon param name, arg or aux) per layer kind
@@ -132,10 +132,70 @@ def _unknown_layers(ops: dict, origin: str) -> None:
         raise WeightsError(f"{origin}: not a symbolic model-zoo ResNet graph (no {', '.join(absent)})")
 
 
+# Ops a graph may apply to the classifier's output only (training losses and output activations):
+# the converted network outputs the classifier's logits and the provenance records what followed.
+OUTPUT_OPS = frozenset({"SoftmaxOutput", "softmax", "log_softmax", "SoftmaxActivation", "LogisticRegressionOutput",
+                        "LinearRegressionOutput", "MAERegressionOutput", "sigmoid", "Activation"})
+
+
+def _classifier(graph: dict, origin: str) -> tuple[int, list[int]]:
+    """(index of the one FullyConnected, indices of the output-only ops that follow it)."""
+    nodes = graph["nodes"]
+    fcs = [i for i, n in enumerate(nodes) if n["op"] == "FullyConnected"]
+    if len(fcs) != 1:
+        raise WeightsError(f"{origin}: a ResNet graph has one classifier (FullyConnected); this one has {len(fcs)}")
+    consumers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for src, *_ in node["inputs"]:
+            consumers.setdefault(src, []).append(i)
+    after, odd, todo = [], set(), list(consumers.get(fcs[0], []))
+    while todo:
+        i = todo.pop()
+        if i in after:
+            continue
+        if nodes[i]["op"] not in OUTPUT_OPS:
+            odd.add(nodes[i]["op"])
+            continue
+        after.append(i)
+        todo.extend(consumers.get(i, []))
+    if odd:
+        raise WeightsError(f"{origin}: the graph has operators this converter does not map: {', '.join(sorted(odd))} "
+                           f"(after the classifier {nodes[fcs[0]]['name']}, where only output activations may follow)")
+    heads = {h[0] for h in graph["heads"]}
+    if not heads <= {fcs[0], *after}:
+        extra = sorted(nodes[i]["name"] for i in heads - {fcs[0], *after})
+        raise WeightsError(f"{origin}: the graph has outputs besides its classifier and what follows it ({', '.join(extra)})")
+    return fcs[0], sorted(after)
+
+
+def output_activations(graph: dict, origin: str = "graph") -> list[str]:
+    """The output-only ops after the classifier, as ``"op name"`` (recorded, not converted)."""
+    _, after = _classifier(graph, origin)
+    return [f"{graph['nodes'][i]['op']} {graph['nodes'][i]['name']}" for i in after]
+
+
+def classifier_name(graph: dict, origin: str = "graph") -> str:
+    return graph["nodes"][_classifier(graph, origin)[0]]["name"]
+
+
+def head_trimmed(graph: dict, origin: str = "graph") -> dict:
+    """The graph up to its classifier, the classifier named ``fc1`` as in the zoo (idempotent).
+
+    Output-only ops become inert ``null`` nodes (indices stay valid), so the graph's layers
+    and wiring can be compared with the Gluon network, which outputs logits.
+    """
+    fc, after = _classifier(graph, origin)
+    nodes = [dict(n) for n in graph["nodes"]]
+    for i in after:
+        nodes[i] = {"op": "null", "name": nodes[i]["name"], "inputs": []}
+    nodes[fc]["name"] = "fc1"
+    return {**graph, "nodes": nodes, "heads": [[fc, 0, 0]]}
+
+
 def read_graph(graph: dict, origin: str) -> dict:
     """The builder kwargs (JSON-able) that describe the network a symbolic-zoo graph computes."""
     try:
-        return _read_graph(graph, origin)
+        return _read_graph(head_trimmed(graph, origin), origin)
     except (KeyError, ValueError, IndexError, TypeError) as exc:
         raise WeightsError(f"{origin}: malformed graph ({type(exc).__name__}: {exc}); a damaged -symbol.json?") from None
 
@@ -181,7 +241,7 @@ def depth(kwargs: dict) -> int:
 
 def verify_layers(net, graph: dict, kwargs: dict, origin: str) -> None:
     """Every mapped layer of ``net`` computes what its graph node says (geometry, eps, fix_gamma)."""
-    ops = layers_of(graph)
+    ops = layers_of(head_trimmed(graph, origin))
     blocks = block_paths(net)
     wrong = []
     for name, path in layer_paths(kwargs).items():
@@ -256,6 +316,7 @@ def verify_wiring(net, graph: dict, kwargs: dict, origin: str) -> None:
 
     from bbadapt.core.trace import param_owner
 
+    graph = head_trimmed(graph, origin)
     paths = layer_paths(kwargs)
     by_path = {p: n for n, p in paths.items()}
     traced = json.loads(net(mx.sym.var("data")).tojson())
@@ -279,14 +340,15 @@ def verify_wiring(net, graph: dict, kwargs: dict, origin: str) -> None:
 
 def symbolic_names(kwargs: dict, graph: dict) -> dict[str, str]:
     """Structural parameter name -> the key the symbolic zoo writes (``arg:conv0_weight`` ...)."""
-    ops = layers_of(graph)
+    stored_as = {"fc1": classifier_name(graph)}  # the classifier may be called fc, fc1000 ...
+    ops = layers_of(head_trimmed(graph))
     names = {}
     for layer, path in layer_paths(kwargs).items():
         op, attrs = ops[layer]
         for suffix, gluon, tag in PARAM_NAMES[op]:
             if suffix == "bias" and _bool(attrs.get("no_bias"), False):
                 continue
-            names[f"{path}.{gluon}"] = f"{tag}:{layer}_{suffix}"
+            names[f"{path}.{gluon}"] = f"{tag}:{stored_as.get(layer, layer)}_{suffix}"
     return names
 
 
@@ -360,6 +422,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
         "arch_arg": arch, "pairing": note, "naming": "mxnet symbolic model zoo (arg:/aux: + layer names)",
         "mxnet_version": version[1] if isinstance(version, list) and len(version) == 2 else None,
         "gluon_twin": gluon_twin(kwargs),
+        "output_activations": output_activations(graph, str(json_path)),
         "bn": {"eps": kwargs["eps"], "other_eps": kwargs["bn_eps"], "fix_gamma": kwargs["fix_gamma"]},
     }
     return Converted(net=net, arch={"builder": BUILDER, "kwargs": json.loads(json.dumps(kwargs))},

@@ -34,6 +34,8 @@ import numpy as np
 
 from bbadapt.core.errors import WeightsError
 
+from . import limits
+
 LIST_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC, V3_MAGIC = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
 # mshadow type flags (mshadow/base.h): the dtypes an NDArray file can hold.
@@ -43,6 +45,7 @@ UNREADABLE_DTYPES = {12: "bfloat16"}  # numpy has no such dtype
 STORAGE = {0: "dense", 1: "row_sparse", 2: "csr"}
 MAX_NDIM = 32  # mxnet's own limit is far below; a larger ndim means garbage
 MAX_NAME = 1 << 16
+MAX_GRAPH_BYTES = 64 << 20  # symbol JSONs of the largest zoo nets are ~1 MB
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def scan(path: str | os.PathLike) -> list[Entry]:
                 shape, dtype = _array_header(r, f"{path} array #{i}")
                 if shape is None:
                     raise WeightsError(f"{path} array #{i} is an uninitialized NDArray (no data)")
-                nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                nbytes = limits.nbytes(shape, np.dtype(dtype).itemsize)  # no int64 wrap-around; skip() bounds it
                 located.append((shape, dtype, f.tell(), nbytes))
                 r.skip(nbytes)
             (n_names,) = r.take("<Q")
@@ -192,13 +195,43 @@ _PARAMS_RE = re.compile(r"^(?P<stem>.+)-(?P<epoch>\d{4})\.params$")
 def symbol_json(path: str | os.PathLike) -> dict:
     """An MXNet symbol graph (``-symbol.json``) as a dict; one-line errors for bad files."""
     path = Path(path)
+    if path.stat().st_size > MAX_GRAPH_BYTES:
+        raise WeightsError(f"{path} is {path.stat().st_size:,} bytes, too large for an MXNet graph "
+                           f"(limit {MAX_GRAPH_BYTES:,}); refused")
     try:
         graph = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise WeightsError(f"{path} is JSON nested too deeply for an MXNet graph; corrupt or hostile file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); truncated?") from None
     if not (isinstance(graph, dict) and isinstance(graph.get("nodes"), list) and "heads" in graph):
         raise WeightsError(f"{path} is JSON but not an MXNet symbol graph (no nodes/heads)")
+    problem = _graph_problem(graph)
+    if problem:
+        raise WeightsError(f"{path}: damaged MXNet graph ({problem})")
     return graph
+
+
+def _graph_problem(graph: dict) -> str | None:
+    """What makes ``graph`` structurally unusable, or None: every node a named op whose inputs are
+    earlier nodes (MXNet writes graphs in topological order), every head a node. Code that walks a
+    graph relies on this instead of guarding each step."""
+    nodes = graph["nodes"]
+
+    def edge(entry, limit: int) -> bool:
+        return isinstance(entry, list) and 1 <= len(entry) <= 3 and all(type(v) is int for v in entry) \
+            and 0 <= entry[0] < limit
+
+    for i, node in enumerate(nodes):
+        if not (isinstance(node, dict) and isinstance(node.get("op"), str) and isinstance(node.get("name"), str)
+                and isinstance(node.get("inputs"), list)):
+            return f"node #{i} lacks op/name/inputs"
+        if not all(edge(e, i) for e in node["inputs"]):
+            return f"node {node['name']!r} reads a node that does not precede it"
+    heads = graph["heads"]
+    if not (isinstance(heads, list) and heads and all(edge(h, len(nodes)) for h in heads)):
+        return "its heads name no node"
+    return None
 
 
 def looks_like_symbol_json(head: bytes) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -36,17 +37,27 @@ import numpy as np
 from bbadapt.core.errors import WeightsError
 
 
+class UnsafePickle(WeightsError):
+    """A pickle that would call something a weights file has no need for: refused, never run."""
+
+
 def _dtype(*args):
     dtype = np.dtype(*args)
     if dtype.hasobject:
-        raise WeightsError("the pickle holds an object-dtype array; refused (its elements could be any object)")
+        raise UnsafePickle("the pickle holds an object-dtype array; refused (its elements could be any object)")
     return dtype
 
 
 def _reconstruct(subtype, shape, dtype):
+    """numpy pickles an array as ``_reconstruct(ndarray, (0,), dtype)`` and sends shape and data with its state,
+    whose size numpy checks against the bytes in the file; a bigger shape here allocates from nothing."""
     if subtype is not np.ndarray:
-        raise WeightsError(f"the pickle rebuilds an array subclass {subtype!r}; refused")
-    return np.core.multiarray._reconstruct(np.ndarray, shape, _dtype(dtype))
+        raise UnsafePickle(f"the pickle rebuilds an array subclass {subtype!r}; refused")
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+    if not all(type(d) is int and d >= 0 for d in dims) or math.prod(dims) > 1:
+        raise UnsafePickle(f"the pickle allocates an array of shape {tuple(dims)!r} before its data "
+                           "(numpy writes (0,)); corrupt or hostile file, refused")
+    return np.core.multiarray._reconstruct(np.ndarray, tuple(dims), _dtype(dtype))
 
 
 def _frombuffer(buffer, dtype, shape, order):
@@ -59,7 +70,7 @@ def _scalar(dtype, *args):
 
 def _latin1_encode(text, encoding="utf-8"):
     if str(encoding).lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
-        raise WeightsError(f"the pickle asks for _codecs.encode with codec {encoding!r}; refused")
+        raise UnsafePickle(f"the pickle asks for _codecs.encode with codec {encoding!r}; refused")
     return text.encode("latin-1")
 
 
@@ -84,12 +95,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         value = ALLOWED.get((module, name))
         if value is None:
-            raise WeightsError(f"the pickle calls {module}.{name}, which a weights file has no need for; "
+            raise UnsafePickle(f"the pickle calls {module}.{name}, which a weights file has no need for; "
                                "refused (only numpy arrays and plain containers are loaded)")
         return value
 
     def persistent_load(self, pid):
-        raise WeightsError("the pickle uses persistent ids (a torch/zip checkpoint?); refused")
+        raise UnsafePickle("the pickle uses persistent ids (a torch/zip checkpoint?); refused")
 
 
 def loads(data: bytes, origin: str = "pickle", encoding: str = "latin1"):
@@ -97,7 +108,7 @@ def loads(data: bytes, origin: str = "pickle", encoding: str = "latin1"):
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except WeightsError as exc:
-        raise WeightsError(f"{origin}: {exc}") from None
+        raise type(exc)(f"{origin}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
             AttributeError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__

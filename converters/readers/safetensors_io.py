@@ -23,6 +23,8 @@ import numpy as np
 
 from bbadapt.core.errors import WeightsError
 
+from . import limits
+
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -50,7 +52,7 @@ def header_names(path: str | os.PathLike) -> set[str]:
     try:
         header = json.loads(text.decode("utf-8"))
         return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else set()
-    except (UnicodeDecodeError, json.JSONDecodeError):  # header cut short: whatever names are legible
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # header cut short or absurd: whatever names are legible
         return set(re.findall(r'"([^"]+)":\s*\{\s*"dtype"', text.decode("utf-8", "replace")))
 
 
@@ -68,7 +70,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         text = f.read(n)
     try:
         header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise WeightsError(f"{path}: safetensors header is not valid UTF-8 JSON; corrupt file") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: safetensors header is not a JSON object")
@@ -90,9 +92,10 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
         shape, (begin, end) = entry["shape"], entry["data_offsets"]
         if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]) or begin > end:  # bool is an int
             raise WeightsError(f"{path}: tensor {name!r} has an invalid shape or offsets")
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
+        expected = limits.nbytes(shape, DTYPES[entry["dtype"]].itemsize)  # Python ints: [2**61+1, 8] must not wrap
         if end - begin != expected:
-            raise WeightsError(f"{path}: tensor {name!r} spans {end - begin} bytes but {entry['dtype']}{shape} needs {expected}")
+            raise WeightsError(f"{path}: tensor {name!r} spans {end - begin} bytes but {entry['dtype']}{shape} needs "
+                               f"{expected}; corrupt file")
         if end > data_len:
             raise WeightsError(f"{path}: tensor {name!r} ends at byte {end} of a {data_len}-byte data section; truncated file")
         spans.append((begin, end, name))

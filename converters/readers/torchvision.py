@@ -27,7 +27,7 @@ import numpy as np
 from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted
 from bbadapt.core.zoo import RESNET_LAYOUTS, resnet_depth
-from converters.readers import safetensors_io
+from converters.readers import limits, safetensors_io
 from converters.readers.affine_bn import unit_variance
 from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
 
@@ -45,22 +45,22 @@ VAR_ONE = unit_variance(BN_EPS)  # running_var of an exported frozen BN: var + e
 
 
 def layout(names) -> tuple[int, bool, tuple[int, ...]]:
-    """(depth, bottleneck, blocks per stage) read off the tensor names; ModelError if no ResNet."""
+    """(depth, bottleneck, blocks per stage) read off the tensor names; WeightsError (exit 1) if no ResNet."""
     blocks: dict[int, set[int]] = {}
     for name in names:
         m = _BLOCK_KEY.match(name)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if sorted(blocks) != [1, 2, 3, 4] or "conv1.weight" not in names:
-        raise ModelError("the tensors are not a torchvision ResNet state dict (need conv1.weight and layer1..layer4)")
+        raise WeightsError("the tensors are not a torchvision ResNet state dict (need conv1.weight and layer1..layer4)")
     counts = tuple(len(blocks[k]) for k in (1, 2, 3, 4))
     if any(sorted(blocks[k]) != list(range(len(blocks[k]))) for k in blocks):
-        raise ModelError(f"the ResNet blocks are not numbered 0..n-1 in every layer ({counts})")
+        raise WeightsError(f"the ResNet blocks are not numbered 0..n-1 in every layer ({counts})")
     bottleneck = "layer1.0.conv3.weight" in names
     depth = resnet_depth(counts, bottleneck)
     if depth is None:
         known = ", ".join(f"resnet{d}: {c} {'bottleneck' if b else 'basic'}" for d, (c, b) in RESNET_LAYOUTS.items())
-        raise ModelError(f"a ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per stage is not "
+        raise WeightsError(f"a ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per stage is not "
                          f"one of torchvision's ({known})")
     return depth, bottleneck, counts
 
@@ -128,6 +128,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise WeightsError(f"{path} is a PyTorch checkpoint and reading it needs torch (pip install 'bbadapt[torch]'); "
                            "or save the state dict as .safetensors, which bbadapt reads without torch") from None
+    _check_torch_zip(path)
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files; all mean "unreadable"
@@ -142,6 +143,17 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     if odd:
         raise WeightsError(f"{path} holds bfloat16 tensors ({len(odd)}, e.g. {odd[0]}); bbadapt converts float32 weights only")
     return {str(k): v.detach().cpu().numpy() for k, v in loaded.items()}
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A torch zip checkpoint's members may not declare more than they store (before torch inflates them)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            limits.check_zip(z, str(path))
+    except zipfile.BadZipFile as exc:
+        raise WeightsError(f"cannot read {path}: damaged zip ({exc})") from None
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -224,6 +224,6 @@ def test_arch_contradictions_and_non_resnet_pickles_are_refused(r50_pkl, tmp_pat
         readers.read(r50_pkl, arch="resnet101_v1")
     other = tmp_path / "other.pkl"
     other.write_bytes(py2pickle.dumps({"blobs": {"conv1_w": np.zeros((2, 3, 1, 1), np.float32)}}))
-    with pytest.raises(ModelError, match="not a Detectron ResNet"):
+    with pytest.raises(WeightsError, match="not a Detectron ResNet"):
         readers.read(other)
     assert safe_pickle.looks_like(r50_pkl.read_bytes()[:4])

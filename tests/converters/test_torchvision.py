@@ -192,7 +192,7 @@ def test_arch_must_agree_with_the_file_and_other_formats_are_not_claimed(r18_fil
 
 def test_a_resnet_that_is_not_one_of_torchvisions_is_refused_with_the_known_layouts(r18, tmp_path):
     state = {k: v for k, v in torchvision_state(r18).items() if not k.startswith("layer4.1.")}
-    with pytest.raises(ModelError, match=r"\(2, 2, 2, 1\) basic blocks.*resnet18: \(2, 2, 2, 2\)"):
+    with pytest.raises(WeightsError, match=r"\(2, 2, 2, 1\) basic blocks.*resnet18: \(2, 2, 2, 2\)"):
         readers.read(_write(tmp_path, state))
 
 
