@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test benchmark clean gpu-setup
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ PYTEST      := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
 test: $(STAMP)
 	$(PYTEST) $(CORE_TESTS)
 	$(PYTEST) $(OTHER_TESTS)
+
+# GPU: its own venv (mxnet-cu112 replaces the CPU mxnet; docs/gpu.md), then `bbadapt doctor --gpu`,
+# which fails with one line where no GPU mxnet-cu112 1.9.1 can run exists.
+GPU_VENV := .venv-gpu
+$(GPU_VENV)/.installed: pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[gpu,test]"
+	touch $@
+gpu-setup: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/bbadapt doctor --gpu
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_backbone.py

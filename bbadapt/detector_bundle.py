@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import backbone_structure, read_manifest
+from .core.devices import check_contexts
 from .detection import build_detector, instance_pattern, validate_request
 from .errors import BbadaptError, OutputError
 
@@ -110,6 +111,8 @@ def load_detector(directory: str | os.PathLike, ctx=None, **overrides):
     """
     directory = Path(directory)
     manifest, section = detector_section(directory)
+    if ctx is not None:
+        check_contexts(ctx)  # a GPU mxnet-cu112 cannot run is refused before any kernel runs on it
     backbone = backbone_structure(manifest)
     settings = {**section["settings"], **overrides}
     detector, _ = build_detector(backbone, None, section.get("family", manifest.get("family", "")),

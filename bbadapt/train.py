@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from .core.devices import context_of
 from .errors import BbadaptError, DeviceError, OptionError, OutputError
 from .zoo import import_gluoncv
 
@@ -82,32 +83,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-def contexts(gpus: Optional[str] = None, cpu: bool = False) -> list:
-    """``--gpus 0,1`` -> ``[mx.gpu(0), mx.gpu(1)]``; ``--cpu`` or nothing -> ``[mx.cpu()]``.
-
-    A GPU asked for where mxnet has none (the CPU build, or no device) is one clear line.
-    """
-    import mxnet as mx
-
-    if gpus is None or cpu:
-        if gpus and cpu:
-            raise OptionError("--gpus and --cpu exclude each other")
-        return [mx.cpu()]
-    try:
-        ids = [int(g) for g in str(gpus).split(",") if g.strip()]
-    except ValueError:
-        raise OptionError(f"--gpus takes device numbers like 0 or 0,1, got {gpus!r}") from None
-    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-        raise OptionError(f"--gpus takes distinct device numbers like 0 or 0,1, got {gpus!r}")
-    available = mx.context.num_gpus()
-    if available == 0:
-        raise DeviceError("GPU requested but this mxnet sees no GPU (CPU-only build, or no device): "
-                          "install bbadapt[gpu] (mxnet-cu112) on a CUDA machine, or use --cpu")
-    if max(ids) >= available:
-        raise DeviceError(f"GPU {max(ids)} requested but mxnet sees {available} GPU(s) (0..{available - 1})")
-    return [mx.gpu(i) for i in ids]
 
 
 def _horovod():
@@ -285,7 +260,7 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     VOC data trains on split ``train_split`` and validates on ``val_split`` (of ``val_dataset``
     if given, else of ``dataset``); COCO data validates on
     ``val_dataset`` (default: the training file itself). ``ctx``: a list of mxnet contexts
-    (see :func:`contexts`; default CPU). ``resume`` continues from ``checkpoints/last``
+    (see :func:`bbadapt.core.devices.contexts`; default CPU). ``resume`` continues from ``checkpoints/last``
     (epoch, optimizer state, lr schedule position); without it, existing checkpoints are
     refused, never overwritten. ``progress`` receives every iteration/validation record.
     Returns a summary dict (epochs and iterations done, last losses, best mAP, checkpoints).
@@ -401,16 +376,12 @@ def check_proposals(net, short_side: int, training: bool = True) -> None:
     if getattr(net, "num_stages", 1) != 1:
         return  # FPN: anchors on every level, far more than any proposal count
     _, _, h, w = net.features(mx.sym.var("data")).infer_shape(data=(1, 3, short_side, short_side))[1][0]
-    anchors = net.rpn.anchor_generator(mx.nd.zeros((1, 1, h, w), ctx=_ctx_of(net))).shape[1]
+    anchors = net.rpn.anchor_generator(mx.nd.zeros((1, 1, h, w), ctx=context_of(net))).shape[1]
     wanted = max(net.rpn._train_post_nms, net.rpn._test_post_nms) if training else net.rpn._test_post_nms
     if wanted > anchors:
         raise OptionError(f"--short-side {short_side} gives a {h}x{w} feature map with {anchors} anchors, fewer than the "
                           f"detector's {wanted} RPN proposals per image; use a larger --short-side or build the "
                           "bundle with fewer proposals (rpn_train_post_nms / rpn_test_post_nms)")
-
-
-def _ctx_of(net):
-    return next(iter(net.collect_params().values())).list_ctx()[0]
 
 
 def _set_per_device_batch(net, n: int) -> None:
