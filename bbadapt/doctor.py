@@ -177,6 +177,9 @@ def render(report: dict) -> list[str]:
     else:
         flags = "  ".join(f"{k} {'on' if v else 'off'}" for k, v in mx["features"].items())
         lines.append(f"mxnet         {mx['version']} ({dists})  {flags}")
+    if len(mx["distributions"]) > 1:
+        lines.append(f"              WARNING: {dists} are installed together; they are the same package and "
+                     "overwrite each other: keep one (a venv per build, docs/gpu.md)")
     lines += _library_lines(report["cuda_libraries"])
     driver = report["driver"]
     lines.append(f"driver        {'CUDA ' + driver['version'] if driver['version'] else 'none'}"

@@ -287,7 +287,8 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     ctx = list(ctx or [mx.cpu()])
     config.devices = [str(c) for c in ctx]
     if amp and any(c.device_type != "gpu" for c in ctx):
-        raise DeviceError("--amp (mixed precision) needs GPUs; mxnet AMP does not run on CPU")
+        raise DeviceError("--amp (mixed precision) needs GPUs; MXNet 1.9.1's CPU AMP (bfloat16) "
+                          "fails at the first convolution without AVX-512 (see docs/gpu.md)")
     if config.batch_size % len(ctx):
         raise OptionError(f"--batch-size {batch_size} must be a multiple of the {len(ctx)} devices")
     rank0 = hvd is None or hvd.rank() == 0

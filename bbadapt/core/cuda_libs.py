@@ -22,13 +22,14 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 from bbadapt.errors import BbadaptError  # a module without imports: cheap at `import bbadapt`
 
-# The mxnet distributions built against CUDA 11 (1.9.1 was published as cu110 and cu112);
+# The CUDA 11 builds of mxnet this preload serves (wheel names with a CUDA 11 tag);
 # bbadapt[gpu] installs mxnet-cu112.
 CUDA11_BUILDS = ("mxnet-cu112", "mxnet-cu110")
 GPU_EXTRA = "bbadapt[gpu]"

@@ -14,8 +14,9 @@ Every GPU path checks here: ``bbadapt train --gpus``, ``bbadapt evaluate --gpu``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from bbadapt.errors import DeviceError, OptionError
 

@@ -29,7 +29,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert all(cells[0] == "PASS" for cells in rows.values()), rows
     assert rows["doctor"][2].startswith("no: this mxnet is the CPU-only build")
     assert rows["convert resnet18_v2"][2].startswith("check PASSED")
-    assert rows["train amp (CPU: refused)"][2] == "refused: --amp (mixed precision) needs GPUs; mxnet AMP does not run on CPU"
+    assert rows["train amp (CPU: refused)"][2].startswith("refused: --amp (mixed precision) needs GPUs; ")
     assert rows["evaluate"][2].startswith("voc07 mAP ")
     assert "gluoncv/this 1.00x on cpu(0)" in rows["timing gluoncv"][2]
     assert result.stdout.rstrip().endswith("all steps passed")

@@ -13,10 +13,10 @@ import json
 import mxnet as mx
 import pytest
 
+from bbadapt.bundle import SCHEMA_VERSION
 from bbadapt.core import cuda_driver
 from bbadapt.core.cuda_driver import CudaDriver, DriverReport, DriverUnavailable, FixedGpus, GpuInfo
 from bbadapt.core.devices import UnsupportedGpu, check_contexts, contexts, judge, parse_gpus, preflight
-from bbadapt.bundle import SCHEMA_VERSION
 from bbadapt.errors import DeviceError, OptionError
 from bbadapt.spec import PRESETS
 
