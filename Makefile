@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint benchmark fuzz clean
+.PHONY: demo test lint benchmark fuzz clean gpu-setup
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ lint: $(STAMP)
 # what they allocated), and one process running every test reached 13 GB and was OOM-killed on a
 # 24 GB machine. Run 1: the core, the check, bundles and the CLI; run 2: converters and detection.
 FIRST_RUN  := tests/test_architecture.py tests/core tests/check tests/bundle tests/cli
-SECOND_RUN := tests/converters tests/detection
+SECOND_RUN := tests/converters tests/detection tests/benchmarks
 PYTEST      := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
                $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider --durations=10
 test: lint
@@ -46,6 +46,17 @@ test: lint
 FUZZ_EXAMPLES ?= 3000
 fuzz: $(STAMP)
 	OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home $(BIN)/python -m tests.converters.fuzz_readers all --examples $(FUZZ_EXAMPLES)
+
+# GPU: its own venv (mxnet-cu112 replaces the CPU mxnet; docs/gpu.md), then `bbadapt doctor --gpu`,
+# which fails with one line where no GPU mxnet-cu112 1.9.1 can run exists.
+GPU_VENV := .venv-gpu
+$(GPU_VENV)/.installed: pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[gpu,test]"
+	touch $@
+gpu-setup: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/bbadapt doctor --gpu
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_backbone.py

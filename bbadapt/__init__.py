@@ -11,6 +11,12 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+from .core.cuda_libs import preload as _preload_cuda_libraries  # noqa: E402
+
+# Before anything imports mxnet: mxnet-cu112 then finds the pip-installed CUDA 11 libraries
+# (bbadapt[gpu]). Nothing happens for the CPU build. See bbadapt/core/cuda_libs.py.
+_preload_cuda_libraries()
+
 _PUBLIC = {
     "Adapted": "core.rewrite", "adapt": "core.rewrite",
     "load_backbone": "bundle.backbone", "read_manifest": "bundle.manifest",

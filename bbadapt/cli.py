@@ -59,8 +59,10 @@ def user_errors() -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, traceback on request
         if os.environ.get("BBADAPT_DEBUG"):
             raise
-        fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-             "(rerun with BBADAPT_DEBUG=1 for the traceback)", 1)
+        from .core.cuda_libs import explain_load_error  # mxnet's CUDA build without a library it needs
+
+        fail(explain_load_error(exc) or f"internal error: {type(exc).__name__}: "
+             f"{str(exc).splitlines()[0] if str(exc) else ''} (rerun with BBADAPT_DEBUG=1 for the traceback)", 1)
 
 
 @contextlib.contextmanager
@@ -343,7 +345,8 @@ def train_cmd(
             steps = [int(v) for v in lr_steps.split(",") if v.strip()]
         except ValueError:
             raise OptionError(f"--lr-steps takes epoch numbers like 14,20, got {lr_steps!r}") from None
-        from bbadapt.detection.train import console_progress, contexts, train
+        from bbadapt.core.devices import contexts
+        from bbadapt.detection.train import console_progress, train
 
         ctx = contexts(gpus, cpu)
         try:
@@ -383,8 +386,8 @@ def evaluate_cmd(
 
         parse_dataset(dataset)
         check_metric(metric)
+        from bbadapt.core.devices import contexts
         from bbadapt.detection.evaluate import evaluate
-        from bbadapt.detection.train import contexts
 
         ctx = contexts(str(gpu) if gpu is not None else None)[0]
         with progress_line() as say:
@@ -394,6 +397,29 @@ def evaluate_cmd(
             out_console.print(f"{name:<20} {ap:.4f}", markup=False)
         out_console.print(f"{metric} mAP {result['map']:.4f} on {result['images']} images "
                           f"(short side {result['short_side']})", markup=False)
+
+
+@app.command()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    gpu: bool = typer.Option(False, "--gpu", help="exit 1 (one line on stderr) unless a usable GPU exists"),
+) -> None:
+    """What this environment can run: mxnet build, CUDA libraries, driver, GPUs, horovod (see docs/gpu.md)."""
+    import json
+
+    with user_errors():
+        from .doctor import collect, render
+
+        report = collect()
+        if as_json:
+            out_console.print(json.dumps(report, indent=2), markup=False, highlight=False, soft_wrap=True)
+        else:
+            for line in render(report):
+                out_console.print(line, markup=False, highlight=False)
+        if not report["cpu_ok"]:
+            fail(f"mxnet cannot run here: {report['mxnet'].get('error') or report['mxnet'].get('cpu_check')}", 1)
+        if gpu and report["gpu"]["problem"]:
+            fail(f"no usable GPU: {report['gpu']['problem']}", 1)
 
 
 def main() -> None:

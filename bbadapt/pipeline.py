@@ -167,7 +167,9 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
 
 
 def _detection():
-    from bbadapt.detection import build as detection  # imports gluoncv's detector stack: only when a detector is asked for
+    from bbadapt.detection.build import (
+        build as detection,  # imports gluoncv's detector stack: only when a detector is asked for
+    )
 
     return detection  # validate_request runs before any heavy work
 

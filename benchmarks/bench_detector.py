@@ -40,7 +40,7 @@ from bbadapt.detection.detector_bundle import compare_detections
 
 MODEL = "resnet50_v1b"
 PHOTO = "raccoon-1"
-VOC = Path(__file__).resolve().parents[1] / "tests" / "data" / "raccoon_voc" / "VOC2017"
+VOC = Path(__file__).resolve().parents[1] / "tests" / "data" / "raccoon_voc" / "VOC2017"  # raccoon-1.xml
 TRAIN_TARGET, INFER_TARGET = 1.1, 1.0
 # faster_rcnn_resnet50_v1b_custom keeps FasterRCNN's constructor defaults where they differ from the voc model
 CUSTOM_SETTINGS = {"scales": (8, 16, 32), "max_num_gt": 300}

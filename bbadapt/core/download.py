@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bbadapt.errors import WeightsError
+from bbadapt.core.errors import WeightsError
 
 ENV_TIMEOUT = "BBADAPT_DOWNLOAD_TIMEOUT"
 ENV_RETRIES = "BBADAPT_DOWNLOAD_RETRIES"
@@ -103,7 +103,7 @@ class DownloadOptions:
     backoff: float = 0.5  # seconds before the first retry, doubled each time
 
     @classmethod
-    def from_env(cls) -> "DownloadOptions":
+    def from_env(cls) -> DownloadOptions:
         text = os.environ.get(ENV_TIMEOUT, "").strip()
         connect, read = DEFAULT_TIMEOUT
         if text:
@@ -141,7 +141,7 @@ def sha1_table(library: str) -> dict[str, str]:
     if library == "mxnet":
         from mxnet.gluon.model_zoo import model_store
     else:
-        from bbadapt.zoo import import_gluoncv
+        from bbadapt.core.zoo import import_gluoncv
 
         import_gluoncv()
         from gluoncv.model_zoo import model_store

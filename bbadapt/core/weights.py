@@ -186,7 +186,7 @@ def calibrate_batchnorms(net, calibration: np.ndarray) -> None:
     import mxnet as mx
     from mxnet import autograd
 
-    from .trace import block_paths
+    from bbadapt.core.trace import block_paths
 
     bns = {path: block for path, block in block_paths(net).items() if isinstance(block, mx.gluon.nn.BatchNorm)}
     measured: set[int] = set()

@@ -22,6 +22,7 @@ import numpy as np
 from bbadapt.bundle.backbone import backbone_structure
 from bbadapt.bundle.manifest import read_manifest
 from bbadapt.core.atomic import replace_together
+from bbadapt.core.devices import check_contexts
 from bbadapt.core.errors import BbadaptError, OutputError
 from bbadapt.detection.build import build_detector, instance_pattern, validate_request
 
@@ -112,6 +113,8 @@ def load_detector(directory: str | os.PathLike, ctx=None, **overrides):
     """
     directory = Path(directory)
     manifest, section = detector_section(directory)
+    if ctx is not None:
+        check_contexts(ctx)  # a GPU mxnet-cu112 cannot run is refused before any kernel runs on it
     backbone = backbone_structure(manifest)
     settings = {**section["settings"], **overrides}
     detector, _ = build_detector(backbone, None, section.get("family", manifest.get("family", "")),

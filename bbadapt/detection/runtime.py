@@ -11,6 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
+from bbadapt.core.devices import context_of
 from bbadapt.core.errors import OptionError
 
 
@@ -36,11 +37,6 @@ def load_quietly(directory: Path, ctx):
         return load_detector(directory, ctx=ctx)
 
 
-def ctx_of(net):
-    """The context a (single-context) network's parameters live on."""
-    return next(iter(net.collect_params().values())).list_ctx()[0]
-
-
 def check_proposals(net, short_side: int, training: bool = True) -> None:
     """gluoncv keeps a fixed number of RPN proposals per image (``rpn_train_post_nms``, in
     inference ``rpn_test_post_nms``) and slices them out of all anchors: an image with fewer
@@ -51,7 +47,7 @@ def check_proposals(net, short_side: int, training: bool = True) -> None:
     if getattr(net, "num_stages", 1) != 1:
         return  # FPN: anchors on every level, far more than any proposal count
     _, _, h, w = net.features(mx.sym.var("data")).infer_shape(data=(1, 3, short_side, short_side))[1][0]
-    anchors = net.rpn.anchor_generator(mx.nd.zeros((1, 1, h, w), ctx=ctx_of(net))).shape[1]
+    anchors = net.rpn.anchor_generator(mx.nd.zeros((1, 1, h, w), ctx=context_of(net))).shape[1]
     wanted = max(net.rpn._train_post_nms, net.rpn._test_post_nms) if training else net.rpn._test_post_nms
     if wanted > anchors:
         raise OptionError(f"--short-side {short_side} gives a {h}x{w} feature map with {anchors} anchors, fewer than the "

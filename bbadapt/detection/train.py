@@ -85,32 +85,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- devices
 
 
-def contexts(gpus: Optional[str] = None, cpu: bool = False) -> list:
-    """``--gpus 0,1`` -> ``[mx.gpu(0), mx.gpu(1)]``; ``--cpu`` or nothing -> ``[mx.cpu()]``.
-
-    A GPU asked for where mxnet has none (the CPU build, or no device) is one clear line.
-    """
-    import mxnet as mx
-
-    if gpus is None or cpu:
-        if gpus and cpu:
-            raise OptionError("--gpus and --cpu exclude each other")
-        return [mx.cpu()]
-    try:
-        ids = [int(g) for g in str(gpus).split(",") if g.strip()]
-    except ValueError:
-        raise OptionError(f"--gpus takes device numbers like 0 or 0,1, got {gpus!r}") from None
-    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-        raise OptionError(f"--gpus takes distinct device numbers like 0 or 0,1, got {gpus!r}")
-    available = mx.context.num_gpus()
-    if available == 0:
-        raise DeviceError("GPU requested but this mxnet sees no GPU (CPU-only build, or no device): "
-                          "install bbadapt[gpu] (mxnet-cu112) on a CUDA machine, or use --cpu")
-    if max(ids) >= available:
-        raise DeviceError(f"GPU {max(ids)} requested but mxnet sees {available} GPU(s) (0..{available - 1})")
-    return [mx.gpu(i) for i in ids]
-
-
 def _horovod():
     try:
         import horovod.mxnet as hvd
@@ -274,7 +248,7 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     VOC data trains on split ``train_split`` and validates on ``val_split`` (of ``val_dataset``
     if given, else of ``dataset``); COCO data validates on
     ``val_dataset`` (default: the training file itself). ``ctx``: a list of mxnet contexts
-    (see :func:`contexts`; default CPU). ``resume`` continues from ``checkpoints/last``
+    (see :func:`bbadapt.core.devices.contexts`; default CPU). ``resume`` continues from ``checkpoints/last``
     (epoch, optimizer state, lr schedule position); without it, existing checkpoints are
     refused, never overwritten. ``progress`` receives every iteration/validation record.
     Returns a summary dict (epochs and iterations done, last losses, best mAP, checkpoints).
@@ -301,7 +275,8 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     ctx = list(ctx or [mx.cpu()])
     config.devices = [str(c) for c in ctx]
     if amp and any(c.device_type != "gpu" for c in ctx):
-        raise DeviceError("--amp (mixed precision) needs GPUs; mxnet AMP does not run on CPU")
+        raise DeviceError("--amp (mixed precision) needs GPUs; MXNet 1.9.1's CPU AMP (bfloat16) "
+                          "fails at the first convolution without AVX-512 (see docs/gpu.md)")
     if config.batch_size % len(ctx):
         raise OptionError(f"--batch-size {batch_size} must be a multiple of the {len(ctx)} devices")
     rank0 = hvd is None or hvd.rank() == 0

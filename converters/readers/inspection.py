@@ -76,7 +76,7 @@ def _inspect_other(path: Path) -> dict:
     1); a file no converter claims is described as such, after a pickle has been checked for
     what it would call.
     """
-    import converters
+    from converters import readers as converters
 
     try:
         fmt = converters.detect(path).name
@@ -132,9 +132,8 @@ def _status(info: dict, arrays: dict) -> str:
 
 
 def _torchvision_tensors(path: Path) -> tuple[dict, dict, str]:
-    from bbadapt.errors import ModelError
-
-    from . import torchvision
+    from bbadapt.core.errors import ModelError
+    from converters.readers import torchvision
 
     arrays, facts = torchvision.read_state_dict(path)
     arrays = {k: v for k, v in arrays.items() if not k.endswith(torchvision.IGNORED_SUFFIX)}
@@ -155,9 +154,8 @@ KERAS_TENSOR_NAMES = {"conv": ("kernel", "bias"), "bn": ("gamma", "beta", "movin
 
 
 def _keras_tensors(path: Path) -> tuple[dict, dict, str]:
-    from bbadapt.errors import ModelError
-
-    from . import keras
+    from bbadapt.core.errors import ModelError
+    from converters.readers import keras
 
     weights = keras.read_keras_file(path)
     arrays = {}
@@ -176,9 +174,8 @@ def _keras_tensors(path: Path) -> tuple[dict, dict, str]:
 
 
 def _detectron_tensors(path: Path) -> tuple[dict, dict, str]:
-    from bbadapt.errors import ModelError
-
-    from . import detectron
+    from bbadapt.core.errors import ModelError
+    from converters.readers import detectron
 
     blobs = detectron.blobs_of(safe_pickle.load(path), path)
     try:

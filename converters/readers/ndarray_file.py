@@ -33,8 +33,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bbadapt.core.errors import WeightsError
-
-from . import limits
+from converters.readers import limits
 
 LIST_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC, V3_MAGIC = 0xF993FAC8, 0xF993FAC9, 0xF993FACA

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.errors import WeightsError
-
-from . import limits
+from converters.readers import limits
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 DTYPES = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.spec import parse_spec
+from bbadapt.core.spec import parse_spec
 
 from ..py2pickle import dumps as py2_dumps
 

@@ -29,7 +29,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bbadapt.errors import BbadaptError
+from bbadapt.core.errors import BbadaptError
 
 ROOT = Path(__file__).resolve().parents[2]
 CIFAR_PARAMS = ROOT / "bbadapt" / "data" / "cifar_resnet20_v1-0000.params"
@@ -43,7 +43,7 @@ INTERESTING = (0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 2**31 - 1, 2**31, 2**32 -
 
 def stem() -> dict[str, np.ndarray]:
     """The real stem conv + BatchNorm of the packaged CIFAR ResNet-20 (weight, gamma, beta, mean, var)."""
-    from converters import ndarray_file
+    from converters.readers import ndarray_file
 
     arrays = ndarray_file.load(CIFAR_PARAMS)
     prefix = "cifarresnetv10_"
@@ -54,7 +54,7 @@ def stem() -> dict[str, np.ndarray]:
 
 def safetensors_seed() -> bytes:
     """A torchvision-named state dict of the stem (what torchvision's conv1/bn1 hold)."""
-    from converters import safetensors_io
+    from converters.readers import safetensors_io
 
     a = stem()
     return safetensors_io.dumps({"conv1.weight": a["weight"], "bn1.weight": a["gamma"], "bn1.bias": a["beta"],
@@ -102,19 +102,19 @@ def detectron_seed() -> bytes:
 
 
 def _read(path: Path, arch: str | None = None) -> None:
-    import converters
+    from converters import readers as converters
 
     converters.read(path, arch=arch)
 
 
 def _inspect(path: Path) -> None:
-    from converters.inspection import inspect_file
+    from converters.readers.inspection import inspect_file
 
     inspect_file(path)
 
 
 def _graph(path: Path) -> None:
-    from converters import mxnet_symbol, ndarray_file
+    from converters.readers import mxnet_symbol, ndarray_file
 
     mxnet_symbol.read_graph(ndarray_file.symbol_json(path), str(path))
 

@@ -196,7 +196,7 @@ def test_a_manifest_nested_absurdly_deep_is_a_damaged_bundle(tmp_path):
 def test_manifest_file_names_must_stay_inside_the_bundle(tmp_path, section, name):
     manifest = {"schema_version": 1, "model": "resnet18_v1", "plan": [],
                 "source": {"preset": "imagenet"}, "target": {"preset": "rgb255"}}
-    from bbadapt.spec import parse_spec
+    from bbadapt.core.spec import parse_spec
 
     manifest["source"], manifest["target"] = parse_spec("imagenet").to_dict(), parse_spec("rgb255").to_dict()
     if section == "top":

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import safetensors_io, torchvision
+from converters.readers import safetensors_io, torchvision
 
 NO_MXNET = ("import sys; sys.modules['mxnet'] = None; from bbadapt.cli import main; "
             "sys.argv = ['bbadapt'] + sys.argv[1:]; main()")

@@ -14,10 +14,10 @@ import json
 import mxnet as mx
 import pytest
 
-import converters
-from bbadapt import images
-from bbadapt.errors import WeightsError
-from converters import mxnet_symbol
+from bbadapt.core import images
+from bbadapt.core.errors import WeightsError
+from converters import readers as converters
+from converters.readers import mxnet_symbol
 
 from ..test_mxnet_symbol import FP32_ROUNDING, GRAPHS, max_rel, write_checkpoint
 

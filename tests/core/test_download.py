@@ -28,7 +28,7 @@ import pytest
 
 from bbadapt.core import download
 from bbadapt.core.download import DownloadOptions, ZooFile, fetch
-from bbadapt.errors import WeightsError
+from bbadapt.core.errors import WeightsError
 
 ZOO_CLI = Path(__file__).with_name("zoo_cli.py")
 FAST = DownloadOptions(connect_timeout=2, read_timeout=1, retries=1, backoff=0.05)
@@ -285,7 +285,7 @@ def random_zoo_params(name: str, tmp_path: Path) -> bytes:
     """A zoo architecture's parameters (seeded random), as the zoo's .params file holds them."""
     import mxnet as mx
 
-    from bbadapt import zoo
+    from bbadapt.core import zoo
 
     mx.random.seed(0)
     net = zoo.build(name)

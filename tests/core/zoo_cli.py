@@ -52,7 +52,7 @@ def main() -> None:
 
         model_store._model_sha1.update(tables["mxnet"])
     if tables.get("gluoncv"):
-        from bbadapt.zoo import import_gluoncv
+        from bbadapt.core.zoo import import_gluoncv
 
         import_gluoncv()
         from gluoncv.model_zoo import model_store
