@@ -7,7 +7,7 @@ then the raw little-endian tensor bytes; offsets are relative to the end of the 
 A valid file has its tensors packed without overlap or holes and nothing after them.
 
 Reading is strict: every way a file can be cut short or lie about itself is one
-:class:`~bbadapt.errors.WeightsError` line, because a quietly mis-read tensor would pass
+:class:`~bbadapt.core.errors.WeightsError` line, because a quietly mis-read tensor would pass
 through a conversion as wrong weights.
 """
 
