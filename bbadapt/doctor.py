@@ -76,11 +76,12 @@ def mxnet_section() -> dict:
 def libraries_section(mxnet: dict) -> dict:
     """For a CUDA build: each library, where it resolved (pip folder or system) or what to install."""
     build = mxnet.get("cuda11_build")
-    if build is None and not mxnet.get("features", {}).get("CUDA"):
-        return {"needed": False, "libraries": [], "system": []}
+    if build is None:  # the CPU build, or an mxnet built elsewhere (NVIDIA's container) with libraries of its own
+        return {"needed": False, "libraries": [], "system": [],
+                "note": "not the pip mxnet-cu11x wheel" if mxnet.get("features", {}).get("CUDA") else "CPU build"}
     result = cuda_libs.preload()
     if result.build is None:  # no nvidia folder on sys.path: look where the loader looks
-        result = cuda_libs.load_all(build or "mxnet (CUDA build)", cuda_libs.nvidia_roots())
+        result = cuda_libs.load_all(build, cuda_libs.nvidia_roots())
     libraries = [{"soname": r.library.soname, "status": r.status, "path": r.path, "required": r.library.required,
                   "package": r.library.package.requirement, "needed_by": r.library.needed_by, "error": r.error}
                  for r in result.libraries]
@@ -200,7 +201,8 @@ def render(report: dict) -> list[str]:
 
 def _library_lines(section: dict) -> list[str]:
     if not section["needed"]:
-        return ["CUDA libs     not needed (CPU build)"]
+        return [f"CUDA libs     not checked ({section['note']})" if section["note"] != "CPU build"
+                else "CUDA libs     not needed (CPU build)"]
     lines = ["CUDA libs"]
     for lib in section["libraries"]:
         if lib["status"] in ("pip", "system"):
