@@ -5,6 +5,7 @@ small (48x48 and an odd 37x41; CIFAR 32x32 and 37x29) to keep the suite fast.
 """
 
 import functools
+import math
 
 import pytest
 
@@ -83,10 +84,18 @@ def test_every_core_model_in_every_fold_and_bn_mode(name, fold, bn):
 @pytest.mark.parametrize("name", STRETCH)
 def test_further_resnet_kin_convert_without_model_specific_code(name):
     """Random-weight SE nets are ill-conditioned in fp32 (the original's own error against
-    float64 exceeds 1e-5); there the check proves the adapted net no less accurate than it."""
+    float64 exceeds 1e-5); there the check proves the adapted net no less accurate than it.
+    The deepest are chaotic (own error above 1e-3): the check must say INCONCLUSIVE, and its
+    pass/fail there compares two noise trajectories (with real BN statistics
+    se_resnext101_32x4d's stage4 RMS ratio is 2.55 while the original itself is 5% off
+    float64), so only conclusive checks must pass."""
     adapted, report = _convert_and_check(name, "bn", "fused")
-    assert report["passed"], report["reasons"]
-    assert all(p["fp64"]["ratio"] <= 2 for p in report["probes"])
+    assert all(math.isfinite(p["max_abs"]) for p in report["probes"])
+    if report["conclusive"]:
+        assert report["passed"], report["reasons"]
+        assert all(p["fp64"]["ratio"] <= 2 for p in report["probes"])
+    else:
+        assert name.startswith("se_") and any(n.startswith("INCONCLUSIVE") for n in report["notes"])
     if report["worst_max_rel"] > 1e-5:
         assert name.startswith("se_") and report["tolerance"]["raised"]
     assert report["conclusive"] == (report["worst_max_rel"] <= 1e-3)
