@@ -191,11 +191,13 @@ def convert(
                                           tolerance=tolerance, progress=say, fmt=fmt,
                                           detector=detector.value if detector else None,
                                           classes=parse_classes(classes), layout=layout.value, freeze_at=freeze_at)
-        steps = [s["op"] for s in adapted.plan]
+        from bbadapt.core.plan import Affine, Fuse, GlobalStats
+
+        kinds = [type(step) for step in adapted.steps]
         out_console.print(f"{report['model']}: {adapted.source.to_string()} -> {adapted.target.to_string()}, "
                           f"fold={adapted.fold}{'' if adapted.exact else ' (APPROXIMATE)'}, bn={adapted.bn}: "
-                          f"{steps.count('fuse')} BN fused, {steps.count('affine')} affine, "
-                          f"{steps.count('global_stats')} global-stats"
+                          f"{kinds.count(Fuse)} BN fused, {kinds.count(Affine)} affine, "
+                          f"{kinds.count(GlobalStats)} global-stats"
                           f"{', input folded' if adapted.fold != 'none' else ''}", markup=False)
         _summary(report, out)
         if detector:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bbadapt.bundle.backbone import load_adapted, save_backbone
+from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.check.equivalence import check
 from bbadapt.check.report import write_reports
@@ -201,6 +201,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
         raise OutputError(f"{directory} is a training checkpoint: it holds the trained detector, not the converted "
                           "backbone that `check` compares with its original; check the bundle it was trained from")
     manifest = read_manifest(directory)
+    stored_plan(manifest)  # a damaged plan is found before minutes of reloading the original
     src = InputSpec.from_dict(manifest["source"])
     prov = manifest.get("weights", {})
     if prov.get("kind") == "file":

@@ -13,7 +13,7 @@ Caffe2's BatchNorm was replaced by ``AffineChannel`` (``y = x * s + b``, no stat
 when the MSRA weights were converted, and the stride sits in the first 1x1 of each
 bottleneck: exactly Gluon's ``resnetN_v1`` layout. Each AffineChannel becomes a Gluon
 BatchNorm with ``gamma = s``, ``beta = b``, ``running_mean = 0`` and a ``running_var``
-that makes ``var + eps`` exactly 1 in float32 (:mod:`converters.affine_bn`), so the
+that makes ``var + eps`` exactly 1 in float32 (:func:`bbadapt.core.foldmath.batchnorm_for_affine`), so the
 converted net computes ``x * s + b`` bit for bit. Gluon's bottleneck 1x1 convs have a
 bias Caffe2's lack: set to zero. A conv bias in the file (``conv1_b``) goes into the
 following BN's ``beta`` (``s * (Wx + c) + b``).
@@ -36,10 +36,10 @@ import numpy as np
 
 from bbadapt.core.architectures.gluon_resnet import gluon_resnet_v1
 from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.foldmath import batchnorm_for_affine
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.zoo import RESNET_LAYOUTS, resnet_depth
 from converters.readers import safe_pickle
-from converters.readers.affine_bn import as_batchnorm
 from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
 
 SOURCE_SPEC = "order=bgr,scale=1,mean=102.9801/115.9465/122.7717,std=1/1/1"
@@ -130,7 +130,7 @@ def to_gluon(blobs: dict[str, np.ndarray], depth: int, net_params) -> tuple[dict
             shift = b + s * bias if bias is not None and bias.shape == s.shape else b
             if bias is not None and bias.shape != s.shape:
                 used.discard(f"{prefix}_b")  # reported as unmatched below
-            for key, value in as_batchnorm(s, shift, BN_EPS).items():
+            for key, value in batchnorm_for_affine(s, shift, BN_EPS).items():
                 out[f"{bn}.{key}"] = value
     for w_name, b_name in HEADS:
         if w_name in blobs:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.foldmath import unit_variance
 from bbadapt.core.registry import Converted
 from bbadapt.core.zoo import RESNET_LAYOUTS, resnet_depth
 from converters.readers import safetensors_io
-from converters.readers.affine_bn import unit_variance
 from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
 
 BN_EPS = 1e-5  # torchvision's and gluoncv v1b's BatchNorm eps

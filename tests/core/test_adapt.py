@@ -11,6 +11,7 @@ from bbadapt.check.equivalence import check
 from bbadapt.core import images
 from bbadapt.core.blocks import FrozenAffine, Identity
 from bbadapt.core.errors import WeightsError
+from bbadapt.core.plan import Affine, FoldIntoBN, Fuse
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import parse_spec
 from bbadapt.core.trace import block_paths
@@ -45,9 +46,9 @@ def test_fused_mode_leaves_no_batchnorm_and_only_preactivation_ones_become_affin
     adapted = bbadapt.adapt(net18v2, "imagenet", "rgb255", bn="fused")
     blocks = list(block_paths(adapted.net).values())
     assert not any(isinstance(b, nn.BatchNorm) for b in blocks)
-    affine_steps = [s for s in adapted.plan if s["op"] == "affine"]
-    assert len(affine_steps) == 9 and all("pre-activation" in s["why"] or "elsewhere" in s["why"] for s in affine_steps)
-    assert sum(isinstance(b, Identity) for b in blocks) == len([s for s in adapted.plan if s["op"] == "fuse"])
+    affine_steps = [s for s in adapted.steps if isinstance(s, Affine)]
+    assert len(affine_steps) == 9 and all("pre-activation" in s.why or "elsewhere" in s.why for s in affine_steps)
+    assert sum(isinstance(b, Identity) for b in blocks) == len([s for s in adapted.steps if isinstance(s, Fuse)])
     assert sum(isinstance(b, FrozenAffine) for b in blocks) == len(affine_steps) + 1  # + the data BN
 
 
@@ -91,8 +92,8 @@ def test_global_stats_data_bn_switches_gamma_on_when_fix_gamma_cannot_express_th
     data_bn = block_paths(net)["features.0"]
     data_bn.running_var.set_data(mx.nd.full((3,), 0.01))  # 1/sqrt(var) * a > 1/sqrt(eps)
     adapted = bbadapt.adapt(net, "rgb255", "imagenet", bn="global-stats")
-    step = next(s for s in adapted.plan if s["op"] == "input_bn")
-    assert step["fix_gamma"] is False
+    result = next(r for s, r in zip(adapted.steps, adapted.results, strict=True) if isinstance(s, FoldIntoBN))
+    assert result.fix_gamma is False
     assert _max_rel(adapted.net, "imagenet", net, "rgb255", _raw()) < 1e-5
 
 
