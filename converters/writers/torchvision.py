@@ -152,7 +152,7 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
         staged.write_bytes(payload)
         say("reading the export back and checking it against the bundle")
         again = read_torchvision(staged)
-    report = bbadapt.check(again.net, source, bundle.adapted, sizes=sizes, n_photos=2)
+    report = bbadapt.check(again.net, source, bundle.adapted, options=bbadapt.CheckOptions(sizes=sizes, n_photos=2))
     if not report["passed"]:
         raise OutputError(f"the exported weights do not reproduce the bundle (worst max rel {report['worst_max_rel']:.3g}); "
                           f"nothing written: {'; '.join(report.get('reasons', []))[:200]}")

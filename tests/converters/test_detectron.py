@@ -133,7 +133,7 @@ def test_the_affine_batchnorm_is_exact_to_the_bit():
 def test_converted_detectron_weights_adapt_to_rgb255_and_pass_the_check(r50_pkl):
     c = readers.read(r50_pkl)
     adapted = bbadapt.adapt(c.net, c.source_spec, "rgb255", bn="fused")
-    report = bbadapt.check(c.net, c.source_spec, adapted, sizes=[(64, 64), (45, 53)], n_photos=1)
+    report = bbadapt.check(c.net, c.source_spec, adapted, options=bbadapt.CheckOptions(sizes=[(64, 64), (45, 53)], n_photos=1))
     assert report["passed"] and report["worst_max_rel"] < 1e-5
 
 

@@ -7,7 +7,7 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 import bbadapt
-from bbadapt.check.equivalence import check
+from bbadapt.check.equivalence import CheckOptions, check
 from bbadapt.core import images
 from bbadapt.core.blocks import FrozenAffine, Identity
 from bbadapt.core.errors import WeightsError
@@ -106,7 +106,7 @@ def test_zero_and_tiny_variances_stay_finite_and_are_reported():
     for mode in ("fused", "affine"):
         adapted = bbadapt.adapt(net, "imagenet", "rgb255", bn=mode)
         assert adapted.health and adapted.health[0]["tiny_var_channels"] == 3
-        report = check(net, "imagenet", adapted, sizes=SMALL_SIZES, n_photos=1)
+        report = check(net, "imagenet", adapted, options=CheckOptions(sizes=SMALL_SIZES, n_photos=1))
         assert report["passed"], report["reasons"]
 
 
@@ -134,7 +134,7 @@ def test_conv_fold_is_exact_when_there_is_no_shift(net18v1):
 def test_conv_fold_with_a_shift_is_flagged_approximate_and_wrong_only_at_the_border(net18v1):
     adapted = bbadapt.adapt(net18v1, "imagenet", "rgb255", fold="conv")
     assert not adapted.exact
-    report = check(net18v1, "imagenet", adapted, sizes=[(64, 64)], n_photos=2)
+    report = check(net18v1, "imagenet", adapted, options=CheckOptions(sizes=[(64, 64)], n_photos=2))
     stem = report["probes"][0]
     assert report["exact"] is False and report["passed"]
     assert stem["border"]["max_rel"] > 1e-3  # padding means "black" now, "mean colour" before
@@ -169,7 +169,7 @@ def test_a_hybridized_network_that_already_ran_adapts_and_checks(net18v2):
     net.hybridize(static_alloc=True)
     net(mx.nd.array(_raw(1)))  # compiled graph exists now
     adapted = bbadapt.adapt(net, "imagenet", "rgb255")
-    report = check(net, "imagenet", adapted, sizes=SMALL_SIZES, n_photos=1)
+    report = check(net, "imagenet", adapted, options=CheckOptions(sizes=SMALL_SIZES, n_photos=1))
     assert report["passed"], report["reasons"]
 
 
@@ -184,5 +184,5 @@ def test_adapting_an_adapted_network_is_refused_in_one_line(net18v1):
 def test_conv_fold_absorbs_the_v2_data_batchnorm_with_a_channel_swap(net18v2):
     adapted = bbadapt.adapt(net18v2, "imagenet", "bgr255", fold="conv", bn="fused")
     assert not any(isinstance(b, nn.BatchNorm) for b in block_paths(adapted.net).values())
-    report = check(net18v2, "imagenet", adapted, sizes=[(64, 64)], n_photos=2)
+    report = check(net18v2, "imagenet", adapted, options=CheckOptions(sizes=[(64, 64)], n_photos=2))
     assert report["passed"] and report["probes"][0]["interior"]["max_rel"] < 1e-5
