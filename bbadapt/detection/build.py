@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from bbadapt.core.blocks import get_block
 from bbadapt.core.errors import ModelError, OptionError
 from bbadapt.core.zoo import import_gluoncv
+from bbadapt.detection.runtime import ctx_of
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
@@ -119,10 +120,6 @@ def json_settings(settings: dict) -> dict:
 # ---------------------------------------------------------------- layout discovery
 
 
-def _ctx_of(net):
-    return next(iter(net.collect_params().values())).list_ctx()[0]
-
-
 def _execution_order(backbone, container: str) -> list[tuple[str, tuple]]:
     """(child name, output shape) of the container's children in the order they run."""
     import mxnet as mx
@@ -135,7 +132,7 @@ def _execution_order(backbone, container: str) -> list[tuple[str, tuple]]:
         handles.append(child.register_forward_hook(hook))
     try:
         backbone.hybridize(False)  # hooks of children only fire in an eager pass
-        backbone(mx.nd.zeros((1, 3, PROBE_SIZE, PROBE_SIZE), ctx=_ctx_of(backbone)))
+        backbone(mx.nd.zeros((1, 3, PROBE_SIZE, PROBE_SIZE), ctx=ctx_of(backbone)))
     finally:
         for handle in handles:
             handle.detach()
@@ -311,7 +308,7 @@ def _fpn_features(backbone, layout: BackboneLayout):
         warnings.simplefilter("ignore")
         return FPNFeatureExpander(network=backbone, outputs=layout.outputs, num_filters=[FPN_FILTERS] * 4,
                                   use_1x1=True, use_upsample=True, use_elewadd=True, use_p6=True, no_bias=False,
-                                  pretrained=False, ctx=_ctx_of(backbone))
+                                  pretrained=False, ctx=ctx_of(backbone))
 
 
 def _fpn_box_head(detector):
@@ -419,7 +416,7 @@ def build_detector(backbone, graph, family: str, classes: list[str], layout: str
         raise OptionError(f"freeze_at must be 0..5, got {freeze_at!r}")
     settings = settings_for(layout, overrides)
     found = discover_layout(backbone, graph)
-    ctx = _ctx_of(backbone)
+    ctx = ctx_of(backbone)
     if layout == "c4":
         features, top = _c4_parts(backbone, found)
         detector = get_faster_rcnn(name=backbone.prefix.rstrip("_"), dataset="custom", pretrained=False, ctx=ctx,

@@ -38,14 +38,21 @@ from bbadapt.core.architectures.gluon_resnet import gluon_resnet_v1
 from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.foldmath import batchnorm_for_affine
 from bbadapt.core.registry import Converted, custom_info
-from bbadapt.core.zoo import RESNET_LAYOUTS, resnet_depth
+from bbadapt.core.zoo import RESNET_LAYOUTS
 from converters.readers import safe_pickle
-from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
+from converters.readers.base import (
+    Format,
+    ResNetNaming,
+    check_tensors,
+    file_digest,
+    read_layout,
+    require_file,
+    unmatched_error,
+)
 
 SOURCE_SPEC = "order=bgr,scale=1,mean=102.9801/115.9465/122.7717,std=1/1/1"
 BN_EPS = 1e-5  # gluon BatchNorm's default, what resnetN_v1 builds
 HEAD_SEED = 0
-_BLOCK = re.compile(r"^res([2-5])_(\d+)_branch")
 _BLOB_NAME = re.compile(rb"(?:res[2-5]_\d+_branch|res_conv1_bn|conv1_[wb]|pred_[wb]|fc1000_[wb]|blobs)")
 BUILDER = "gluon-resnet-v1"
 HEADS = (("pred_w", "pred_b"), ("fc1000_w", "fc1000_b"))
@@ -68,18 +75,13 @@ def blobs_of(loaded, path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+NAMING = ResNetNaming(re.compile(r"^res([2-5])_(\d+)_branch"), (2, 3, 4, 5), "conv1_w", "res2_0_branch2c_w",
+                      "the blobs are not a Detectron ResNet (need conv1_w and res2..res5 blocks)")
+
+
 def layout(names) -> tuple[int, bool, tuple[int, ...]]:
     """(depth, bottleneck, blocks per stage) read off the blob names."""
-    blocks: dict[int, set[int]] = {}
-    for name in names:
-        m = _BLOCK.match(name)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if sorted(blocks) != [2, 3, 4, 5] or "conv1_w" not in names:
-        raise ModelError("the blobs are not a Detectron ResNet (need conv1_w and res2..res5 blocks)")
-    counts = tuple(len(blocks[k]) for k in (2, 3, 4, 5))
-    bottleneck = "res2_0_branch2c_w" in names
-    depth = resnet_depth(counts, bottleneck)
+    depth, bottleneck, counts = read_layout(names, NAMING)
     if depth is None:
         raise ModelError(f"a Detectron ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per "
                          f"stage has no Gluon resnet_v1 twin (known: {sorted(RESNET_LAYOUTS)})")
