@@ -21,8 +21,8 @@ _PUBLIC = {
     "Adapted": "core.rewrite", "adapt": "core.rewrite",
     "load_backbone": "bundle.backbone", "read_manifest": "bundle.manifest",
     "load_detector": "detection.detector_bundle",
-    "convert": "pipeline", "recheck": "pipeline",
-    "check": "check.equivalence",
+    "convert": "pipeline", "recheck": "pipeline", "ConvertOptions": "pipeline", "DetectorOptions": "pipeline",
+    "check": "check.equivalence", "CheckOptions": "check.equivalence",
     "BbadaptError": "core.errors",
     "PRESETS": "core.spec", "InputSpec": "core.spec", "affine_map": "core.spec", "parse_spec": "core.spec",
 }

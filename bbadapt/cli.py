@@ -187,21 +187,24 @@ def convert(
         if detector and not parse_classes(classes):
             raise OptionError("--detector needs --classes, e.g. --classes raccoon")
         sizes_parsed = parse_sizes(sizes)
+        from bbadapt.pipeline import ConvertOptions, DetectorOptions
         from bbadapt.pipeline import convert as run_convert
 
+        options = ConvertOptions(weights=weights, fmt=fmt, source=source, target=target, fold=fold.value,
+                                 bn=bn.value if bn else None, seed=seed, force=force,
+                                 images=str(images) if images else None, sizes=sizes_parsed, tolerance=tolerance)
+        detector_options = (DetectorOptions(classes=parse_classes(classes), kind=detector.value, layout=layout.value,
+                                            freeze_at=freeze_at) if detector else None)
         out = out or default_out(model, weights)
         with progress_line() as say:
-            report, adapted = run_convert(model, out, weights=weights, source=source, target=target, fold=fold.value,
-                                          bn=bn.value if bn else None, force=force,
-                                          images=str(images) if images else None, sizes=sizes_parsed, seed=seed,
-                                          tolerance=tolerance, progress=say, fmt=fmt,
-                                          detector=detector.value if detector else None,
-                                          classes=parse_classes(classes), layout=layout.value, freeze_at=freeze_at)
-        steps = [s["op"] for s in adapted.plan]
+            report, adapted = run_convert(model, out, options, detector_options, progress=say)
+        from bbadapt.core.plan import Affine, Fuse, GlobalStats
+
+        kinds = [type(step) for step in adapted.steps]
         out_console.print(f"{report['model']}: {adapted.source.to_string()} -> {adapted.target.to_string()}, "
                           f"fold={adapted.fold}{'' if adapted.exact else ' (APPROXIMATE)'}, bn={adapted.bn}: "
-                          f"{steps.count('fuse')} BN fused, {steps.count('affine')} affine, "
-                          f"{steps.count('global_stats')} global-stats"
+                          f"{kinds.count(Fuse)} BN fused, {kinds.count(Affine)} affine, "
+                          f"{kinds.count(GlobalStats)} global-stats"
                           f"{', input folded' if adapted.fold != 'none' else ''}", markup=False)
         _summary(report, out)
         if detector:

@@ -1,7 +1,8 @@
 """The whole job, as one function the CLI and Python users share.
 
 source weights -> Gluon net + source spec -> adapt -> check -> bundle. ``bbadapt convert``
-and :func:`convert` take the same arguments; ``bbadapt check DIR`` is :func:`recheck`.
+builds a :class:`ConvertOptions` (and a :class:`DetectorOptions` for ``--detector``) and
+calls :func:`convert`; ``bbadapt check DIR`` is :func:`recheck`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bbadapt.bundle.backbone import load_adapted, save_backbone
+from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.check.budget import require_check_memory
-from bbadapt.check.equivalence import check, default_sizes
+from bbadapt.check.equivalence import CheckOptions, check, default_sizes
 from bbadapt.check.report import write_reports
 from bbadapt.core import images as imgs
 from bbadapt.core import zoo
@@ -102,68 +104,112 @@ def _labelled(info: zoo.ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
     return tiles, labels
 
 
-def convert(model: str | None, out: str | os.PathLike, weights: str = "pretrained", source: str | None = None,
-            target: str = "rgb255", fold: str = "auto", bn: str | None = None, force: bool = False,
-            images: str | None = None, sizes: list[tuple[int, int]] | None = None, seed: int = 0,
-            tolerance: float = 1e-5, progress: Progress | None = None, fmt: str | None = None,
-            detector: str | None = None, classes: list[str] | None = None, layout: str = "c4",
-            freeze_at: int = 2, detector_options: dict | None = None) -> tuple[dict, Adapted]:
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything ``bbadapt convert`` takes besides the model and the output directory.
+
+    ``weights``: ``pretrained``, ``random`` or a weights file (``fmt`` overrides the sniffed
+    format); ``source``: the input spec the weights expect (default: the model's own);
+    ``target``: the spec you will feed; ``fold``: ``auto``/``bn``/``conv``; ``bn``: the frozen
+    BatchNorm form (default ``fused``, ``affine`` with a detector); ``seed``: for random
+    weights; ``force``: replace an existing output; ``images``/``sizes``/``tolerance``: the
+    equivalence check (:class:`~bbadapt.check.equivalence.CheckOptions`).
+    """
+
+    weights: str = "pretrained"
+    fmt: str | None = None
+    source: str | None = None
+    target: str = "rgb255"
+    fold: str = "auto"
+    bn: str | None = None
+    seed: int = 0
+    force: bool = False
+    images: str | None = None
+    sizes: list[tuple[int, int]] | None = None
+    tolerance: float = 1e-5
+
+
+DETECTORS = ("faster-rcnn",)
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """``bbadapt convert --detector/--classes/--layout/--freeze-at``, plus settings that the CLI does not
+    expose (``overrides``: e.g. RPN/ROI sample counts, see :mod:`bbadapt.detection.build`)."""
+
+    classes: list[str] = field(default_factory=list)
+    kind: str = "faster-rcnn"
+    layout: str = "c4"
+    freeze_at: int = 2
+    overrides: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DETECTORS:
+            raise OptionError(f"unknown detector {self.kind!r}; bbadapt builds {', '.join(DETECTORS)}")
+
+
+def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions | None = None,
+            detector: DetectorOptions | None = None, progress: Progress | None = None) -> tuple[dict, Adapted]:
     """Adapt ``model`` (or the network in a weights file), check it and write ``out`` atomically.
 
-    ``bn`` defaults to ``fused`` for a backbone and ``affine`` for a detector (the form that
-    trains like a frozen BN). With ``detector="faster-rcnn"`` the output also holds a
-    Faster R-CNN built on the adapted backbone (:mod:`bbadapt.detection`).
-    Returns the report and the :class:`~bbadapt.rewrite.Adapted` net.
+    ``options``: weights, specs, fold, BN form, check settings (:class:`ConvertOptions`).
+    With ``detector`` the output also holds a Faster R-CNN built on the adapted backbone
+    (:mod:`bbadapt.detection`), and the BN form defaults to ``affine`` (trains like a frozen BN).
+    Returns the report and the :class:`~bbadapt.core.rewrite.Adapted` net.
     """
     say = progress or (lambda _m: None)
-    if detector not in (None, "faster-rcnn"):
-        raise OptionError(f"unknown detector {detector!r}; bbadapt builds faster-rcnn")
-    bn = bn or ("affine" if detector else "fused")
-    tgt = parse_spec(target)
-    src_override = parse_spec(source) if source else None
-    if model is not None and weights in WEIGHT_KINDS:
+    opts = options or ConvertOptions()
+    bn = opts.bn or ("affine" if detector else "fused")
+    tgt = parse_spec(opts.target)
+    src_override = parse_spec(opts.source) if opts.source else None
+    if model is not None and opts.weights in WEIGHT_KINDS:
         info = zoo.model_info(model)  # argument errors before any work
         if detector:
-            _detection().validate_request(info, classes or [], layout, freeze_at)
-    refuse_existing(Path(out), force)  # fail before minutes of work, not after
-    if images:
-        imgs.photo_files(images)
-    original = load_source(model, weights, seed, src_override, say, fmt)
+            _validate_detector(info, detector)
+    refuse_existing(Path(out), opts.force)  # fail before minutes of work, not after
+    if opts.images:
+        imgs.photo_files(opts.images)
+    original = load_source(model, opts.weights, opts.seed, src_override, say, opts.fmt)
     info = original.info
     if detector:
-        _detection().validate_request(info, classes or [], layout, freeze_at)
+        _validate_detector(info, detector)
         _detection().discover_layout(original.net)  # can it be cut into a detector? before minutes of checking
     src = src_override or parse_spec(info.source_spec)
     net = original.net
-    say(f"adapting: fold={fold}, bn={bn}")
-    adapted = adapt(net, src, tgt, fold=fold, bn=bn)
+    say(f"adapting: fold={opts.fold}, bn={bn}")
+    adapted = adapt(net, src, tgt, fold=opts.fold, bn=bn)
     for param in net.collect_params().values():
         param.grad_req = "null"  # the original only serves as the reference now: free its gradients
-    report = _checked(net, adapted, info, images, sizes, tolerance, say)
+    report = _checked(net, adapted, info, _check_options(info, opts.images, opts.sizes, opts.tolerance), say)
     report["notes"] += output_notes(original.provenance)
     say(f"writing {out}")
-    with staged_output(out, force) as stage:
+    with staged_output(out, opts.force) as stage:
         params_sha = save_backbone(adapted, stage)
         manifest = {
             "kind": "detector" if detector else "backbone", "model": info.name, "arch": original.arch,
             "family": info.family, "input_size": info.input_size, "weights": original.provenance,
-            "source": src.to_dict(), "target": tgt.to_dict(), "fold_requested": fold, "fold": adapted.fold,
+            "source": src.to_dict(), "target": tgt.to_dict(), "fold_requested": opts.fold, "fold": adapted.fold,
             "bn": bn, "exact": adapted.exact, "plan": adapted.plan, "health": adapted.health,
             "graph": {"data_consumer": adapted.graph.data_consumer, "first_conv": adapted.graph.first_conv,
                       "stages": [s.path for s in adapted.graph.stages], "fusable_pairs": len(adapted.graph.pairs),
                       "unfusable": adapted.graph.unfusable},
             "params_file": PARAMS, "params_sha256": params_sha,
-            "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"], "tolerance": tolerance},
+            "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"], "tolerance": opts.tolerance},
         }
         if detector:
-            say(f"building the Faster R-CNN ({layout}) on the adapted backbone")
+            say(f"building the Faster R-CNN ({detector.layout}) on the adapted backbone")
             from bbadapt.detection.detector_bundle import add_detector
 
-            manifest["detector"] = add_detector(stage, adapted, info, classes or [], layout=layout, freeze_at=freeze_at,
-                                                overrides=detector_options, progress=say, seed=seed)
+            manifest["detector"] = add_detector(stage, adapted, info, list(detector.classes), layout=detector.layout,
+                                                freeze_at=detector.freeze_at, overrides=detector.overrides,
+                                                progress=say, seed=opts.seed)
         write_manifest(stage, manifest)
         write_reports(report, stage)
     return report, adapted
+
+
+def _validate_detector(info: zoo.ModelInfo, detector: DetectorOptions) -> None:
+    _detection().validate_request(info, list(detector.classes), detector.layout, detector.freeze_at)
 
 
 def _detection():
@@ -174,13 +220,18 @@ def _detection():
     return detection  # validate_request runs before any heavy work
 
 
-def _checked(original, adapted: Adapted, info: zoo.ModelInfo, images: str | None,
-             sizes: list[tuple[int, int]] | None, tolerance: float, say: Progress) -> dict:
-    """The check as convert and recheck run it: report with model name and BN health notes."""
+def _check_options(info: zoo.ModelInfo, images: str | None, sizes: list[tuple[int, int]] | None,
+                   tolerance: float) -> CheckOptions:
+    """The check as convert and recheck run it: CIFAR nets on tiles (and their labels), others on photos."""
+    return CheckOptions(sizes=sizes, photos_dir=images, cifar=info.is_cifar, tolerance=tolerance,
+                        labelled=_labelled(info))
+
+
+def _checked(original, adapted: Adapted, info: zoo.ModelInfo, options: CheckOptions, say: Progress) -> dict:
+    """The check's report with the model name and BN health notes (refused first if it cannot fit in memory)."""
     say("estimating the check's memory")
-    require_check_memory(original, sizes or default_sizes(info.input_size), CHECK_IMAGES_PER_SIZE)
-    report = check(original, adapted.source, adapted, cifar=info.is_cifar, photos_dir=images, sizes=sizes,
-                   tolerance=tolerance, labelled=_labelled(info), progress=say)
+    require_check_memory(original, options.sizes or default_sizes(info.input_size), CHECK_IMAGES_PER_SIZE)
+    report = check(original, adapted.source, adapted, options=options, progress=say)
     report["model"] = info.name
     report["notes"] += health_notes(adapted.health)
     return report
@@ -215,6 +266,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
         raise OutputError(f"{directory} is a training checkpoint: it holds the trained detector, not the converted "
                           "backbone that `check` compares with its original; check the bundle it was trained from")
     manifest = read_manifest(directory)
+    stored_plan(manifest)  # a damaged plan is found before minutes of reloading the original
     src = InputSpec.from_dict(manifest["source"])
     prov = manifest.get("weights", {})
     if prov.get("kind") == "file":
@@ -237,7 +289,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     say("rebuilding the adapted backbone from the bundle")
     adapted = load_adapted(directory, manifest)
     tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
-    report = _checked(original, adapted, info, images, sizes, tolerance, say)
+    report = _checked(original, adapted, info, _check_options(info, images, sizes, tolerance), say)
     report["notes"] += output_notes(again)
     if again.get("sha256") != prov.get("sha256"):
         report["notes"].append("the regenerated original weights differ bitwise from those converted "

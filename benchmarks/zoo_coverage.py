@@ -15,7 +15,7 @@ import argparse
 import time
 
 from bbadapt import adapt
-from bbadapt.check.equivalence import check, reference
+from bbadapt.check.equivalence import CheckOptions, check, reference
 from bbadapt.core import images, zoo
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import randomize
@@ -44,8 +44,8 @@ def main() -> None:
     for info in models:
         start = time.time()
         net = calibrated(info.name)
-        ref = reference(net, info.source_spec, sizes=[(32, 32), (37, 29)] if info.is_cifar else sizes,
-                        n_photos=1, cifar=info.is_cifar)
+        ref = reference(net, info.source_spec, CheckOptions(sizes=[(32, 32), (37, 29)] if info.is_cifar else sizes,
+                                                            n_photos=1, cifar=info.is_cifar))
         exact = [check(net, info.source_spec, adapt(net, info.source_spec, "rgb255", fold="bn", bn=bn), ref=ref)
                  for bn in BN_MODES]
         conv = check(net, info.source_spec, adapt(net, info.source_spec, "rgb255", fold="conv", bn="fused"), ref=ref)

@@ -24,6 +24,16 @@ def save_backbone(adapted, directory: Path) -> str:
     return sha256_of(path)
 
 
+def stored_plan(manifest: dict) -> tuple[list, list]:
+    """The typed steps and recorded results of a manifest's plan; a step bbadapt does not write is a damaged bundle."""
+    from bbadapt.core.plan import PlanStepError, from_records
+
+    try:
+        return from_records(manifest["plan"])
+    except PlanStepError as exc:
+        raise OutputError(f"bundle manifest has a damaged plan: {exc}") from None
+
+
 def backbone_structure(manifest: dict, net=None):
     """The adapted backbone's block tree (values not meaningful): the architecture with the plan replayed.
 
@@ -39,9 +49,9 @@ def backbone_structure(manifest: dict, net=None):
             net = rebuild(manifest.get("arch") or {"zoo": manifest["model"]})
         except ModelError as exc:  # the manifest names an architecture this bbadapt cannot build
             raise OutputError(f"bundle manifest: {exc}") from None
+    steps, _ = stored_plan(manifest)
     try:
-        apply_plan(net, [dict(step) for step in manifest["plan"]], InputSpec.from_dict(manifest["source"]),
-                   InputSpec.from_dict(manifest["target"]))
+        apply_plan(net, steps, InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"]))
     except ModelError as exc:  # a step the architecture does not have: the bundle is damaged, not the arguments
         raise OutputError(f"bundle manifest: its plan does not fit the architecture: {exc}") from None
     return net
@@ -72,6 +82,7 @@ def load_adapted(directory: str | os.PathLike, manifest: dict | None = None):
     from bbadapt.core.spec import InputSpec
 
     manifest = manifest or read_manifest(directory)
+    steps, results = stored_plan(manifest)  # as recorded: a replay on fresh values cannot tell what was exact
     net = load_backbone(directory)
     return Adapted(net, InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"]),
-                   manifest.get("bn", ""), [dict(step) for step in manifest["plan"]], None, manifest.get("health", []))
+                   manifest.get("bn", ""), steps, results, None, manifest.get("health", []))

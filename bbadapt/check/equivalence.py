@@ -130,6 +130,27 @@ def probe_images(size: tuple[int, int], cifar: bool, photos_dir=None, n_photos: 
     return np.concatenate([real, noise, flat]), meta
 
 
+@dataclass(frozen=True)
+class CheckOptions:
+    """What a check runs on and how strictly it judges (``bbadapt convert --images/--sizes/--tolerance``).
+
+    ``images``: raw RGB 0..255 NCHW batches instead of the default probe set (photos, noise,
+    flat colours at ``sizes``); ``photos_dir``: photos to use instead of the packaged ones;
+    ``cifar``: CIFAR tiles and 32-pixel sizes; ``labelled``: (raw images, labels) to also
+    report both pipelines' accuracy. A probe passes within ``tolerance`` (max rel) and with
+    an RMS error against float64 at most ``fp64_factor`` times the original's own.
+    """
+
+    images: list[np.ndarray] | None = None
+    sizes: list[tuple[int, int]] | None = None
+    photos_dir: str | None = None
+    cifar: bool = False
+    n_photos: int = 2
+    tolerance: float = 1e-5
+    fp64_factor: float = 2.0
+    labelled: tuple[np.ndarray, np.ndarray] | None = None
+
+
 @dataclass
 class Reference:
     """The original pipeline's side of a check: probe images and the fp32/fp64 outputs.
@@ -148,34 +169,40 @@ class Reference:
     fp64: list[dict[str, np.ndarray]]
 
 
-def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | None = None,
-              sizes: list[tuple[int, int]] | None = None, photos_dir=None, cifar: bool = False,
-              n_photos: int = 2, interiors: bool = False, progress: Callable[[str], None] | None = None) -> Reference:
+def _probe_batches(options: CheckOptions, probes: ProbeSet, interiors: bool) -> tuple[list[np.ndarray], list[dict]]:
+    """The raw images a check runs on, and what each one is."""
+    if options.images is not None:
+        batches = list(options.images)
+        return batches, [{"kind": "given", "name": f"batch{i}", "size": list(b.shape[2:])} for i, b in enumerate(batches)]
+    batches, inputs = [], []
+    sizes = options.sizes or default_sizes(32 if options.cifar else 224)
+    plan = [(size, options.n_photos, 1, imgs.FLAT_COLOURS) for size in sizes]
+    if interiors:
+        side = probes.interior_size()
+        plan.append(((side, side), 1, 0, imgs.FLAT_COLOURS[:1]))
+    for size, n_real, n_noise, colours in plan:
+        raw, meta = probe_images(size, options.cifar, options.photos_dir, n_real, n_noise, colours=colours)
+        batches.append(raw)
+        inputs += meta
+    return batches, inputs
+
+
+def reference(original, source: str | InputSpec, options: CheckOptions | None = None, *, interiors: bool = False,
+              progress: Callable[[str], None] | None = None) -> Reference:
     """Run the original pipeline (source normalization, original net, fp32 and fp64).
 
     ``interiors``: add one photo and one flat image at a size where every stage keeps an
     interior untouched by the zero padding (what an approximate fold is judged on).
     """
     say = progress or (lambda _msg: None)
+    options = options or CheckOptions()
     source = parse_spec(source)
     say("tracing the original network")
     probes = ProbeSet.from_graph(trace(original))
     ref32 = _eager(original)
     ref64 = clone(original, trainable=False)
     ref64.cast("float64")
-    if images is None:
-        batches, inputs = [], []
-        plan = [(size, n_photos, 1, imgs.FLAT_COLOURS) for size in sizes or default_sizes(32 if cifar else 224)]
-        if interiors:
-            side = probes.interior_size()
-            plan.append(((side, side), 1, 0, imgs.FLAT_COLOURS[:1]))
-        for size, n_real, n_noise, colours in plan:
-            raw, meta = probe_images(size, cifar, photos_dir, n_real, n_noise, colours=colours)
-            batches.append(raw)
-            inputs += meta
-    else:
-        batches = list(images)
-        inputs = [{"kind": "given", "name": f"batch{i}", "size": list(b.shape[2:])} for i, b in enumerate(batches)]
+    batches, inputs = _probe_batches(options, probes, interiors)
     fp32, fp64 = [], []
     for k, raw in enumerate(batches):
         say(f"running the original in float32 and float64 on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} "
@@ -185,96 +212,107 @@ def reference(original, source: str | InputSpec, *, images: list[np.ndarray] | N
     return Reference(original, ref32, source, probes, batches, inputs, fp32, fp64)
 
 
-def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None, *,
-          images: list[np.ndarray] | None = None, sizes: list[tuple[int, int]] | None = None,
-          photos_dir=None, cifar: bool = False, n_photos: int = 2, tolerance: float = 1e-5,
-          fp64_factor: float = 2.0, labelled: tuple[np.ndarray, np.ndarray] | None = None,
-          ref: Reference | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
+@dataclass
+class _Candidate:
+    """The adapted side of a check: the net run in float32, the spec it is fed, and what it claims."""
 
-    ``adapted`` is an :class:`~bbadapt.rewrite.Adapted` or a net (then ``target`` is needed).
-    ``images``: raw RGB 0..255 NCHW batches to use instead of the default probe set.
-    ``labelled``: (raw images, labels) to also report accuracy of both pipelines.
-    ``ref``: a :func:`reference` of the same original and source, to reuse.
-    Returns the report dict of ``docs/report-schema.md``.
-    """
-    say = progress or (lambda _msg: None)
-    source = parse_spec(source)
-    exact = True
-    meta_extra: dict = {}
-    if isinstance(adapted, Adapted):
-        target = adapted.target if target is None else parse_spec(target)
-        exact = adapted.exact
-        meta_extra = {"fold": adapted.fold, "bn": adapted.bn}
-        adapted_net = adapted.net
-    else:
-        adapted_net = adapted
-        target = parse_spec(target if target is not None else "rgb255")
-    if ref is None:
-        ref = reference(original, source, images=images, sizes=sizes, photos_dir=photos_dir, cifar=cifar,
-                        n_photos=n_photos, interiors=not exact, progress=say)
-    elif ref.original is not original or not ref.source.same_function(source):
+    net: object
+    target: InputSpec
+    exact: bool
+    fold: str | None
+    bn: str | None
+
+    @classmethod
+    def of(cls, adapted, target: str | InputSpec | None) -> _Candidate:
+        if isinstance(adapted, Adapted):
+            return cls(_eager(adapted.net), adapted.target if target is None else parse_spec(target), adapted.exact,
+                       adapted.fold, adapted.bn)
+        return cls(_eager(adapted), parse_spec(target if target is not None else "rgb255"), True, None, None)
+
+
+def _shared_reference(ref: Reference, original, source: InputSpec, options: CheckOptions) -> Reference:
+    if ref.original is not original or not ref.source.same_function(source):
         raise ValueError("the reference was computed for another network or source spec")
-    elif images is not None or sizes is not None:
+    if options.images is not None or options.sizes is not None:
         raise ValueError("images/sizes belong to the reference; pass them to reference(), not with ref=")
-    probes, inputs, ref32 = ref.probes, ref.inputs, ref.net32
-    test32 = _eager(adapted_net)
-    collected: dict[str, dict[str, list]] = {name: {"o32": [], "o64": [], "a32": []} for name in probes.names()}
+    return ref
+
+
+def _run_candidate(ref: Reference, candidate: _Candidate, say: Callable[[str], None]) -> dict[str, dict[str, list]]:
+    """Per probe: the original's fp32 and fp64 outputs and the adapted net's, batch by batch."""
+    collected: dict[str, dict[str, list]] = {name: {"o32": [], "o64": [], "a32": []} for name in ref.probes.names()}
     for k, raw in enumerate(ref.batches):
         say(f"running the adapted net on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{len(ref.batches)})")
-        a32 = run_probes(test32, target.normalize(raw), probes)
+        a32 = run_probes(candidate.net, candidate.target.normalize(raw), ref.probes)
         for name, c in collected.items():
             c["o32"].append(ref.fp32[k][name])
             c["o64"].append(ref.fp64[k][name])
             c["a32"].append(a32[name])
+    return collected
 
-    probe_reports = []
-    heatmap = histogram = None
-    for name in probes.names():
-        c = collected[name]
-        ref_max = max(float(np.abs(v).max()) for v in c["o32"]) or 1.0
-        err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"], strict=True)]
-        flat_err = np.concatenate([e.ravel() for e in err_list])
-        e64_orig, rms_orig = _vs_float64(c["o32"], c["o64"])
-        e64_adapt, rms_adapt = _vs_float64(c["a32"], c["o64"])
-        rms_floor = FP32_RESOLUTION * _rms(c["o64"])
-        ring = probes.rings.get(name)
-        border, interior = zip(*(_ring_split(e, ring) for e in err_list), strict=True)
-        border_v, interior_v = np.concatenate(border), np.concatenate(interior)
-        cos = min(_cosine(a, o) for a, o in zip(c["a32"], c["o32"], strict=True))
-        rec = {
-            "name": name,
-            "path": probes.stem if name == "stem" else (probes.stages[int(name[5:]) - 1] if name.startswith("stage") else ""),
-            "shape": [1, *c["o32"][0].shape[1:]],
-            "ref_max_abs": ref_max,
-            "max_abs": float(flat_err.max()),
-            "max_rel": float(flat_err.max()) / ref_max,
-            "mean_abs": float(flat_err.mean()),
-            "median_abs": float(np.median(flat_err)),
-            "p99_abs": float(np.percentile(flat_err, 99)),
-            "cosine": cos,
-            "ring": ring if c["o32"][0].ndim == 4 else None,
-            "border": _stats(border_v, ref_max) if c["o32"][0].ndim == 4 else None,
-            "interior": _stats(interior_v, ref_max),
-            "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
-                     "ratio": rms_adapt / max(rms_orig, rms_floor, np.finfo(np.float64).tiny)},
-        }
-        # Equivalence cannot be shown finer than the original's own fp32 evaluation error.
-        rec["tolerance"] = max(tolerance, fp64_factor * e64_orig / ref_max)
-        if exact:
-            rec["passed"] = rec["max_rel"] <= rec["tolerance"] and rec["fp64"]["ratio"] <= fp64_factor
-        elif rec["interior"] is not None:  # approximate fold: away from the padding it must still be exact
-            rec["passed"] = rec["interior"]["max_rel"] <= rec["tolerance"]
-        else:
-            rec["passed"] = None  # informational: padding differences reach all of it by design
-        probe_reports.append(rec)
-        if name == "stem" and err_list[0].ndim == 4:
-            heatmap = {"probe": name, "values": err_list[0].mean(axis=(0, 1)).tolist()}
-        if name == "output":
-            counts, edges = np.histogram(np.log10(np.maximum(flat_err, 1e-12)), bins=40)
-            histogram = {"probe": name, "edges": edges.tolist(), "counts": counts.tolist()}
 
-    report = _verdict(probe_reports, exact, tolerance, fp64_factor)
+def _probe_path(probes: ProbeSet, name: str) -> str:
+    return probes.stem if name == "stem" else (probes.stages[int(name[5:]) - 1] if name.startswith("stage") else "")
+
+
+def _probe_report(name: str, c: dict[str, list], probes: ProbeSet, exact: bool, options: CheckOptions) -> dict:
+    """One probe's errors (overall, border ring, interior, vs float64) and its verdict."""
+    ref_max = max(float(np.abs(v).max()) for v in c["o32"]) or 1.0
+    err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"], strict=True)]
+    flat_err = np.concatenate([e.ravel() for e in err_list])
+    e64_orig, rms_orig = _vs_float64(c["o32"], c["o64"])
+    e64_adapt, rms_adapt = _vs_float64(c["a32"], c["o64"])
+    rms_floor = FP32_RESOLUTION * _rms(c["o64"])
+    ring = probes.rings.get(name)
+    border, interior = zip(*(_ring_split(e, ring) for e in err_list), strict=True)
+    border_v, interior_v = np.concatenate(border), np.concatenate(interior)
+    cos = min(_cosine(a, o) for a, o in zip(c["a32"], c["o32"], strict=True))
+    spatial = c["o32"][0].ndim == 4
+    rec = {
+        "name": name,
+        "path": _probe_path(probes, name),
+        "shape": [1, *c["o32"][0].shape[1:]],
+        "ref_max_abs": ref_max,
+        "max_abs": float(flat_err.max()),
+        "max_rel": float(flat_err.max()) / ref_max,
+        "mean_abs": float(flat_err.mean()),
+        "median_abs": float(np.median(flat_err)),
+        "p99_abs": float(np.percentile(flat_err, 99)),
+        "cosine": cos,
+        "ring": ring if spatial else None,
+        "border": _stats(border_v, ref_max) if spatial else None,
+        "interior": _stats(interior_v, ref_max),
+        "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
+                 "ratio": rms_adapt / max(rms_orig, rms_floor, np.finfo(np.float64).tiny)},
+    }
+    # Equivalence cannot be shown finer than the original's own fp32 evaluation error.
+    rec["tolerance"] = max(options.tolerance, options.fp64_factor * e64_orig / ref_max)
+    if exact:
+        rec["passed"] = rec["max_rel"] <= rec["tolerance"] and rec["fp64"]["ratio"] <= options.fp64_factor
+    elif rec["interior"] is not None:  # approximate fold: away from the padding it must still be exact
+        rec["passed"] = rec["interior"]["max_rel"] <= rec["tolerance"]
+    else:
+        rec["passed"] = None  # informational: padding differences reach all of it by design
+    return rec
+
+
+def _error_maps(collected: dict[str, dict[str, list]]) -> tuple[dict | None, dict | None]:
+    """The stem's mean error per pixel (first batch) and a log10 histogram of the output's errors."""
+    heatmap = None
+    if "stem" in collected:
+        c = collected["stem"]
+        err = np.abs(c["a32"][0].astype(np.float64) - c["o32"][0])
+        if err.ndim == 4:
+            heatmap = {"probe": "stem", "values": err.mean(axis=(0, 1)).tolist()}
+    c = collected["output"]
+    flat_err = np.concatenate([np.abs(a.astype(np.float64) - o).ravel() for a, o in zip(c["a32"], c["o32"], strict=True)])
+    counts, edges = np.histogram(np.log10(np.maximum(flat_err, 1e-12)), bins=40)
+    return heatmap, {"probe": "output", "edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def _tolerance_notes(report: dict, probe_reports: list[dict], options: CheckOptions) -> None:
+    """Say where the original's own float32 error raised the tolerance, or makes the check inconclusive."""
+    tolerance = options.tolerance
     raised = [p for p in probe_reports if p["tolerance"] > tolerance]
     chaotic = [p["name"] for p in probe_reports if p["tolerance"] > INCONCLUSIVE_ABOVE]
     report["conclusive"] = not chaotic
@@ -289,32 +327,65 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
             "equivalence cannot be shown finer than the original network's own float32 error: at " + ", ".join(
                 f"{p['name']} that error against float64 is max rel {p['fp64']['original'] / p['ref_max_abs']:.1e}"
                 for p in raised)
-            + f", above the tolerance {tolerance:.0e}; the tolerance there is {fp64_factor}x that error "
+            + f", above the tolerance {tolerance:.0e}; the tolerance there is {options.fp64_factor}x that error "
               "(the RMS-vs-float64 criterion is unchanged)")
-    report.update({
-        "source": source.to_string(), "target": target.to_string(),
-        "fold": meta_extra.get("fold"), "bn": meta_extra.get("bn"),
-        "inputs": inputs, "probes": probe_reports,
-        "classification": _agreement(collected["output"]),
-        "heatmap": heatmap, "histogram": histogram,
-    })
-    if not exact:
-        stem = next((p for p in probe_reports if p["name"] == "stem"), None)
-        border = stem["border"]["max_rel"] if stem and stem["border"] else float("nan")
-        judged = [p["name"] for p in probe_reports if p["passed"] is not None]
-        report["notes"].append(
-            f"fold=conv is approximate: the input shift went into the first conv's bias, so zero padding means "
+
+
+def _approximate_note(probe_reports: list[dict]) -> str:
+    stem = next((p for p in probe_reports if p["name"] == "stem"), None)
+    border = stem["border"]["max_rel"] if stem and stem["border"] else float("nan")
+    judged = [p["name"] for p in probe_reports if p["passed"] is not None]
+    return (f"fold=conv is approximate: the input shift went into the first conv's bias, so zero padding means "
             f"black in the adapted net but the mean colour in the original; stem border max rel {border:.2e}, "
             f"final output max rel {probe_reports[-1]['max_rel']:.2e}. Judged on the interiors the padding "
             f"cannot reach ({', '.join(judged) or 'none'}); the rest is information.")
-    if labelled is not None:
-        raw, labels = labelled
-        say(f"classifying {len(raw)} labelled images with both pipelines")
-        o = run_probes(ref32, source.normalize(raw), ProbeSet("", [], {}, {}))["output"]
-        a = run_probes(test32, target.normalize(raw), ProbeSet("", [], {}, {}))["output"]
-        report["classification"]["labelled"] = {
-            "n": int(len(labels)), "accuracy_original": float(np.mean(o.argmax(1) == labels)),
+
+
+def _labelled_accuracy(ref: Reference, source: InputSpec, candidate: _Candidate,
+                       labelled: tuple[np.ndarray, np.ndarray], say: Callable[[str], None]) -> dict:
+    raw, labels = labelled
+    say(f"classifying {len(raw)} labelled images with both pipelines")
+    o = run_probes(ref.net32, source.normalize(raw), ProbeSet("", [], {}, {}))["output"]
+    a = run_probes(candidate.net, candidate.target.normalize(raw), ProbeSet("", [], {}, {}))["output"]
+    return {"n": int(len(labels)), "accuracy_original": float(np.mean(o.argmax(1) == labels)),
             "accuracy_adapted": float(np.mean(a.argmax(1) == labels)), "top1_agreement": float(np.mean(o.argmax(1) == a.argmax(1)))}
+
+
+def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None,
+          options: CheckOptions | None = None, *, ref: Reference | None = None,
+          progress: Callable[[str], None] | None = None) -> dict:
+    """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
+
+    ``adapted`` is an :class:`~bbadapt.core.rewrite.Adapted` or a net (then ``target`` is needed).
+    ``options``: images, sizes, tolerance ... (:class:`CheckOptions`).
+    ``ref``: a :func:`reference` of the same original and source, to reuse.
+    Returns the report dict of ``docs/report-schema.md``.
+    """
+    say = progress or (lambda _msg: None)
+    options = options or CheckOptions()
+    source = parse_spec(source)
+    candidate = _Candidate.of(adapted, target)
+    if ref is None:
+        ref = reference(original, source, options, interiors=not candidate.exact, progress=say)
+    else:
+        ref = _shared_reference(ref, original, source, options)
+    collected = _run_candidate(ref, candidate, say)
+    probe_reports = [_probe_report(name, collected[name], ref.probes, candidate.exact, options)
+                     for name in ref.probes.names()]
+    heatmap, histogram = _error_maps(collected)
+    report = _verdict(probe_reports, candidate.exact, options.tolerance, options.fp64_factor)
+    _tolerance_notes(report, probe_reports, options)
+    report.update({
+        "source": source.to_string(), "target": candidate.target.to_string(),
+        "fold": candidate.fold, "bn": candidate.bn,
+        "inputs": ref.inputs, "probes": probe_reports,
+        "classification": _agreement(collected["output"]),
+        "heatmap": heatmap, "histogram": histogram,
+    })
+    if not candidate.exact:
+        report["notes"].append(_approximate_note(probe_reports))
+    if options.labelled is not None:
+        report["classification"]["labelled"] = _labelled_accuracy(ref, source, candidate, options.labelled, say)
     return report
 
 

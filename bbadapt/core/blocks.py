@@ -8,23 +8,30 @@ the ``train_patterns`` regexes that select them) stay what they were.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from bbadapt.core.errors import ModelError
+from bbadapt.core.foldmath import bn_affine
+
+BLOCK_CLASSES = ("FrozenAffine", "Identity")  # defined on first use: importing this module must not import mxnet
 
 
 def make_frozen_affine(channels: int, prefix: str, scale: np.ndarray, shift: np.ndarray, ctx=None):
     """A constant per-channel affine block (NCHW), initialised to ``scale``/``shift``."""
     import mxnet as mx
 
-    block = FrozenAffine(channels, prefix=prefix)
+    block = _classes()["FrozenAffine"](channels, prefix=prefix)
     block.initialize(mx.init.Zero(), ctx=ctx)
     block.scale.set_data(mx.nd.array(scale, dtype="float32"))
     block.shift.set_data(mx.nd.array(shift, dtype="float32"))
     return block
 
 
-def _define():
+@functools.cache
+def _classes() -> dict[str, type]:
+    """The Gluon block classes, defined once, when first asked for (they subclass mxnet's HybridBlock)."""
     import mxnet as mx
     from mxnet.gluon import HybridBlock
 
@@ -64,10 +71,14 @@ def _define():
         def __repr__(self) -> str:
             return "Identity(fused)"
 
-    return FrozenAffine, Identity
+    return {"FrozenAffine": FrozenAffine, "Identity": Identity}
 
 
-FrozenAffine, Identity = _define()
+def __getattr__(name: str):
+    """``FrozenAffine`` and ``Identity`` as module attributes, created on first access (PEP 562)."""
+    if name in BLOCK_CLASSES:
+        return _classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _walk(net, path: str) -> list:
@@ -128,7 +139,7 @@ def set_conv(net, path: str, weight: np.ndarray, bias: np.ndarray | None) -> Non
 
 
 def bn_constants(bn) -> tuple[np.ndarray, np.ndarray]:
-    """A BatchNorm's inference function as ``x * s + t`` (float64, exact semantics).
+    """A BatchNorm block's inference function as ``x * s + t`` (float64; :func:`~bbadapt.core.foldmath.bn_affine`).
 
     fix_gamma (Gluon ``scale=False``) means gamma is ignored whatever is stored; beta is
     always used (``center=False`` only freezes it); eps is the block's own.
@@ -136,9 +147,6 @@ def bn_constants(bn) -> tuple[np.ndarray, np.ndarray]:
     kw = bn._kwargs
     if int(kw.get("axis", 1)) != 1:
         raise ModelError(f"BatchNorm {bn.name} normalizes axis {kw['axis']}; only NCHW (axis 1) is supported")
-    var = param_value(bn.running_var)
-    mean = param_value(bn.running_mean)
-    gamma = np.ones_like(var) if kw["fix_gamma"] else param_value(bn.gamma)
-    beta = param_value(bn.beta)
-    s = gamma / np.sqrt(var + float(kw["eps"]))
-    return s, beta - mean * s
+    gamma = None if kw["fix_gamma"] else param_value(bn.gamma)
+    return bn_affine(gamma, param_value(bn.beta), param_value(bn.running_mean), param_value(bn.running_var),
+                     float(kw["eps"]), fix_gamma=bool(kw["fix_gamma"]))

@@ -2,36 +2,42 @@
 
 Two phases keep this honest and reloadable:
 
-* :func:`make_plan` turns the traced :class:`~bbadapt.trace.Graph` and the user's choices
-  into a list of plain-dict steps (``fuse``, ``affine``, ``global_stats``, ``input_bn``,
-  ``input_insert``, ``input_conv``), each naming structural paths of the *original* net;
-* :func:`apply_plan` executes them in order, computing new values in float64 from the
-  values the net holds.
+* :func:`make_plan` turns the traced :class:`~bbadapt.core.trace.Graph` and the user's
+  choices into typed steps (:mod:`bbadapt.core.plan`), each naming structural paths of the
+  *original* net;
+* :func:`apply_plan` executes them in order, one small handler per step type, computing
+  new values in float64 (:mod:`bbadapt.core.foldmath`) from the values the net holds, and
+  returns what each step found out (:class:`~bbadapt.core.plan.StepResult`).
 
-The plan goes into the manifest; :func:`bbadapt.bundle.load_backbone` replays it on a
-freshly built net to recreate the structure, then loads the saved parameters. BN steps
-come before the input step: both act linearly on the first conv (output channels vs input
-channels), so the order does not change the result, only which paths are still valid.
+The plan goes into the manifest; :func:`bbadapt.bundle.backbone.load_backbone` replays it
+on a freshly built net to recreate the structure, then loads the saved parameters. BN
+steps come before the input step: both act linearly on the first conv (output channels vs
+input channels), so the order does not change the result, only which paths are still valid.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bbadapt.core.blocks import (
-    FrozenAffine,
-    Identity,
-    bn_constants,
-    get_block,
-    make_frozen_affine,
-    param_value,
-    replace_block,
-    set_conv,
-)
+from bbadapt.core import foldmath
+from bbadapt.core.blocks import bn_constants, get_block, make_frozen_affine, param_value, replace_block, set_conv
 from bbadapt.core.errors import ModelError, OptionError, WeightsError
+from bbadapt.core.plan import (
+    Affine,
+    FoldIntoBN,
+    FoldIntoConv,
+    Fuse,
+    GlobalStats,
+    InsertInputAffine,
+    PlanStep,
+    StepResult,
+    fold_used,
+    to_records,
+)
 from bbadapt.core.spec import InputSpec, affine_map, parse_spec
 from bbadapt.core.trace import Graph, block_paths, trace
 
@@ -43,63 +49,62 @@ FP16_MAX = 65504.0
 
 @dataclass
 class Adapted:
-    """An adapted network and how it came to be."""
+    """An adapted network and how it came to be: the plan's steps and what applying each found out."""
 
     net: object
     source: InputSpec
     target: InputSpec
     bn: str
-    plan: list[dict]
+    steps: list[PlanStep]
+    results: list[StepResult]
     graph: Graph | None  # None for a backbone reloaded from a bundle
     health: list[dict] = field(default_factory=list)  # BN channels worth a warning
 
     @property
+    def plan(self) -> list[dict]:
+        """The applied plan in its JSON form (what the manifest stores)."""
+        return to_records(self.steps, self.results)
+
+    @property
     def fold(self) -> str:
         """The fold actually used: "bn", "conv" or "none" (nothing to fold)."""
-        return fold_used(self.plan)
+        return fold_used(self.steps)
 
     @property
     def exact(self) -> bool:
-        return all(step.get("exact", True) for step in self.plan)
+        return all(result.exact is not False for result in self.results)
 
 
-def make_plan(graph: Graph, source: InputSpec, target: InputSpec, fold: str = "auto", bn: str = "fused") -> list[dict]:
+def make_plan(graph: Graph, source: InputSpec, target: InputSpec, fold: str = "auto",
+              bn: str = "fused") -> list[PlanStep]:
     """Steps that turn the traced net into its adapted form (no values touched)."""
     if fold not in FOLDS:
         raise OptionError(f"unknown fold {fold!r}; choose one of {', '.join(FOLDS)}")
     if bn not in BN_MODES:
         raise OptionError(f"unknown BN mode {bn!r}; choose one of {', '.join(BN_MODES)}")
     fused_with = {b: c for c, b in graph.pairs}
-    steps: list[dict] = []
+    steps: list[PlanStep] = []
     for path in graph.bn_order:
         if path == graph.data_bn:
             continue
         if bn == "fused" and path in fused_with:
-            steps.append({"op": "fuse", "conv": fused_with[path], "bn": path})
+            steps.append(Fuse(conv=fused_with[path], bn=path))
         elif bn == "global-stats":
-            steps.append({"op": "global_stats", "bn": path})
+            steps.append(GlobalStats(bn=path))
         else:
-            step = {"op": "affine", "bn": path}
-            if bn == "fused":
-                step["why"] = graph.unfusable.get(path, "no fusable conv")
-            steps.append(step)
+            steps.append(Affine(bn=path, why=graph.unfusable.get(path, "no fusable conv") if bn == "fused" else None))
     folding = "bn" if fold == "auto" else fold
     data_form = "global-stats" if bn == "global-stats" else "affine"
     if graph.data_bn and folding == "bn":
-        steps.append({"op": "input_bn", "bn": graph.data_bn, "conv": graph.first_conv, "form": data_form})
+        steps.append(FoldIntoBN(bn=graph.data_bn, conv=graph.first_conv, form=data_form))
     elif graph.data_bn:
-        steps.append({"op": "input_conv", "conv": graph.first_conv, "absorb_bn": graph.data_bn})
+        steps.append(FoldIntoConv(conv=graph.first_conv, absorb_bn=graph.data_bn))
     elif not source.same_function(target):
         if folding == "bn":
-            steps.append({"op": "input_insert", "conv": graph.first_conv})
+            steps.append(InsertInputAffine(conv=graph.first_conv))
         else:
-            steps.append({"op": "input_conv", "conv": graph.first_conv, "absorb_bn": None})
+            steps.append(FoldIntoConv(conv=graph.first_conv, absorb_bn=None))
     return steps
-
-
-def fold_used(plan: list[dict]) -> str:
-    ops = {s["op"] for s in plan}
-    return "conv" if "input_conv" in ops else "bn" if ops & {"input_bn", "input_insert"} else "none"
 
 
 def _health(path: str, bn) -> dict | None:
@@ -122,20 +127,6 @@ def _first_conv_weight(net, path: str) -> np.ndarray:
     return weight
 
 
-def _input_affine(net, step: dict, a, b) -> tuple[np.ndarray, np.ndarray]:
-    """The per-channel affine (source channel order) that the first conv sees."""
-    if step.get("bn") or step.get("absorb_bn"):
-        s_d, t_d = bn_constants(get_block(net, step.get("bn") or step["absorb_bn"]))
-        return s_d * a, s_d * b + t_d
-    return a, b
-
-
-def _to_target_order(values: np.ndarray, perm) -> np.ndarray:
-    out = np.empty_like(values)
-    out[list(perm)] = values
-    return out
-
-
 def _global_stats_bn(template, gamma, beta, mean, var, fix_gamma: bool):
     """A frozen (use_global_stats, untrained) BatchNorm with the given statistics."""
     import mxnet as mx
@@ -152,91 +143,124 @@ def _global_stats_bn(template, gamma, beta, mean, var, fix_gamma: bool):
     return new
 
 
-def _bn_for_affine(template, scale: np.ndarray, shift: np.ndarray, step: dict):
-    """A global-stats BatchNorm computing ``x * scale + shift``, keeping fix_gamma when possible.
+@dataclass(frozen=True)
+class InputMap:
+    """The input normalization to fold: ``x_source[c] = a[c] * x_target[perm[c]] + b[c]``."""
 
-    With fix_gamma the scale must come from the variance alone (``1/sqrt(var+eps)``), which
-    needs ``1/scale^2 >= eps``; otherwise gamma is switched on. The choice is recorded in
-    ``step`` so that replaying the plan on other values builds the same structure.
-    """
-    eps = float(template._kwargs["eps"])
-    beta = param_value(template.beta)
-    safe = np.where(scale == 0, 1.0, scale)
-    mean = np.where(scale == 0, 0.0, (beta - shift) / safe)
-    beta = np.where(scale == 0, shift, beta)
-    var_fixed = 1.0 / safe ** 2 - eps
-    if "fix_gamma" not in step:
-        step["fix_gamma"] = bool(template._kwargs["fix_gamma"] and np.all(var_fixed >= 0) and np.all(scale > 0))
-    if step["fix_gamma"]:
-        return _global_stats_bn(template, np.ones_like(scale), beta, mean, np.maximum(var_fixed, 0.0), True)
-    var = np.abs(param_value(template.running_var))
-    return _global_stats_bn(template, scale * np.sqrt(var + eps), beta, mean, var, False)
+    perm: tuple[int, int, int]
+    a: np.ndarray
+    b: np.ndarray
+
+    @classmethod
+    def between(cls, source: InputSpec, target: InputSpec) -> InputMap:
+        return cls(*affine_map(source, target))
+
+    def seen_by_conv(self, net, data_bn: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """The per-channel affine (source channel order) the first conv sees, through the data BN if any."""
+        if data_bn:
+            return foldmath.through_data_bn(self.a, self.b, *bn_constants(get_block(net, data_bn)))
+        return self.a, self.b
 
 
-def apply_plan(net, plan: list[dict], source: InputSpec, target: InputSpec) -> list[dict]:
-    """Execute ``plan`` on ``net`` in place; returns BN health notes. Marks input steps exact or not."""
+# ---------------------------------------------------------------- one handler per step type
+
+
+def _fuse(net, step: Fuse, _input: InputMap) -> StepResult:
+    from bbadapt.core.blocks import Identity
+
+    conv = get_block(net, step.conv)
+    s, t = bn_constants(get_block(net, step.bn))
+    weight, bias = foldmath.fuse_conv_bn(param_value(conv.weight),
+                                         param_value(conv.bias) if conv.bias is not None else None, s, t)
+    set_conv(net, step.conv, weight, bias)
+    replace_block(net, step.bn, Identity())
+    return StepResult()
+
+
+def _affine(net, step: Affine, _input: InputMap) -> StepResult:
+    bn = get_block(net, step.bn)
+    s, t = bn_constants(bn)
+    replace_block(net, step.bn, make_frozen_affine(len(s), bn.prefix, s, t, bn.running_var.list_ctx()))
+    return StepResult()
+
+
+def _global_stats(net, step: GlobalStats, _input: InputMap) -> StepResult:
+    bn = get_block(net, step.bn)
+    fix = bool(bn._kwargs["fix_gamma"])
+    gamma = np.ones(bn.running_var.shape) if fix else param_value(bn.gamma)
+    new = _global_stats_bn(bn, gamma, param_value(bn.beta), param_value(bn.running_mean),
+                           param_value(bn.running_var), fix)
+    replace_block(net, step.bn, new)
+    return StepResult()
+
+
+def _target_order_affine(net, conv_path: str, data_bn: str | None, input_map: InputMap) -> tuple[np.ndarray, np.ndarray]:
+    """The input affine re-indexed by target channel; the first conv made to read target channel order."""
+    scale, shift = input_map.seen_by_conv(net, data_bn)
+    weight = _first_conv_weight(net, conv_path)
+    set_conv(net, conv_path, foldmath.permute_conv_input(weight, input_map.perm), None)
+    return foldmath.to_target_order(scale, input_map.perm), foldmath.to_target_order(shift, input_map.perm)
+
+
+def _fold_into_bn(net, step: FoldIntoBN, input_map: InputMap) -> StepResult:
+    """The data BN becomes the input affine: a FrozenAffine, or a global-stats BatchNorm (fix_gamma kept if it can be)."""
+    scale, shift = _target_order_affine(net, step.conv, step.bn, input_map)
+    bn = get_block(net, step.bn)
+    if step.form == "affine":
+        replace_block(net, step.bn, make_frozen_affine(3, bn.prefix, scale, shift, bn.running_var.list_ctx()))
+        return StepResult(exact=True)
+    eps = float(bn._kwargs["eps"])
+    fix = step.fix_gamma
+    if fix is None:  # the first application decides; the record pins it for replays on other values
+        fix = bool(bn._kwargs["fix_gamma"]) and foldmath.can_fix_gamma(scale, eps)
+    values = foldmath.global_stats_bn_for_affine(scale, shift, param_value(bn.beta), param_value(bn.running_var),
+                                                 eps, fix)
+    replace_block(net, step.bn, _global_stats_bn(bn, *values, fix))
+    return StepResult(exact=True, fix_gamma=fix)
+
+
+def _insert_input_affine(net, step: InsertInputAffine, input_map: InputMap) -> StepResult:
     from mxnet.gluon import nn
 
-    health = []
-    perm, a, b = affine_map(source, target)
-    inv = [perm.index(j) for j in range(3)]  # target channel j comes from source channel inv[j]
-    for step in plan:
-        op = step["op"]
-        read_bn = step.get("bn") or step.get("absorb_bn")
-        if read_bn:
-            note = _health(read_bn, get_block(net, read_bn))
-            if note:
-                health.append(note)
-        if op == "fuse":
-            conv = get_block(net, step["conv"])
-            s, t = bn_constants(get_block(net, step["bn"]))
-            weight = param_value(conv.weight) * s.reshape(-1, 1, 1, 1)
-            bias = (param_value(conv.bias) if conv.bias is not None else 0.0) * s + t
-            set_conv(net, step["conv"], weight, bias)
-            replace_block(net, step["bn"], Identity())
-        elif op == "affine":
-            bn = get_block(net, step["bn"])
-            s, t = bn_constants(bn)
-            replace_block(net, step["bn"], make_frozen_affine(len(s), bn.prefix, s, t, bn.running_var.list_ctx()))
-        elif op == "global_stats":
-            bn = get_block(net, step["bn"])
-            fix = bool(bn._kwargs["fix_gamma"])
-            gamma = np.ones(bn.running_var.shape) if fix else param_value(bn.gamma)
-            new = _global_stats_bn(bn, gamma, param_value(bn.beta), param_value(bn.running_mean),
-                                   param_value(bn.running_var), fix)
-            replace_block(net, step["bn"], new)
-        elif op in ("input_bn", "input_insert"):
-            scale, shift = _input_affine(net, step, a, b)
-            scale, shift = _to_target_order(scale, perm), _to_target_order(shift, perm)
-            weight = _first_conv_weight(net, step["conv"])
-            set_conv(net, step["conv"], weight[:, inv], None)
-            if op == "input_bn":
-                bn = get_block(net, step["bn"])
-                new = (_bn_for_affine(bn, scale, shift, step) if step["form"] == "global-stats"
-                       else make_frozen_affine(3, bn.prefix, scale, shift, bn.running_var.list_ctx()))
-                replace_block(net, step["bn"], new)
-            else:
-                conv = get_block(net, step["conv"])
-                seq = nn.HybridSequential(prefix=conv.prefix + "input_")
-                seq.add(make_frozen_affine(3, conv.prefix + "input_affine_", scale, shift, conv.weight.list_ctx()))
-                seq.add(conv)
-                replace_block(net, step["conv"], seq)
-            step["exact"] = True
-        elif op == "input_conv":
-            scale, shift = _input_affine(net, step, a, b)
-            conv = get_block(net, step["conv"])
-            weight = _first_conv_weight(net, step["conv"])
-            bias = param_value(conv.bias) if conv.bias is not None else np.zeros(weight.shape[0])
-            bias = bias + np.einsum("ochw,c->o", weight, shift)
-            weight = (weight * scale.reshape(1, 3, 1, 1))[:, inv]
-            set_conv(net, step["conv"], weight, bias)
-            if step.get("absorb_bn"):
-                replace_block(net, step["absorb_bn"], Identity())
-            step["exact"] = bool(np.all(shift == 0))
-            step["max_abs_shift"] = float(np.max(np.abs(shift)))
-        else:
-            raise ModelError(f"unknown plan step {op!r}")
-    return health
+    scale, shift = _target_order_affine(net, step.conv, None, input_map)
+    conv = get_block(net, step.conv)
+    seq = nn.HybridSequential(prefix=conv.prefix + "input_")
+    seq.add(make_frozen_affine(3, conv.prefix + "input_affine_", scale, shift, conv.weight.list_ctx()))
+    seq.add(conv)
+    replace_block(net, step.conv, seq)
+    return StepResult(exact=True)
+
+
+def _fold_into_conv(net, step: FoldIntoConv, input_map: InputMap) -> StepResult:
+    from bbadapt.core.blocks import Identity
+
+    scale, shift = input_map.seen_by_conv(net, step.absorb_bn)
+    conv = get_block(net, step.conv)
+    weight = _first_conv_weight(net, step.conv)
+    bias = param_value(conv.bias) if conv.bias is not None else None
+    set_conv(net, step.conv, *foldmath.fold_input_into_conv(weight, bias, scale, shift, input_map.perm))
+    if step.absorb_bn:
+        replace_block(net, step.absorb_bn, Identity())
+    return StepResult(exact=bool(np.all(shift == 0)), max_abs_shift=float(np.max(np.abs(shift))))
+
+
+HANDLERS: dict[type, Callable[..., StepResult]] = {
+    Fuse: _fuse, Affine: _affine, GlobalStats: _global_stats,
+    FoldIntoBN: _fold_into_bn, InsertInputAffine: _insert_input_affine, FoldIntoConv: _fold_into_conv,
+}
+
+
+def apply_plan(net, steps: list[PlanStep], source: InputSpec, target: InputSpec) -> list[StepResult]:
+    """Execute ``steps`` on ``net`` in place; one result per step (the BN health notes included)."""
+    input_map = InputMap.between(source, target)
+    results = []
+    for step in steps:
+        handler = HANDLERS.get(type(step))
+        if handler is None:
+            raise ModelError(f"unknown plan step {step!r}")
+        health = _health(step.reads_bn, get_block(net, step.reads_bn)) if step.reads_bn else None
+        results.append(replace(handler(net, step, input_map), health=health))
+    return results
 
 
 def clone(net, trainable: bool = True):
@@ -280,11 +304,13 @@ def adapt(net, source: str | InputSpec, target: str | InputSpec = "rgb255", fold
     (BNs that cannot fuse become affine; the plan says which and why). The original net is
     left untouched unless ``inplace``.
     """
+    from bbadapt.core.blocks import FrozenAffine, Identity
+
     source, target = parse_spec(source), parse_spec(target)
     if any(isinstance(b, (FrozenAffine, Identity)) for b in block_paths(net).values()):
         raise ModelError("this network was already adapted by bbadapt; adapt the original network instead")
     work = net if inplace else clone(net)
     graph = trace(work)
-    plan = make_plan(graph, source, target, fold, bn)
-    health = apply_plan(work, plan, source, target)
-    return Adapted(work, source, target, bn, plan, graph, health)
+    steps = make_plan(graph, source, target, fold, bn)
+    results = apply_plan(work, steps, source, target)
+    return Adapted(work, source, target, bn, steps, results, graph, [r.health for r in results if r.health])

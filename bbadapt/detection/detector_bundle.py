@@ -31,6 +31,7 @@ Progress = Callable[[str], None]
 SCORE_TOL = 1e-4  # softmax outputs in [0, 1]; float32 reassociation (fused BN) moves them ~1e-6
 BOX_TOL = 1e-2  # pixels; box coordinates are O(100) px, float32 relative error ~1e-6 gives ~1e-4 px
 EXPORT_SHORT = 320
+TARGET_GENERATOR = "_target_generator."  # built on the first training step; never part of a saved detector
 
 
 def _quiet(_message: str) -> None:
@@ -46,10 +47,21 @@ def _canonical(key: str, pattern: re.Pattern) -> str:
 
 
 def save_detector_params(detector, path: str | os.PathLike) -> str:
-    """``save_parameters`` form; returns the sha256 of the file."""
+    """``save_parameters`` form, minus the R-CNN target generator; returns the sha256 of the file.
+
+    gluoncv creates ``_target_generator`` lazily, on the first training step: its encoder
+    constants are no parameters of a freshly built detector, so a file holding them fails the
+    strict load that :func:`load_detector` does. A bundle's detector was never trained (nothing
+    to leave out); a training checkpoint's was. Multi-device parameters are saved once
+    (``_reduce``: the average of the copies, as ``save_parameters`` does).
+    """
+    import mxnet as mx
+
     from bbadapt.core.weights import sha256_of
 
-    detector.save_parameters(str(path))
+    params = {name: param._reduce() for name, param in detector._collect_params_with_prefix().items()
+              if not name.startswith(TARGET_GENERATOR)}
+    mx.nd.save(str(path), params)
     return sha256_of(path)
 
 

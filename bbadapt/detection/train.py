@@ -30,6 +30,7 @@ from typing import Optional
 
 from bbadapt.core.errors import BbadaptError, DeviceError, OptionError, OutputError
 from bbadapt.core.zoo import import_gluoncv
+from bbadapt.detection.detector_bundle import save_detector_params
 from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly, params_file
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
@@ -116,17 +117,6 @@ def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) 
         save_detector_params(net, stage / params_file(manifest))
         trainer.save_states(str(stage / STATES))
         (stage / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": section}, indent=2) + "\n")
-
-
-def save_detector_params(net, path: Path) -> None:
-    """``save_parameters`` minus the R-CNN target generator: gluoncv creates that block lazily on the
-    first training step, so its encoder constants would make the file fail a strict load into a
-    freshly built detector (the bundle's own parameters are exactly the rest)."""
-    import mxnet as mx
-
-    params = {name: p._reduce() for name, p in net._collect_params_with_prefix().items()
-              if not name.startswith("_target_generator.")}
-    mx.nd.save(str(path), params)
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:

@@ -10,14 +10,16 @@ and detector never know which format the weights came from.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted
+from bbadapt.core.zoo import resnet_depth
 
 HEAD_BYTES = 4096  # what sniffers see of a file
 
@@ -80,3 +82,34 @@ def unmatched_error(origin: str, unmatched: list[str], missing: list[str]) -> We
     if missing:
         parts.append(f"{len(missing)} parameters get no value ({listing(missing)})")
     return WeightsError(f"{origin}: " + "; ".join(parts))
+
+
+@dataclass(frozen=True)
+class ResNetNaming:
+    """How a format names a ResNet's tensors: enough to read its layout off the names alone."""
+
+    block: re.Pattern  # matches a block's tensors; groups: stage number, block index
+    stages: tuple[int, ...]  # the stage numbers, in order
+    stem: str  # a name every such file has
+    bottleneck: str  # a name only bottleneck ResNets have
+    not_resnet: str  # the error when the names are not this kind of ResNet
+
+
+def read_layout(names, naming: ResNetNaming) -> tuple[int | None, bool, tuple[int, ...]]:
+    """(depth, bottleneck, blocks per stage) read off tensor names; depth None when no zoo ResNet has these counts.
+
+    WeightsError (the file's content is wrong, not an argument: exit 1) when the names are not this kind of
+    ResNet at all, or its blocks are not numbered 0..n-1.
+    """
+    blocks: dict[int, set[int]] = {}
+    for name in names:
+        m = naming.block.match(name)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(blocks) != list(naming.stages) or naming.stem not in names:
+        raise WeightsError(naming.not_resnet)
+    counts = tuple(len(blocks[k]) for k in naming.stages)
+    if any(sorted(blocks[k]) != list(range(len(blocks[k]))) for k in blocks):
+        raise WeightsError(f"the ResNet blocks are not numbered 0..n-1 in every stage ({counts})")
+    bottleneck = naming.bottleneck in names
+    return resnet_depth(counts, bottleneck), bottleneck, counts

@@ -13,7 +13,7 @@ Caffe2's BatchNorm was replaced by ``AffineChannel`` (``y = x * s + b``, no stat
 when the MSRA weights were converted, and the stride sits in the first 1x1 of each
 bottleneck: exactly Gluon's ``resnetN_v1`` layout. Each AffineChannel becomes a Gluon
 BatchNorm with ``gamma = s``, ``beta = b``, ``running_mean = 0`` and a ``running_var``
-that makes ``var + eps`` exactly 1 in float32 (:mod:`converters.affine_bn`), so the
+that makes ``var + eps`` exactly 1 in float32 (:func:`bbadapt.core.foldmath.batchnorm_for_affine`), so the
 converted net computes ``x * s + b`` bit for bit. Gluon's bottleneck 1x1 convs have a
 bias Caffe2's lack: set to zero. A conv bias in the file (``conv1_b``) goes into the
 following BN's ``beta`` (``s * (Wx + c) + b``).
@@ -36,16 +36,23 @@ import numpy as np
 
 from bbadapt.core.architectures.gluon_resnet import gluon_resnet_v1
 from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.foldmath import batchnorm_for_affine
 from bbadapt.core.registry import Converted, custom_info
-from bbadapt.core.zoo import RESNET_LAYOUTS, resnet_depth
+from bbadapt.core.zoo import RESNET_LAYOUTS
 from converters.readers import safe_pickle
-from converters.readers.affine_bn import as_batchnorm
-from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
+from converters.readers.base import (
+    Format,
+    ResNetNaming,
+    check_tensors,
+    file_digest,
+    read_layout,
+    require_file,
+    unmatched_error,
+)
 
 SOURCE_SPEC = "order=bgr,scale=1,mean=102.9801/115.9465/122.7717,std=1/1/1"
 BN_EPS = 1e-5  # gluon BatchNorm's default, what resnetN_v1 builds
 HEAD_SEED = 0
-_BLOCK = re.compile(r"^res([2-5])_(\d+)_branch")
 _BLOB_NAME = re.compile(rb"(?:res[2-5]_\d+_branch|res_conv1_bn|conv1_[wb]|pred_[wb]|fc1000_[wb]|blobs)")
 BUILDER = "gluon-resnet-v1"
 HEADS = (("pred_w", "pred_b"), ("fc1000_w", "fc1000_b"))
@@ -68,19 +75,13 @@ def blobs_of(loaded, path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+NAMING = ResNetNaming(re.compile(r"^res([2-5])_(\d+)_branch"), (2, 3, 4, 5), "conv1_w", "res2_0_branch2c_w",
+                      "the blobs are not a Detectron ResNet (need conv1_w and res2..res5 blocks)")
+
+
 def layout(names) -> tuple[int, bool, tuple[int, ...]]:
-    """(depth, bottleneck, blocks per stage) read off the blob names; WeightsError (the file's content, not an
-    argument, is wrong: exit 1) when they are no ResNet bbadapt builds."""
-    blocks: dict[int, set[int]] = {}
-    for name in names:
-        m = _BLOCK.match(name)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if sorted(blocks) != [2, 3, 4, 5] or "conv1_w" not in names:
-        raise WeightsError("the blobs are not a Detectron ResNet (need conv1_w and res2..res5 blocks)")
-    counts = tuple(len(blocks[k]) for k in (2, 3, 4, 5))
-    bottleneck = "res2_0_branch2c_w" in names
-    depth = resnet_depth(counts, bottleneck)
+    """(depth, bottleneck, blocks per stage) read off the blob names."""
+    depth, bottleneck, counts = read_layout(names, NAMING)
     if depth is None:
         raise WeightsError(f"a Detectron ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per "
                            f"stage has no Gluon resnet_v1 twin (known: {sorted(RESNET_LAYOUTS)})")
@@ -131,7 +132,7 @@ def to_gluon(blobs: dict[str, np.ndarray], depth: int, net_params) -> tuple[dict
             shift = b + s * bias if bias is not None and bias.shape == s.shape else b
             if bias is not None and bias.shape != s.shape:
                 used.discard(f"{prefix}_b")  # reported as unmatched below
-            for key, value in as_batchnorm(s, shift, BN_EPS).items():
+            for key, value in batchnorm_for_affine(s, shift, BN_EPS).items():
                 out[f"{bn}.{key}"] = value
     for w_name, b_name in HEADS:
         if w_name in blobs:

@@ -25,17 +25,24 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.foldmath import unit_variance
 from bbadapt.core.registry import Converted
-from bbadapt.core.zoo import RESNET_LAYOUTS, resnet_depth
+from bbadapt.core.zoo import RESNET_LAYOUTS
 from converters.readers import limits, safetensors_io
-from converters.readers.affine_bn import unit_variance
-from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
+from converters.readers.base import (
+    Format,
+    ResNetNaming,
+    check_tensors,
+    file_digest,
+    read_layout,
+    require_file,
+    unmatched_error,
+)
 
 BN_EPS = 1e-5  # torchvision's and gluoncv v1b's BatchNorm eps
 WIDTHS = (64, 128, 256, 512)
 TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # protocol 2, then torch's magic long
 IGNORED_SUFFIX = ".num_batches_tracked"
-_BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
 VAR_ONE = unit_variance(BN_EPS)  # running_var of an exported frozen BN: var + eps == 1 in float32
@@ -44,20 +51,13 @@ VAR_ONE = unit_variance(BN_EPS)  # running_var of an exported frozen BN: var + e
 # ---------------------------------------------------------------- layout
 
 
+NAMING = ResNetNaming(re.compile(r"^layer([1-4])\.(\d+)\."), (1, 2, 3, 4), "conv1.weight", "layer1.0.conv3.weight",
+                      "the tensors are not a torchvision ResNet state dict (need conv1.weight and layer1..layer4)")
+
+
 def layout(names) -> tuple[int, bool, tuple[int, ...]]:
-    """(depth, bottleneck, blocks per stage) read off the tensor names; WeightsError (exit 1) if no ResNet."""
-    blocks: dict[int, set[int]] = {}
-    for name in names:
-        m = _BLOCK_KEY.match(name)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if sorted(blocks) != [1, 2, 3, 4] or "conv1.weight" not in names:
-        raise WeightsError("the tensors are not a torchvision ResNet state dict (need conv1.weight and layer1..layer4)")
-    counts = tuple(len(blocks[k]) for k in (1, 2, 3, 4))
-    if any(sorted(blocks[k]) != list(range(len(blocks[k]))) for k in blocks):
-        raise WeightsError(f"the ResNet blocks are not numbered 0..n-1 in every layer ({counts})")
-    bottleneck = "layer1.0.conv3.weight" in names
-    depth = resnet_depth(counts, bottleneck)
+    """(depth, bottleneck, blocks per stage) read off the tensor names."""
+    depth, bottleneck, counts = read_layout(names, NAMING)
     if depth is None:
         known = ", ".join(f"resnet{d}: {c} {'bottleneck' if b else 'basic'}" for d, (c, b) in RESNET_LAYOUTS.items())
         raise WeightsError(f"a ResNet with {counts} {'bottleneck' if bottleneck else 'basic'} blocks per stage is not "

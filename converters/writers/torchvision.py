@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bbadapt.core import foldmath
 from bbadapt.core.errors import ModelError, OutputError
 from converters.readers import safetensors_io
 from converters.readers.base import file_digest
@@ -48,30 +49,32 @@ def _first_conv(bundle, block) -> tuple[np.ndarray, np.ndarray]:
     from mxnet.gluon import nn
 
     from bbadapt.core.blocks import FrozenAffine, param_value
+    from bbadapt.core.plan import FoldIntoBN, FoldIntoConv, InsertInputAffine, input_step
     from bbadapt.core.spec import affine_map
 
     perm, a, b = affine_map(bundle.source, bundle.target)
-    ops = {s["op"] for s in bundle.adapted.plan}
-    if "input_bn" in ops:
+    step = input_step(bundle.adapted.steps)
+    if isinstance(step, FoldIntoBN):
         raise ModelError("the bundle folded its input into a data BatchNorm, which torchvision's ResNet has no place for")
-    if isinstance(block, nn.HybridSequential):  # input_insert: FrozenAffine (target order) before the conv
+    if isinstance(step, InsertInputAffine):  # FrozenAffine (target order) before the conv
+        if not (isinstance(block, nn.HybridSequential) and isinstance(block[0], FrozenAffine)):
+            raise ModelError("conv1 of the bundle is not its input affine followed by the conv")
         affine, conv = block[0], block[1]
-        if not isinstance(affine, FrozenAffine):
-            raise ModelError("conv1 of the bundle is a sequence that does not start with its input affine")
-        want_scale, want_shift = np.empty(3), np.empty(3)
-        want_scale[list(perm)], want_shift[list(perm)] = a, b
-        if not (np.allclose(param_value(affine.scale), want_scale, rtol=1e-6, atol=0)
-                and np.allclose(param_value(affine.shift), want_shift, rtol=1e-6, atol=1e-6)):
+        if not (np.allclose(param_value(affine.scale), foldmath.to_target_order(a, perm), rtol=1e-6, atol=0)
+                and np.allclose(param_value(affine.shift), foldmath.to_target_order(b, perm), rtol=1e-6, atol=1e-6)):
             raise ModelError("the bundle's input affine does not match its source/target specs; cannot undo it")
-        weight = param_value(conv.weight)[:, list(perm)]
-        bias = param_value(conv.bias) if conv.bias is not None else np.zeros(weight.shape[0])
-        return weight, bias
-    weight_t = param_value(block.weight)
-    bias = param_value(block.bias) if block.bias is not None else np.zeros(weight_t.shape[0])
-    if "input_conv" in ops:  # weights were scaled by a and permuted; the shift went into the bias
-        weight = weight_t[:, list(perm)] / a.reshape(1, 3, 1, 1)
-        return weight, bias - np.einsum("ochw,c->o", weight, b)
-    return weight_t, bias  # no input step: source and target are the same function
+        return foldmath.unpermute_conv_input(param_value(conv.weight), perm), _bias(conv)
+    weight, bias = param_value(block.weight), _bias(block)
+    if isinstance(step, FoldIntoConv):  # weights were scaled by a and permuted; the shift went into the bias
+        return foldmath.unfold_input_from_conv(weight, bias, a, b, perm)
+    return weight, bias  # no input step: source and target are the same function
+
+
+def _bias(conv) -> np.ndarray:
+    """A conv's bias (float64), zeros when it has none."""
+    from bbadapt.core.blocks import param_value
+
+    return param_value(conv.bias) if conv.bias is not None else np.zeros(conv.weight.shape[0])
 
 
 def torchvision_state(bundle) -> dict[str, np.ndarray]:
@@ -83,16 +86,12 @@ def torchvision_state(bundle) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for conv_path, bn_path in conv_bn_pairs(depth):
         conv = get_block(net, conv_path)
-        if conv_path == "conv1":
-            weight, bias = _first_conv(bundle, conv)
-        else:
-            weight = param_value(conv.weight)
-            bias = param_value(conv.bias) if conv.bias is not None else np.zeros(weight.shape[0])
+        weight, bias = _first_conv(bundle, conv) if conv_path == "conv1" else (param_value(conv.weight), _bias(conv))
         s, t = _affine_of(get_block(net, bn_path))
         s, t = np.broadcast_to(s, bias.shape), np.broadcast_to(t, bias.shape)
         state[f"{conv_path}.weight"] = weight
         state[f"{bn_path}.weight"] = s
-        state[f"{bn_path}.bias"] = s * bias + t
+        state[f"{bn_path}.bias"] = foldmath.fused_bias(bias, s, t)
         state[f"{bn_path}.running_mean"] = np.zeros_like(s)
         state[f"{bn_path}.running_var"] = np.full_like(s, VAR_ONE)
     fc = get_block(net, "fc")
@@ -153,7 +152,7 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
         staged.write_bytes(payload)
         say("reading the export back and checking it against the bundle")
         again = read_torchvision(staged)
-    report = bbadapt.check(again.net, source, bundle.adapted, sizes=sizes, n_photos=2)
+    report = bbadapt.check(again.net, source, bundle.adapted, options=bbadapt.CheckOptions(sizes=sizes, n_photos=2))
     if not report["passed"]:
         raise OutputError(f"the exported weights do not reproduce the bundle (worst max rel {report['worst_max_rel']:.3g}); "
                           f"nothing written: {'; '.join(report.get('reasons', []))[:200]}")

@@ -7,14 +7,14 @@ import pytest
 import bbadapt
 from bbadapt.core import images
 from bbadapt.core.trace import find_stages
-from bbadapt.pipeline import convert
+from bbadapt.pipeline import ConvertOptions, convert
 
 
 @pytest.mark.parametrize("bn", ["fused", "affine", "global-stats"])
 @pytest.mark.parametrize("model", ["resnet18_v2", "resnet50_v1d"])
 def test_a_converted_bundle_reloads_to_the_same_network(tmp_path, model, bn):
     out = tmp_path / "out"
-    report, adapted = convert(model, out, weights="random", target="bgr255", bn=bn, sizes=[(48, 48)])
+    report, adapted = convert(model, out, ConvertOptions(weights="random", target="bgr255", bn=bn, sizes=[(48, 48)]))
     assert report["passed"]
     net = bbadapt.load_backbone(out)
     raw, _ = images.photos((64, 72), limit=2)

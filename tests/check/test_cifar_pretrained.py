@@ -43,6 +43,6 @@ def test_adapted_nets_agree_on_every_tile_and_keep_the_accuracy(pretrained, targ
     ours = _predict(adapted.net, target, tiles)
     assert np.array_equal(ours, original)
     assert np.mean(ours == labels) == ACCURACY[name]
-    report = bbadapt.check(net, "cifar", adapted, cifar=True, labelled=(tiles, labels))
+    report = bbadapt.check(net, "cifar", adapted, options=bbadapt.CheckOptions(cifar=True, labelled=(tiles, labels)))
     assert report["passed"] and report["worst_max_rel"] <= 1e-5, report["reasons"]
     assert report["classification"]["labelled"]["accuracy_adapted"] == ACCURACY[name]

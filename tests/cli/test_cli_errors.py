@@ -420,13 +420,16 @@ def _without_source_order(manifest: dict) -> dict:
     (lambda m: [m], "not a JSON object"),
     (_without_source_order, "invalid source spec"),
     (lambda m: {**m, "plan": "fold everything"}, "malformed plan"),
+    (lambda m: {**m, "plan": [*m["plan"], {"op": "fold_everything"}]}, "damaged plan"),
+    (lambda m: {**m, "plan": [{"op": "fuse", "conv": "features.0"}, *m["plan"]]}, "step 1: fuse step lacks 'bn'"),
     (lambda m: {**m, "arch": "resnet50_v1"}, "unusable arch record"),
     # a manifest must never make bbadapt import and call arbitrary code
     (lambda m: {**m, "arch": {"builder": "os:system", "kwargs": {"command": "touch pwned"}}}, "unusable arch record"),
     (lambda m: {**m, "arch": {"builder": "converters.base:_private"}}, "unusable arch record"),
     (lambda m: {**m, "arch": {"builder": "converters.mxnet_symbol:read", "kwargs": {"path": "x"}}},
      "not an architecture builder"),
-], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list", "arch-not-a-record",
+], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list", "plan-step-unknown",
+        "plan-step-incomplete", "arch-not-a-record",
         "arch-builder-outside-converters", "arch-builder-private", "arch-builder-not-a-builder"])
 def test_check_refuses_a_damaged_manifest(cli, bundle_copy, tmp_path, damage, says):
     manifest_path = bundle_copy / "manifest.json"

@@ -117,13 +117,13 @@ def test_the_affine_batchnorm_is_exact_to_the_bit():
     import mxnet as mx
     from mxnet.gluon import nn
 
-    from converters.readers.affine_bn import as_batchnorm, unit_variance
+    from bbadapt.core.foldmath import batchnorm_for_affine, unit_variance
 
     rng = np.random.RandomState(0)
     s, t = rng.uniform(-3, 3, 16).astype(np.float32), rng.normal(0, 1, 16).astype(np.float32)
     bn = nn.BatchNorm(in_channels=16)
     bn.initialize()
-    for key, value in as_batchnorm(s, t, 1e-5).items():
+    for key, value in batchnorm_for_affine(s, t, 1e-5).items():
         getattr(bn, key).set_data(mx.nd.array(value))
     x = rng.normal(0, 10, (2, 16, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(bn(mx.nd.array(x)).asnumpy(), x * s.reshape(1, -1, 1, 1) + t.reshape(1, -1, 1, 1))
@@ -133,7 +133,7 @@ def test_the_affine_batchnorm_is_exact_to_the_bit():
 def test_converted_detectron_weights_adapt_to_rgb255_and_pass_the_check(r50_pkl):
     c = readers.read(r50_pkl)
     adapted = bbadapt.adapt(c.net, c.source_spec, "rgb255", bn="fused")
-    report = bbadapt.check(c.net, c.source_spec, adapted, sizes=[(64, 64), (45, 53)], n_photos=1)
+    report = bbadapt.check(c.net, c.source_spec, adapted, options=bbadapt.CheckOptions(sizes=[(64, 64), (45, 53)], n_photos=1))
     assert report["passed"] and report["worst_max_rel"] < 1e-5
 
 

@@ -67,7 +67,7 @@ def test_the_real_cifar_exports_are_identified_from_the_graph_and_keep_their_acc
     assert error < 1e-5
     assert np.mean(ours.argmax(1) == labels) == ACCURACY[name]
     adapted = bbadapt.adapt(converted.net, converted.source_spec, "rgb255", bn="fused")
-    report = bbadapt.check(converted.net, "cifar", adapted, cifar=True, labelled=(tiles, labels))
+    report = bbadapt.check(converted.net, "cifar", adapted, options=bbadapt.CheckOptions(cifar=True, labelled=(tiles, labels)))
     assert report["passed"], report["reasons"]
     assert report["classification"]["labelled"]["accuracy_adapted"] == ACCURACY[name]
 
@@ -96,7 +96,7 @@ def test_real_exports_of_zoo_models_convert_exactly(name, tmp_path):
     reference = mxnet_imports(json_path, tmp_path / f"{name}-0000.params", x)
     assert max_rel(converted.net(mx.nd.array(x)).asnumpy(), reference) < 1e-5
     adapted = bbadapt.adapt(converted.net, converted.source_spec, "rgb255", bn="fused")
-    report = bbadapt.check(converted.net, converted.source_spec, adapted, sizes=SMALL_SIZES[:1], n_photos=1)
+    report = bbadapt.check(converted.net, converted.source_spec, adapted, options=bbadapt.CheckOptions(sizes=SMALL_SIZES[:1], n_photos=1))
     assert report["passed"], report["reasons"]
 
 

@@ -196,7 +196,7 @@ def test_a_damaged_arch_record_is_one_line(builder, kwargs):
 def test_converted_nets_adapt_to_rgb255_and_pass_the_check(tmp_dir, version):
     c = converted(version, tmp_dir)
     adapted = bbadapt.adapt(c.net, c.source_spec, "rgb255")
-    report = bbadapt.check(c.net, c.source_spec, adapted, sizes=SMALL_SIZES, n_photos=1)
+    report = bbadapt.check(c.net, c.source_spec, adapted, options=bbadapt.CheckOptions(sizes=SMALL_SIZES, n_photos=1))
     assert report["passed"], report["reasons"]
     assert [p["name"] for p in report["probes"]] == ["stem", "stage1", "stage2", "stage3", "stage4", "output"]
 

@@ -112,7 +112,7 @@ def test_the_converted_net_computes_what_mxnet_computes_with_the_original_graph(
 def test_adapt_and_check_pass_on_the_converted_net(which, target, bn, request):
     converted = readers.read(request.getfixturevalue(which)[0])
     adapted = bbadapt.adapt(converted.net, converted.source_spec, target, bn=bn)
-    report = bbadapt.check(converted.net, converted.source_spec, adapted, sizes=SIZES[:1], n_photos=1)
+    report = bbadapt.check(converted.net, converted.source_spec, adapted, options=bbadapt.CheckOptions(sizes=SIZES[:1], n_photos=1))
     assert report["passed"], report["reasons"]
     assert "input_insert" not in [s["op"] for s in adapted.plan]  # the graph's own bn_data takes the input map
 

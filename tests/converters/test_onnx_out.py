@@ -34,7 +34,7 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     made = {}
     for bn in ("fused", "affine"):
-        report, _ = bbadapt.convert("resnet18_v1b", root / bn, weights="random", bn=bn, sizes=[(64, 64)])
+        report, _ = bbadapt.convert("resnet18_v1b", root / bn, bbadapt.ConvertOptions(weights="random", bn=bn, sizes=[(64, 64)]))
         assert report["passed"]
         made[bn] = root / bn
     return made

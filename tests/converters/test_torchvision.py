@@ -85,7 +85,7 @@ def test_the_depth_is_read_from_blocks_per_stage_and_block_kind(depth):
 def test_converted_weights_adapt_and_check_like_zoo_weights(r18_file):
     c = readers.read(r18_file)
     adapted = bbadapt.adapt(c.net, c.source_spec, "rgb255")
-    report = bbadapt.check(c.net, c.source_spec, adapted, sizes=SIZES, n_photos=1)
+    report = bbadapt.check(c.net, c.source_spec, adapted, options=bbadapt.CheckOptions(sizes=SIZES, n_photos=1))
     assert report["passed"] and report["worst_max_rel"] < 1e-5
 
 
@@ -97,7 +97,7 @@ def bundles(r18, tmp_path_factory):
     r18.save_parameters(str(params))
     made = {}
     for name, fold, bn in (("fused", "bn", "fused"), ("global", "bn", "global-stats"), ("convfold", "conv", "affine")):
-        report, _ = bbadapt.convert("resnet18_v1b", root / name, weights=str(params), fold=fold, bn=bn, sizes=[(64, 64)])
+        report, _ = bbadapt.convert("resnet18_v1b", root / name, bbadapt.ConvertOptions(weights=str(params), fold=fold, bn=bn, sizes=[(64, 64)]))
         assert report["passed"]
         made[name] = root / name
     return made
@@ -120,7 +120,7 @@ def test_export_then_reimport_is_the_original_function_for_source_spec_input(r18
 
 def test_export_refuses_what_torchvision_cannot_hold_and_writes_nothing(bundles, tmp_path):
     v1 = tmp_path / "v1"
-    bbadapt.convert("resnet18_v1", v1, weights="random", sizes=[(64, 64)])
+    bbadapt.convert("resnet18_v1", v1, bbadapt.ConvertOptions(weights="random", sizes=[(64, 64)]))
     with pytest.raises(ModelError, match="resnet18_v1 is not torchvision-compatible"):
         tv_out.export_bundle(v1, tmp_path / "x.safetensors")
     existing = tmp_path / "exists.safetensors"
@@ -282,7 +282,7 @@ def test_torchvisions_own_resnet50_agrees_both_ways(torch, tmp_path):
     assert max_rel(gluon_out(c.net, x), want) < 1e-5
     bundle = tmp_path / "b"
     c.net.save_parameters(str(tmp_path / "w.params"))
-    bbadapt.convert("resnet50_v1b", bundle, weights=str(tmp_path / "w.params"), sizes=[(64, 64)])
+    bbadapt.convert("resnet50_v1b", bundle, bbadapt.ConvertOptions(weights=str(tmp_path / "w.params"), sizes=[(64, 64)]))
     tv_out.export_bundle(bundle, tmp_path / "out.safetensors", sizes=[(64, 64)])
     from safetensors.torch import load_file
 

@@ -7,10 +7,11 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 import bbadapt
-from bbadapt.check.equivalence import check
+from bbadapt.check.equivalence import CheckOptions, check
 from bbadapt.core import images
 from bbadapt.core.blocks import FrozenAffine, Identity
 from bbadapt.core.errors import WeightsError
+from bbadapt.core.plan import Affine, FoldIntoBN, Fuse
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import parse_spec
 from bbadapt.core.trace import block_paths
@@ -45,9 +46,9 @@ def test_fused_mode_leaves_no_batchnorm_and_only_preactivation_ones_become_affin
     adapted = bbadapt.adapt(net18v2, "imagenet", "rgb255", bn="fused")
     blocks = list(block_paths(adapted.net).values())
     assert not any(isinstance(b, nn.BatchNorm) for b in blocks)
-    affine_steps = [s for s in adapted.plan if s["op"] == "affine"]
-    assert len(affine_steps) == 9 and all("pre-activation" in s["why"] or "elsewhere" in s["why"] for s in affine_steps)
-    assert sum(isinstance(b, Identity) for b in blocks) == len([s for s in adapted.plan if s["op"] == "fuse"])
+    affine_steps = [s for s in adapted.steps if isinstance(s, Affine)]
+    assert len(affine_steps) == 9 and all("pre-activation" in s.why or "elsewhere" in s.why for s in affine_steps)
+    assert sum(isinstance(b, Identity) for b in blocks) == len([s for s in adapted.steps if isinstance(s, Fuse)])
     assert sum(isinstance(b, FrozenAffine) for b in blocks) == len(affine_steps) + 1  # + the data BN
 
 
@@ -91,8 +92,8 @@ def test_global_stats_data_bn_switches_gamma_on_when_fix_gamma_cannot_express_th
     data_bn = block_paths(net)["features.0"]
     data_bn.running_var.set_data(mx.nd.full((3,), 0.01))  # 1/sqrt(var) * a > 1/sqrt(eps)
     adapted = bbadapt.adapt(net, "rgb255", "imagenet", bn="global-stats")
-    step = next(s for s in adapted.plan if s["op"] == "input_bn")
-    assert step["fix_gamma"] is False
+    result = next(r for s, r in zip(adapted.steps, adapted.results, strict=True) if isinstance(s, FoldIntoBN))
+    assert result.fix_gamma is False
     assert _max_rel(adapted.net, "imagenet", net, "rgb255", _raw()) < 1e-5
 
 
@@ -105,7 +106,7 @@ def test_zero_and_tiny_variances_stay_finite_and_are_reported():
     for mode in ("fused", "affine"):
         adapted = bbadapt.adapt(net, "imagenet", "rgb255", bn=mode)
         assert adapted.health and adapted.health[0]["tiny_var_channels"] == 3
-        report = check(net, "imagenet", adapted, sizes=SMALL_SIZES, n_photos=1)
+        report = check(net, "imagenet", adapted, options=CheckOptions(sizes=SMALL_SIZES, n_photos=1))
         assert report["passed"], report["reasons"]
 
 
@@ -133,7 +134,7 @@ def test_conv_fold_is_exact_when_there_is_no_shift(net18v1):
 def test_conv_fold_with_a_shift_is_flagged_approximate_and_wrong_only_at_the_border(net18v1):
     adapted = bbadapt.adapt(net18v1, "imagenet", "rgb255", fold="conv")
     assert not adapted.exact
-    report = check(net18v1, "imagenet", adapted, sizes=[(64, 64)], n_photos=2)
+    report = check(net18v1, "imagenet", adapted, options=CheckOptions(sizes=[(64, 64)], n_photos=2))
     stem = report["probes"][0]
     assert report["exact"] is False and report["passed"]
     assert stem["border"]["max_rel"] > 1e-3  # padding means "black" now, "mean colour" before
@@ -168,7 +169,7 @@ def test_a_hybridized_network_that_already_ran_adapts_and_checks(net18v2):
     net.hybridize(static_alloc=True)
     net(mx.nd.array(_raw(1)))  # compiled graph exists now
     adapted = bbadapt.adapt(net, "imagenet", "rgb255")
-    report = check(net, "imagenet", adapted, sizes=SMALL_SIZES, n_photos=1)
+    report = check(net, "imagenet", adapted, options=CheckOptions(sizes=SMALL_SIZES, n_photos=1))
     assert report["passed"], report["reasons"]
 
 
@@ -183,5 +184,5 @@ def test_adapting_an_adapted_network_is_refused_in_one_line(net18v1):
 def test_conv_fold_absorbs_the_v2_data_batchnorm_with_a_channel_swap(net18v2):
     adapted = bbadapt.adapt(net18v2, "imagenet", "bgr255", fold="conv", bn="fused")
     assert not any(isinstance(b, nn.BatchNorm) for b in block_paths(adapted.net).values())
-    report = check(net18v2, "imagenet", adapted, sizes=[(64, 64)], n_photos=2)
+    report = check(net18v2, "imagenet", adapted, options=CheckOptions(sizes=[(64, 64)], n_photos=2))
     assert report["passed"] and report["probes"][0]["interior"]["max_rel"] < 1e-5

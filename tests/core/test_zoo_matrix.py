@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bbadapt import adapt
-from bbadapt.check.equivalence import check, reference
+from bbadapt.check.equivalence import CheckOptions, check, reference
 from bbadapt.core import zoo
 from bbadapt.core.rewrite import BN_MODES
 from tests.conftest import calibrated, check_sizes
@@ -23,7 +23,7 @@ STRETCH = [m.name for m in zoo.list_models() if not m.core]
 def _reference(name):
     """The original pipeline's outputs, shared by the six fold x BN modes of a model."""
     info = zoo.model_info(name)
-    return reference(calibrated(name), info.source_spec, sizes=check_sizes(name), n_photos=1, cifar=info.is_cifar)
+    return reference(calibrated(name), info.source_spec, CheckOptions(sizes=check_sizes(name), n_photos=1, cifar=info.is_cifar))
 
 
 def _convert_and_check(name, fold, bn):
