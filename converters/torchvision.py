@@ -336,13 +336,21 @@ def _v1b_depth(model: str) -> int:
 
 
 def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
-                  sizes: list[tuple[int, int]] | None = None) -> dict:
+                  sizes: list[tuple[int, int]] | None = None, input_range: str = "01") -> dict:
     """Write a bundle's backbone as a torchvision ``resnetN`` state dict (``.safetensors``, or ``.pth`` with torch).
 
     The file is read back (by this module's own reader) and checked against the bundle's
     backbone on real photos before it is renamed into place; the exported model expects
     the bundle's SOURCE spec (see the module docstring). Returns a summary with the check.
+    A detector bundle or training checkpoint goes to
+    :func:`converters.writers.torchvision_detector.export_detector` instead (``out`` is then
+    a directory; ``input_range`` "01" or "255" is the detector's input range).
     """
+    from .writers import torchvision_detector
+
+    if torchvision_detector.is_detector_dir(bundle_dir):
+        options = torchvision_detector.ExportOptions(input_range=input_range, sizes=sizes, force=force)
+        return torchvision_detector.export_detector(bundle_dir, out, force=force, progress=progress, options=options)
     import bbadapt
     from bbadapt.spec import parse_spec
 

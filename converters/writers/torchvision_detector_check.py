@@ -75,7 +75,8 @@ class ImageCheck:
         self.gluon, self.model, self.options = gluon, model, options
         self.det = gluon.detector
         self.x_gl = mx.nd.array(gluon.target.normalize(raw))
-        x_tv = torch.from_numpy((raw[0] / INPUT_RANGES[options.input_range]).astype(np.float32))
+        self.device = next(model.parameters()).device  # the model may sit on a GPU; GluonCV runs where it was built
+        x_tv = torch.from_numpy((raw[0] / INPUT_RANGES[options.input_range]).astype(np.float32)).to(self.device)
         model.transform.resize_images = False
         self.images, _ = model.transform([x_tv])
         self.x_tv = x_tv
@@ -126,7 +127,7 @@ class ImageCheck:
             pooled = mx.nd.contrib.ROIAlign(feats_gl[0], rois, tuple(s["roi_size"]), 1.0 / s["strides"], sample_ratio=2)
             box_feat = mx.nd.contrib.AdaptiveAvgPooling2D(self.det.top_features(pooled), output_size=1)
         heads = self.model.roi_heads
-        pooled_tv = heads.box_roi_pool(feats_tv, [torch.from_numpy(proposals)], self.images.image_sizes)
+        pooled_tv = heads.box_roi_pool(feats_tv, [torch.from_numpy(proposals).to(self.device)], self.images.image_sizes)
         logits, deltas = heads.box_predictor(heads.box_head(pooled_tv))
         parts = {"class_logits": difference(_np(self.det.class_predictor(box_feat)), _np(logits)),
                  "box_deltas": difference(_np(self.det.box_predictor(box_feat)), _np(deltas)[:, 4:])}
