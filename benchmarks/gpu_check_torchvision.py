@@ -78,7 +78,8 @@ def train(device: str, export: Path, steps: int) -> dict:
     raw, _ = images.photos((256, 320))
     batch = [torch.from_numpy((r / 255).astype(np.float32)).to(device) for r in raw]
     target = {"boxes": torch.tensor(TRAIN_BOXES, device=device), "labels": torch.tensor([1], device=device)}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9,
                                 weight_decay=1e-4)
     torch.manual_seed(0)
     losses, start = [], time.perf_counter()
@@ -87,8 +88,9 @@ def train(device: str, export: Path, steps: int) -> dict:
         loss = sum(model(batch[i:i + 2], [target] * len(batch[i:i + 2])).values())
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)  # random backbones: activations ~100
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     window = max(1, min(10, steps // 2))

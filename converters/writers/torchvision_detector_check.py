@@ -10,7 +10,8 @@ GluonCV detector (fed the bundle's input spec) and the exported torchvision mode
    the proposals after selection are reported beside (counts, largest difference);
 3. RoI-head outputs for given proposals: both heads get GluonCV's proposals and their class
    logits and box deltas are compared (torchvision's four background rows left out);
-4. final detections, matched one to one (class, score within 1e-4, box within 1e-2 px):
+4. final detections, matched one to one (class, score within 1e-4, box within 1e-2 px plus
+   1e-5 of the coordinate, for the float32 ulps of boxes far outside the image):
    near-tied scores may come out in another order, so partners are matched, not ranked.
    GluonCV classifies its -1 padding proposals (when fewer than ``post_nms`` survive) into
    detections at exactly (-1, -1, -1, -1); those are dropped and counted.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 REL_TOL = 1e-4
+BOX_REL_TOL = 1e-5  # boxes match within 1e-2 px + 1e-5 of the coordinate (random heads throw boxes to 1e7 px)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class ImageCheck:
         out = self.model([self.x_tv])[0]
         labels = _np(out["labels"]).astype(np.float64) - 1
         torch_side = [labels.reshape(1, -1, 1), _np(out["scores"]).reshape(1, -1, 1), _np(out["boxes"]).reshape(1, -1, 4)]
-        result = compare_detections(gluon, torch_side)
+        result = compare_detections(gluon, torch_side, box_rel_tol=BOX_REL_TOL)
         return {**result, "gluoncv_padding_rows_dropped": int(padding.sum())}
 
 
