@@ -247,7 +247,7 @@ def formats() -> None:
 
 EXPORTERS = {  # --option: (module, function); each writes atomically and verifies what it wrote
     "symbol": ("bbadapt.detection.detector_bundle", "export_symbol"),
-    "torchvision": ("converters.writers.torchvision", "export_bundle"),
+    "torchvision": ("bbadapt.detection.torchvision_export", "export"),
     "onnx": ("converters.writers.onnx", "export_bundle"),
 }
 
@@ -256,7 +256,9 @@ EXPORTERS = {  # --option: (module, function); each writes atomically and verifi
 def export(
     directory: Path = typer.Argument(..., help="an output directory of `bbadapt convert`"),
     symbol: Optional[Path] = typer.Option(None, help="PREFIX: write PREFIX-symbol.json + PREFIX-0000.params (deployment)"),
-    torchvision: Optional[Path] = typer.Option(None, help="FILE.safetensors (or .pth with torch): torchvision ResNet weights"),
+    torchvision: Optional[Path] = typer.Option(None, help="FILE.safetensors (or .pth with torch): torchvision ResNet weights; "
+                                               "for a detector, a directory: a torchvision FasterRCNN (docs/torchvision.md)"),
+    torchvision_input: str = typer.Option("01", help="detector to torchvision: the model's input, RGB 0..1 (01) or 0..255 (255)"),
     onnx: Optional[Path] = typer.Option(None, help="FILE.onnx, checked with onnxruntime against MXNet"),
     force: bool = typer.Option(False, help="replace an existing export"),
 ) -> None:
@@ -271,7 +273,8 @@ def export(
         module, function = EXPORTERS[kind]
         exporter = getattr(importlib.import_module(module), function)
         with progress_line() as say:
-            summary = exporter(Path(directory), Path(target), force=force, progress=say)
+            extra = {"input_range": torchvision_input} if kind == "torchvision" else {}
+            summary = exporter(Path(directory), Path(target), force=force, progress=say, **extra)
         for key, value in summary.items():
             if isinstance(value, (str, int, float, bool)):
                 out_console.print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}", markup=False)

@@ -26,7 +26,6 @@ from bbadapt.core.blocks import get_block
 from bbadapt.core.devices import context_of
 from bbadapt.core.errors import ModelError, OptionError
 from bbadapt.core.zoo import import_gluoncv
-from bbadapt.detection.runtime import ctx_of
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 

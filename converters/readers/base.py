@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.errors import WeightsError
 from bbadapt.core.registry import Converted
 from bbadapt.core.zoo import resnet_depth
 

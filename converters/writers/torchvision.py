@@ -121,6 +121,7 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     The file is read back (by this module's own reader) and checked against the bundle's
     backbone on real photos before it is renamed into place; the exported model expects
     the bundle's SOURCE spec (see the module docstring). Returns a summary with the check.
+    (Detector bundles: :func:`bbadapt.detection.torchvision_export.export`.)
     """
     import bbadapt
     from bbadapt.core.atomic import check_target, write_file

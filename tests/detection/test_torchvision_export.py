@@ -1,0 +1,196 @@
+"""`bbadapt export DIR --torchvision OUT` for detectors: a torchvision FasterRCNN proven to detect the same.
+
+Two real bundles (random-weight resnet18_v1b, imagenet weights convention, classes raccoon and
+dog): a C4 detector exported for RGB 0..1 input, and an FPN detector exported from a
+checkpoint-like directory (manifest + detector.params only) for RGB 0..255 input. The check
+sizes are small (an odd one and a tiny one) to keep the run short; the tiny one makes GluonCV
+pad its proposals with -1 rows, which the check must drop. A BGR (Caffe) source is covered by
+the arithmetic that serves it: conv1's channel permutation and the transform's mean/std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bbadapt.core.errors import OutputError
+
+SIZES = [(101, 135), (64, 80)]
+CLASSES = ["raccoon", "dog"]
+
+
+def _bundle(root: Path, layout: str, source: str | None) -> Path:
+    from bbadapt.pipeline import convert
+
+    out = root / f"frcnn-{layout}"
+    convert("resnet18_v1b", out, weights="random", source=source, detector="faster-rcnn", classes=CLASSES,
+            layout=layout, freeze_at=2, sizes=[(64, 64)])
+    return out
+
+
+def _export(bundle: Path, out: Path, input_range: str) -> dict:
+    from converters.readers.torchvision import export_bundle
+
+    return export_bundle(bundle, out, sizes=SIZES, input_range=input_range)
+
+
+@pytest.fixture(scope="module")
+def c4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv-c4")
+    bundle = _bundle(root, "c4", source=None)
+    return bundle, root / "export", _export(bundle, root / "export", "01")
+
+
+@pytest.fixture(scope="module")
+def fpn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv-fpn")
+    bundle = _bundle(root, "fpn", source=None)
+    checkpoint = root / "checkpoint"  # what a training checkpoint holds: no backbone.params
+    checkpoint.mkdir()
+    for name in ("manifest.json", "detector.params"):
+        shutil.copy(bundle / name, checkpoint / name)
+    return checkpoint, root / "export", _export(checkpoint, root / "export", "255")
+
+
+def _check(export: Path) -> dict:
+    return json.loads((export / "check.json").read_text())
+
+
+def _load(export: Path):
+    from bbadapt.detection.torchvision_export import import_runtime
+
+    return import_runtime(export).load(export, "cpu")
+
+
+@pytest.mark.parametrize("which", ["c4", "fpn"])
+def test_the_export_holds_weights_config_runtime_and_a_passed_four_level_check(which, request):
+    _, export, summary = request.getfixturevalue(which)
+    assert sorted(p.name for p in export.iterdir()) == ["check.json", "config.json", "frcnn_runtime.py", "model.safetensors"]
+    assert summary["check_passed"] and summary["layout"] == which
+    check = _check(export)
+    assert check["passed"] and [r["size"] for r in check["images"]] == [list(s) for s in SIZES]
+    for image in check["images"]:
+        assert image["backbone"]["max_rel"] <= 1e-4
+        assert image["rpn"]["max_rel"] <= 1e-4 and image["rpn"]["anchors_max_abs_px"] == 0.0
+        assert image["roi_heads"]["max_rel"] <= 1e-4 and image["roi_heads"]["proposals"] > 0
+        found = image["detections"]
+        assert found["count_a"] > 0 and found["count_a"] == found["count_b"] and found["unmatched"] == 0
+    assert check["images"][1]["detections"]["gluoncv_padding_rows_dropped"] > 0  # 64x80: fewer proposals than post_nms
+
+
+def test_config_records_classes_settings_input_convention_and_frozen_bn(c4, fpn):
+    bundle, export, _ = c4
+    config = json.loads((export / "config.json").read_text())
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert config["classes"] == CLASSES and config["layout"] == "c4"
+    assert config["gluoncv_settings"] == manifest["detector"]["settings"]
+    assert config["backbone"]["freeze_at"] == 2 and config["backbone"]["trainable_layers"] == 3
+    assert config["backbone"]["bn_eps"] == 1e-5 and np.float32(config["backbone"]["bn_running_var"]) + np.float32(1e-5) == 1
+    assert config["input"]["range"] == "01"  # imagenet weights: torchvision's own mean/std on RGB 0..1
+    assert np.allclose(config["input"]["image_mean"], [0.485, 0.456, 0.406])
+    assert np.allclose(config["input"]["image_std"], [0.229, 0.224, 0.225])
+    assert config["rpn"]["bbox_xform_clip"] is None and config["rpn"]["channels"] == 1024
+    assert len(config["rpn"]["cell_anchors"]) == 1 and len(config["rpn"]["cell_anchors"][0]) == 15
+    fpn_config = json.loads((fpn[1] / "config.json").read_text())
+    assert fpn_config["input"]["range"] == "255"
+    assert np.allclose(fpn_config["input"]["image_mean"], [0.485 * 255, 0.456 * 255, 0.406 * 255])
+    assert fpn_config["rpn"]["bbox_xform_clip"] == 4.14 and fpn_config["rpn"]["strides"] == [4, 8, 16, 32, 64]
+    assert fpn_config["provenance"]["kind"] == "detector" and fpn_config["provenance"]["detector_params_sha256"]
+
+
+def test_bgr_weights_get_conv1_channels_reversed_and_the_caffe_mean_in_rgb_order():
+    from bbadapt.core.spec import PRESETS
+    from bbadapt.detection.torchvision_export import image_normalization, rgb_first_conv
+
+    caffe = PRESETS["caffe"]  # x = raw[B, G, R] - (103.939, 116.779, 123.68)
+    weight = np.random.RandomState(0).normal(size=(8, 3, 7, 7))
+    rgb = rgb_first_conv(weight, caffe)
+    assert np.array_equal(rgb[:, 0], weight[:, 2]) and np.array_equal(rgb[:, 2], weight[:, 0])
+    mean, std = image_normalization(caffe, "01")
+    assert np.allclose(mean, [123.68 / 255, 116.779 / 255, 103.939 / 255]) and np.allclose(std, [1 / 255] * 3)
+    # the composition is the source convention: conv1(normalize(rgb01)) == conv1_bgr(caffe(raw))
+    raw = np.random.RandomState(1).uniform(0, 255, size=(1, 3, 4, 4))
+    torch_side = (raw[0] / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    source_side = caffe.normalize(raw, dtype="float64")[0]
+    assert np.allclose(np.einsum("ochw,chw->o", rgb[:, :, :4, :4], torch_side),
+                       np.einsum("ochw,chw->o", weight[:, :, :4, :4], source_side))
+    assert image_normalization(caffe, "255")[0] == [123.68, 116.779, 103.939]
+
+
+def test_the_runtime_loads_and_detects_with_torch_alone(fpn, tmp_path):
+    _, export, _ = fpn
+    script = (
+        "import sys\n"
+        "for banned in ('mxnet', 'gluoncv', 'bbadapt', 'converters'): sys.modules[banned] = None\n"
+        f"sys.path.insert(0, {str(export)!r})\n"
+        "import torch, frcnn_runtime\n"
+        f"model = frcnn_runtime.load({str(export)!r}, 'cpu')\n"
+        "torch.manual_seed(0)\n"
+        "out = model([torch.rand(3, 96, 128) * 255])[0]\n"
+        "print(type(model).__mro__[1].__name__, len(out['boxes']), sorted(set(out['labels'].tolist())) <= [1, 2])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name, count, labels_ok = result.stdout.split()
+    assert name == "FasterRCNN" and int(count) > 0 and labels_ok == "True"
+
+
+def test_three_sgd_steps_give_finite_falling_loss(c4):
+    import torch
+
+    from bbadapt.core import images
+
+    _, export, _ = c4
+    model = _load(export)
+    model.train()
+    raw, _ = images.photos((128, 160), limit=1)
+    image = torch.from_numpy((raw[0] / 255).astype(np.float32))
+    target = {"boxes": torch.tensor([[20.0, 16.0, 120.0, 110.0]]), "labels": torch.tensor([1])}
+    model.transform.min_size, model.transform.max_size = (128,), 1000  # keep the photo's size
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in model.backbone.body.layer1.parameters())  # freeze_at 2: stem + stage 1
+    assert all(p.requires_grad for p in model.backbone.body.layer2.parameters())
+    optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)  # random backbones give activations ~100: small steps
+    losses = []
+    for _ in range(3):
+        torch.manual_seed(0)  # the same anchor and RoI samples every step: the loss is one function
+        loss = sum(model([image], [target]).values())
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 10.0)
+        optimizer.step()
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[2] < losses[1] < losses[0], losses
+
+
+def test_an_existing_output_is_kept_without_force_and_nothing_partial_is_left(c4, tmp_path):
+    from converters.readers.torchvision import export_bundle
+
+    bundle, _, _ = c4
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        export_bundle(bundle, out, sizes=SIZES)
+    with pytest.raises(OutputError, match="not a torchvision detector export"):
+        export_bundle(bundle, out, force=True, sizes=SIZES)
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_the_cli_sends_a_detector_to_the_detector_writer_and_refuses_an_unknown_input_range(c4, tmp_path):
+    from tests.cli.test_cli_errors import assert_refused, run_cli
+
+    bundle, _, _ = c4
+    out = tmp_path / "tv"
+    result = run_cli("export", bundle, "--torchvision", out, "--torchvision-input", "0..1", cwd=tmp_path,
+                     mxnet_home=tmp_path / "home")
+    assert_refused(result, 2, tmp_path=tmp_path, out=out, mentions=("input range",))
