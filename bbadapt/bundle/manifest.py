@@ -112,7 +112,7 @@ def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> 
     try:
         manifest = json.loads(_read_small(path))
     except RecursionError:
-        raise OutputError(f"{path} is damaged (nested too deeply to be a bbadapt manifest)") from None
+        raise OutputError(f"{path} is nested too deeply to be a bbadapt manifest (damaged bundle)") from None
     except (ValueError, UnicodeDecodeError):
         raise OutputError(f"{path} is not valid JSON (or larger than a manifest can be)") from None
     if not isinstance(manifest, dict):

@@ -141,7 +141,7 @@ def sha1_table(library: str) -> dict[str, str]:
     if library == "mxnet":
         from mxnet.gluon.model_zoo import model_store
     else:
-        from bbadapt.core.zoo import import_gluoncv
+        from bbadapt.core.gluoncv_import import import_gluoncv
 
         import_gluoncv()
         from gluoncv.model_zoo import model_store

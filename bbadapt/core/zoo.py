@@ -12,6 +12,7 @@ import difflib
 from dataclasses import dataclass
 
 from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.gluoncv_import import import_gluoncv  # noqa: F401 - re-exported: bbadapt.core.zoo.import_gluoncv
 
 # The ResNet paper's table, the one copy in bbadapt: depth -> (blocks per stage, bottleneck).
 RESNET_LAYOUTS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
@@ -91,31 +92,6 @@ def instantiate(info: ModelInfo, pretrained: bool):
 
         return vision.get_model(info.name, pretrained=pretrained)
     return import_gluoncv().model_zoo.get_model(info.name, pretrained=pretrained)
-
-
-def import_gluoncv():
-    """``import gluoncv`` that works when PyTorch >= 2 is installed too (the ``torch`` extra).
-
-    gluoncv 0.10.5 imports torch at import time and raises RuntimeError ("Legacy
-    torch==2.x detected") for any torch >= 2.0, even though bbadapt uses only its MXNet
-    half. Hiding torch during that one import makes gluoncv take its "no torch" path;
-    torch stays importable afterwards. Import gluoncv through here (once it is in
-    ``sys.modules``, a plain ``import gluoncv`` anywhere is fine).
-    """
-    import sys
-
-    if "gluoncv" in sys.modules:
-        return sys.modules["gluoncv"]
-    saved = sys.modules.get("torch")
-    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
-    try:
-        import gluoncv
-    finally:
-        if saved is None:
-            del sys.modules["torch"]
-        else:
-            sys.modules["torch"] = saved
-    return gluoncv
 
 
 def build(name: str, pretrained: bool = False):

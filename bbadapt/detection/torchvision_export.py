@@ -36,12 +36,13 @@ from types import ModuleType
 import numpy as np
 
 from bbadapt.core.errors import ModelError, OptionError, OutputError
+from bbadapt.detection.torchvision_export_check import INPUT_RANGES
 from converters.readers import safetensors_io
 
 RUNTIME_SOURCE = Path(__file__).with_name("frcnn_runtime.py")
 RUNTIME_FILE = "frcnn_runtime.py"
 FORMAT = "bbadapt-torchvision-faster-rcnn"
-INPUT_RANGES = {"01": 255.0, "255": 1.0}  # --torchvision-input: raw pixel divisor of the model's input
+
 RPN_TRAINING = {"fg_iou_thresh": 0.7, "bg_iou_thresh": 0.3, "batch_size_per_image": 256, "positive_fraction": 0.5}
 RCNN_STDS = (0.1, 0.1, 0.2, 0.2)  # gluoncv RCNN box decoder; torchvision's weights are 1/std
 SCORE_THRESH = 0.01  # gluoncv MultiPerClassDecoder

@@ -29,6 +29,8 @@ import numpy as np
 REL_TOL = 1e-4
 BOX_REL_TOL = 1e-5  # boxes match within 1e-2 px + 1e-5 of the coordinate (random heads throw boxes to 1e7 px)
 
+INPUT_RANGES = {"01": 255.0, "255": 1.0}  # --torchvision-input: raw pixel divisor of the model's input
+
 
 @dataclass
 class CheckOptions:
@@ -72,7 +74,6 @@ class ImageCheck:
         import mxnet as mx
         import torch
 
-        from bbadapt.detection.torchvision_export import INPUT_RANGES
 
         self.gluon, self.model, self.options = gluon, model, options
         self.det = gluon.detector

@@ -28,8 +28,7 @@ from bbadapt.core.rewrite import BN_MODES, clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize
-
-from ..conftest import SMALL_SIZES
+from tests.conftest import SMALL_SIZES
 
 SOURCE, TARGET = "rgb255", "imagenet"
 

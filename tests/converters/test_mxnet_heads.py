@@ -18,8 +18,7 @@ from bbadapt.core import images
 from bbadapt.core.errors import WeightsError
 from converters import readers as converters
 from converters.readers import mxnet_symbol
-
-from ..test_mxnet_symbol import FP32_ROUNDING, GRAPHS, max_rel, write_checkpoint
+from tests.converters.test_mxnet_symbol import FP32_ROUNDING, GRAPHS, max_rel, write_checkpoint
 
 
 def _index(graph: dict, name: str) -> int:
