@@ -76,11 +76,12 @@ class Workers:
 
     def per_worker_batch(self, batch_size: int, devices: int) -> int:
         """Images one worker takes per step out of the global ``batch_size``."""
-        if batch_size % (self.size * devices):
-            where = f"{self.size} workers x {devices} device(s)" if self.hvd is not None else f"{devices} device(s)"
-            raise OptionError(f"--batch-size {batch_size} (images per step over all workers and devices) "
-                              f"must be a multiple of the {where}")
-        return batch_size // self.size
+        if batch_size % (self.size * devices) == 0:
+            return batch_size // self.size
+        if self.hvd is None:
+            raise OptionError(f"--batch-size {batch_size} must be a multiple of the {devices} devices")
+        raise OptionError(f"--batch-size {batch_size} (the global batch, over all workers) must be a multiple of "
+                          f"the {self.size} workers x {devices} device(s)")
 
     def trainer(self, params: dict, optimizer: str, options: dict, kvstore: Optional[str] = None,
                 update_on_kvstore: Optional[bool] = None):

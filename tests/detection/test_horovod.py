@@ -218,8 +218,9 @@ def test_batch_size_not_divisible_by_the_workers_is_refused(bundle, voc, tmp_pat
     code, text = horovod_train(out, voc, "--epochs", "1", "--batch-size", "3", output=tmp_path / "job.txt",
                                deadline=FAILURE_DEADLINE_S * 3)
     assert code != 0
-    assert "bbadapt: error: --batch-size 3 (images per step over all workers and devices) must be a multiple " \
-           "of the 2 workers x 1 device(s)" in text
+    for rank in (0, 1):  # both refuse, before any collective
+        assert f"[{rank}]<stderr>:bbadapt: error: --batch-size 3 (the global batch, over all workers) must be a " \
+               "multiple of the 2 workers x 1 device(s)" in text, text
     assert not worker_tracebacks(text) and not (out / "checkpoints").exists()
 
 

@@ -39,9 +39,9 @@ from bbadapt.detection import settings_for
 from bbadapt.detector_bundle import add_detector
 from bbadapt.rewrite import adapt
 from bbadapt.train import LOSSES, load_quietly, train
-from bbadapt.weights import sha256_of
+from bbadapt.spec import PRESETS
+from bbadapt.weights import batchnorms, randomize, sha256_of
 
-from ..conftest import calibrated
 from ..test_detection_equivalence import _randomize_heads as randomize_heads
 from .raccoon import raccoon_voc
 
@@ -50,9 +50,8 @@ SMALL = dict(rpn_channel=256, roi_size=(7, 7), rpn_train_pre_nms=3000, rpn_train
              rpn_test_pre_nms=1000, rpn_test_post_nms=100, num_sample=16)
 SHORT, MAX_SIZE = 128, 192
 K = 5  # steps: one epoch of 5 training photos, one photo per step
-# momentum and wd: train_faster_rcnn.py's VOC defaults; its lr (1e-3) diverges within 3 steps on
-# this random-weight backbone (activations ~100), so the lr is a tenth of it
-RECIPE = dict(lr=1e-5, momentum=0.9, wd=5e-4)
+RECIPE = dict(lr=0.001, momentum=0.9, wd=5e-4)  # train_faster_rcnn.py's VOC defaults
+BRANCH_SCALE = 0.2  # last BN of each residual branch (see `source`)
 SEED = 0
 LOSS_RTOL, PARAM_RTOL = 1e-4, 1e-5
 
@@ -64,8 +63,33 @@ def voc(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def source():
-    """resnet50_v1b with seeded random weights, BN statistics calibrated on real photos (ImageNet input)."""
-    return calibrated(MODEL)
+    """resnet50_v1b with seeded random weights shaped like trained ones, ImageNet input.
+
+    Calibrated random weights (BN statistics measured on real photos) with every residual
+    branch's last BatchNorm (``bn3``, and the shortcut's) scaled down 5x and the statistics
+    measured again: trained ResNets have such small last-BN gammas. Without it the residual
+    stream grows to ~100 by stage 4, the heads see features whose squared norm makes any lr
+    explode (the recipe's 1e-3, and 1e-5, diverged within 2 steps), and 5 steps of a chaotic
+    run amplify float32 rounding (1e-7) into differences of 1e-2: that would test chaos, not
+    equivalence.
+    """
+    net = zoo.build(MODEL)
+    raw, _ = images.photos((96, 96), limit=4)
+    calibration = mx.nd.array(PRESETS["imagenet"].normalize(raw))
+    randomize(net, SEED, calibration.asnumpy())
+    params = net._collect_params_with_prefix()
+    for name, p in params.items():
+        if name.endswith((".bn3.gamma", ".bn3.beta", ".downsample.1.gamma", ".downsample.1.beta")):
+            p.set_data(p.data() * BRANCH_SCALE)
+    bns = batchnorms(net)
+    momentum = [bn._kwargs["momentum"] for bn in bns]
+    for bn in bns:
+        bn._kwargs["momentum"] = 0.0  # one pass sets every running mean/var to the measured statistic
+    with mx.autograd.train_mode():
+        net(calibration).wait_to_read()
+    for bn, m in zip(bns, momentum, strict=True):
+        bn._kwargs["momentum"] = m
+    return net
 
 
 def make_bundle(source, bn: str, out: Path, heads: dict) -> Path:
@@ -197,7 +221,7 @@ def relative(a, b) -> float:
 
 def compare_losses(ours: list[dict], ref: list[dict]) -> float:
     assert len(ours) == len(ref) == K
-    return max(abs(o[k] - r[k]) / max(abs(r[k]), 1e-12) for o, r in zip(ours, ref) for k in LOSSES)
+    return max(abs(o[k] - r[k]) / abs(r[k]) if r[k] else abs(o[k]) for o, r in zip(ours, ref) for k in LOSSES)
 
 
 def initial(bundle: Path) -> dict:
@@ -205,25 +229,48 @@ def initial(bundle: Path) -> dict:
 
 
 @pytest.mark.parametrize("bn", ["affine", "global-stats"])
-def test_k_sgd_steps_equal_gluoncv_recipe(bn, source, heads, voc, reference, tmp_path):
+def test_k_sgd_steps_equal_gluoncv_recipe(bn, source, heads, voc, reference, tmp_path, record_property):
     ref_steps, ref_params = reference
     bundle = make_bundle(source, bn, tmp_path / "frcnn", heads)
     start = initial(bundle)
     steps, params = bbadapt_run(bundle, voc)
-    for k, (o, r) in enumerate(zip(steps, ref_steps)):
-        print(f"step {k}: bbadapt {[o[n] for n in LOSSES]}\n        gluoncv {[r[n] for n in LOSSES]}")
-    assert all(abs(r[k]) > 0 for r in ref_steps for k in LOSSES)  # every loss term is exercised
+    # every loss term is exercised (the RPN box loss is 0 on a step whose image has no positive anchor)
+    assert all(any(abs(r[k]) > 0 for r in ref_steps) for k in LOSSES)
     loss_rel = compare_losses(steps, ref_steps)
     trainable = set(ref_params)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["detector"]["trainable"]) == trainable and len(trainable) > 50  # the same parameters train
     moved = [k for k in trainable if np.any(ref_params[k] != start[k])]
     assert len(moved) > 0.9 * len(trainable)  # the steps changed (almost) every trainable parameter
-    param_rel = max(relative(params[k], ref_params[k]) for k in trainable)
+    worst = max(trainable, key=lambda k: relative(params[k], ref_params[k]))
     update_rel = max(relative(params[k] - start[k], ref_params[k] - start[k]) for k in moved)
-    print(f"bn={bn}: per-step losses max rel diff {loss_rel:.2e}; parameters after {K} steps {param_rel:.2e}; "
-          f"their updates {update_rel:.2e}")
+    record_property("figures", {"losses": loss_rel, "params": relative(params[worst], ref_params[worst]),
+                                "worst": worst, "updates": update_rel})
+    print(f"\nbn={bn}: per-step losses max rel diff {loss_rel:.2e}; parameters after {K} steps "
+          f"{relative(params[worst], ref_params[worst]):.2e} ({worst}); their updates {update_rel:.2e}")
     assert loss_rel <= LOSS_RTOL, f"per-step losses differ by {loss_rel:.2e} relative"
     for k in trainable:
         np.testing.assert_allclose(params[k], ref_params[k], rtol=PARAM_RTOL,
                                    atol=PARAM_RTOL * float(np.max(np.abs(ref_params[k]))), err_msg=k)
+
+
+def test_fused_bn_is_a_different_optimisation_and_its_difference_is_measured(source, heads, voc, reference, tmp_path,
+                                                                             record_property):
+    """``--bn fused``: the same function at the start (step 0 losses agree), then a different
+    optimisation: the conv weight that absorbed the BN scale ``s`` gets its gradient divided by
+    ``s`` and its update, seen in the frozen-BN parametrisation, by ``s**2`` per channel. The
+    figures are printed and recorded (docs/training.md states them), not held to a tolerance."""
+    ref_steps, ref_params = reference
+    bundle = make_bundle(source, "fused", tmp_path / "frcnn", heads)
+    start = initial(bundle)
+    steps, params = bbadapt_run(bundle, voc)
+    first = compare_losses(steps[:1] * K, ref_steps[:1] * K)
+    assert first <= LOSS_RTOL, f"fused: step 0 losses differ by {first:.2e}: not the same function"
+    per_step = [max(abs(o[k] - r[k]) / abs(r[k]) if r[k] else abs(o[k]) for k in LOSSES)
+                for o, r in zip(steps, ref_steps, strict=True)]
+    heads_moved = [k for k in ref_params if not k.startswith(("features.", "top_features."))
+                   and np.any(ref_params[k] != start[k])]
+    head_update = max(relative(params[k] - start[k], ref_params[k] - start[k]) for k in heads_moved)
+    record_property("figures", {"per_step_losses": per_step, "head_updates": head_update})
+    print(f"\nbn=fused: per-step losses rel diff {', '.join(f'{d:.1e}' for d in per_step)}; "
+          f"head parameter updates after {K} steps differ by {head_update:.1e} (relative)")
