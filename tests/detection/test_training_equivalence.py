@@ -221,7 +221,7 @@ def relative(a, b) -> float:
 
 def compare_losses(ours: list[dict], ref: list[dict]) -> float:
     assert len(ours) == len(ref) == K
-    return max(abs(o[k] - r[k]) / abs(r[k]) if r[k] else abs(o[k]) for o, r in zip(ours, ref) for k in LOSSES)
+    return max(abs(o[k] - r[k]) / abs(r[k]) if r[k] else abs(o[k]) for o, r in zip(ours, ref, strict=True) for k in LOSSES)
 
 
 def initial(bundle: Path) -> dict:
