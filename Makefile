@@ -38,9 +38,20 @@ FIRST_RUN  := tests/test_architecture.py tests/core tests/check tests/bundle tes
 SECOND_RUN := tests/converters tests/detection tests/benchmarks
 PYTEST      := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
                $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider --durations=10
-test: lint
-	$(PYTEST) $(FIRST_RUN)
-	$(PYTEST) $(SECOND_RUN)
+# horovod has no binary wheels: built once per machine into ~/.cache/bbadapt/wheels/horovod-VERSION-py311-mxnetX/
+# (scripts/horovod-wheel.sh), then installed from there in seconds.
+HOROVOD := $(VENV)/.horovod
+$(HOROVOD): $(STAMP) scripts/horovod-wheel.sh
+	sh scripts/horovod-wheel.sh $(BIN)/python
+	touch $@
+
+# Real horovodrun jobs start 2 worker processes each: they run after the xdist pool, one at a time.
+SERIAL := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
+          $(BIN)/python -m pytest -p no:cacheprovider --durations=10
+test: lint $(HOROVOD)
+	$(PYTEST) -m "not horovod" $(FIRST_RUN)
+	$(PYTEST) -m "not horovod" $(SECOND_RUN)
+	$(SERIAL) -m horovod tests/detection/test_horovod.py
 
 # Mutation fuzzing of every reader and `inspect` (a short run is part of `make test`); FUZZ_EXAMPLES per target.
 FUZZ_EXAMPLES ?= 3000

@@ -326,7 +326,8 @@ def train_cmd(
     lr: float = typer.Option(0.01, help="base learning rate (SGD, momentum 0.9, wd 1e-4)"),
     lr_steps: str = typer.Option("", help="epochs at which the lr is multiplied by 0.1, e.g. 14,20"),
     warmup: int = typer.Option(0, min=0, help="linear warmup iterations at the start (from lr/3)"),
-    batch_size: int = typer.Option(1, min=1, help="images per step over all devices (per worker with --horovod)"),
+    batch_size: int = typer.Option(1, min=1, help="images per step over all devices and all --horovod workers (the "
+                                   "global batch, as gluoncv's script); a multiple of devices x workers"),
     gpus: Optional[str] = typer.Option(None, help="GPUs to train on, e.g. 0 or 0,1 (data parallel)"),
     cpu: bool = typer.Option(False, "--cpu", help="train on the CPU (the default when no --gpus)"),
     amp: bool = typer.Option(False, "--amp", help="mixed precision (GPU only)"),
@@ -337,7 +338,10 @@ def train_cmd(
     val_interval: int = typer.Option(1, min=1, help="validate (VOC07 mAP) every N epochs; best-by-mAP follows"),
     log_interval: int = typer.Option(10, min=1, help="iterations per train.log.jsonl record"),
     resume: bool = typer.Option(False, "--resume", help="continue from checkpoints/last"),
-    horovod: bool = typer.Option(False, "--horovod", help="run under horovodrun (see docs/training.md)"),
+    horovod: bool = typer.Option(False, "--horovod", help="one worker of a horovodrun job (see docs/training.md): rank "
+                                 "0's parameters are broadcast, gradients averaged by hvd.DistributedTrainer, each "
+                                 "worker reads its own part of the images every epoch, only rank 0 logs, validates "
+                                 "and writes checkpoints; --resume works (checkpoints on a shared filesystem)"),
     seed: int = typer.Option(0, min=0),
     workers: int = typer.Option(0, min=0, help="data loader worker processes"),
 ) -> None:
@@ -365,6 +369,8 @@ def train_cmd(
                                num_workers=workers, progress=progress)
         except KeyboardInterrupt:
             fail("interrupted; checkpoints written so far are intact (continue with --resume)", 130)
+        if result["rank"] != 0:
+            return  # under --horovod, rank 0 speaks for the job
         if result["started_at_epoch"] >= result["epochs"]:
             out_console.print(f"nothing to do: {directory / 'checkpoints' / 'last'} is at epoch "
                               f"{result['started_at_epoch']} (--epochs {epochs})", markup=False)

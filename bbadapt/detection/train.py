@@ -5,7 +5,7 @@ networks: gluoncv's train transform (resize, flip, RPN targets on CPU) set up fo
 bundle's *input spec* (no normalization step at all for an ``rgb255`` detector), its
 ``FasterRCNNTrainBatchify``, its ``ForwardBackwardTask`` (RPN and R-CNN losses), SGD over
 the bundle's ``train_patterns`` only, linear warmup then step decay, MXNet data parallel
-over several GPUs or Horovod across machines.
+over several GPUs or Horovod across machines (``--horovod``: see :mod:`bbadapt.detection.distributed`).
 
 Checkpoints are directories under ``DIR/checkpoints/`` (``epoch-NNNN``, ``last``, ``best``),
 each a loadable bundle (``load_detector`` works on it) plus ``trainer.states``, written
@@ -31,6 +31,7 @@ from typing import Optional
 from bbadapt.core.errors import BbadaptError, DeviceError, OptionError, OutputError
 from bbadapt.core.zoo import import_gluoncv
 from bbadapt.detection.detector_bundle import save_detector_params
+from bbadapt.detection.distributed import Workers, epoch_sampler
 from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly, params_file
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
@@ -53,7 +54,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_iters: int = 0  # linear warmup over the first iterations of epoch 0
     warmup_factor: float = 1 / 3
-    batch_size: int = 1  # images per step over all devices (per worker under horovod)
+    batch_size: int = 1  # images per step over all devices and workers (the global batch)
     short_side: int = 600
     max_size: int = 1000
     flip_p: float = 0.5
@@ -86,13 +87,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- devices
 
 
-def _horovod():
-    try:
-        import horovod.mxnet as hvd
-    except ImportError:
-        raise DeviceError("--horovod needs horovod built with MXNet support: "
-                          "HOROVOD_WITH_MXNET=1 pip install horovod (see docs/training.md)") from None
-    return hvd
 
 
 # ----------------------------------------------------------------------------- bundle and checkpoints
@@ -198,6 +192,8 @@ def _plain_line(console, record: dict) -> None:
     event = record["event"]
     if event == "iter" and record.get("logged"):
         line = f"epoch {record['epoch']} batch {record['batch'] + 1}/{record['batches']}: {_loss_text(record)}"
+    elif event == "epoch":
+        line = f"epoch {record['epoch']} done ({record['batches']} batches, {record['workers']} worker(s)): {_loss_text(record)}"
     elif event == "val":
         line = f"epoch {record['epoch']} validation: {record['metric']} mAP {record['map']:.4f}"
     elif event == "checkpoint":
@@ -243,8 +239,6 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
     refused, never overwritten. ``progress`` receives every iteration/validation record.
     Returns a summary dict (epochs and iterations done, last losses, best mAP, checkpoints).
     """
-    import mxnet as mx
-
     config = TrainConfig(epochs=epochs, lr=lr, lr_steps=tuple(sorted(lr_steps)), lr_decay=lr_decay,
                          warmup_iters=warmup_iters, batch_size=batch_size, short_side=short_side, max_size=max_size,
                          flip_p=flip_p, checkpoint_every=checkpoint_every, val_interval=val_interval,
@@ -258,19 +252,14 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
         raise OutputError(f"{bundle_dir} is a training checkpoint; continue its run with "
                           f"`bbadapt train {bundle_dir.resolve().parent.parent} --resume`")
     manifest.pop("checkpoint", None)
-    hvd = _horovod() if horovod else None
-    if hvd is not None:
-        hvd.init()
-        ctx = [mx.gpu(hvd.local_rank())] if ctx and ctx[0].device_type == "gpu" else [mx.cpu()]
-    ctx = list(ctx or [mx.cpu()])
+    workers = Workers.horovod() if horovod else Workers()
+    ctx = workers.contexts(ctx)
     config.devices = [str(c) for c in ctx]
     if amp and any(c.device_type != "gpu" for c in ctx):
         raise DeviceError("--amp (mixed precision) needs GPUs; MXNet 1.9.1's CPU AMP (bfloat16) "
                           "fails at the first convolution without AVX-512 (see docs/gpu.md)")
-    if config.batch_size % len(ctx):
-        raise OptionError(f"--batch-size {batch_size} must be a multiple of the {len(ctx)} devices")
-    rank0 = hvd is None or hvd.rank() == 0
-    start = _start_state(bundle_dir, resume, rank0)
+    per_worker = workers.per_worker_batch(config.batch_size, len(ctx))
+    start = _start_state(bundle_dir, resume)  # every worker: all must stop, or none
     if start is not None:
         _same_run(config, start.get("config", {}))
     data, val = _datasets(manifest, config)
@@ -278,14 +267,15 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
         from mxnet.contrib import amp as mx_amp
 
         mx_amp.init()
-    net = _load_net(bundle_dir if start is None else start["dir"], ctx, config.batch_size // len(ctx))
+    net = _load_net(bundle_dir if start is None else start["dir"], ctx, per_worker // len(ctx))
     check_proposals(net, config.short_side)
-    trainer = _trainer(net, config, ctx, hvd)
-    if start is not None:
-        trainer.load_states(str(start["dir"] / STATES))
-    log = _Log(bundle_dir / LOG if rank0 else None, progress)
-    run = _Run(net, trainer, ctx, config, manifest, bundle_dir, log, hvd, data, val, start)
-    return run.fit()
+    with workers.failures():
+        trainer = _trainer(net, config, ctx, workers)
+        if start is not None:
+            trainer.load_states(str(start["dir"] / STATES))
+        log = _Log(bundle_dir / LOG, progress) if workers.root else _Log(None, None)  # rank 0 alone logs
+        run = _Run(net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val, start)
+        return run.fit()
 
 
 RESUME_MUST_MATCH = ("lr", "momentum", "wd", "lr_steps", "lr_decay", "warmup_iters", "warmup_factor", "batch_size",
@@ -302,10 +292,10 @@ def _same_run(config: TrainConfig, stored: dict) -> None:
                           + "; ".join(differ) + " (pass the run's values; only --epochs may grow)")
 
 
-def _start_state(bundle_dir: Path, resume: bool, rank0: bool) -> Optional[dict]:
+def _start_state(bundle_dir: Path, resume: bool) -> Optional[dict]:
     checkpoints = bundle_dir / CHECKPOINTS
     if not resume:
-        if rank0 and checkpoints.is_dir() and any(p.name in ("last", "best") or p.name.startswith("epoch-")
+        if checkpoints.is_dir() and any(p.name in ("last", "best") or p.name.startswith("epoch-")
                                                   for p in checkpoints.iterdir()):
             raise OutputError(f"{checkpoints} holds checkpoints of an earlier run; pass --resume to continue it, "
                               "or move them away")
@@ -345,7 +335,7 @@ def _set_per_device_batch(net, n: int) -> None:
     net._target_generator = lambda: RCNNTargetGenerator(net.num_class, net.sampler._max_pos, n)
 
 
-def _trainer(net, config: TrainConfig, ctx: list, hvd):
+def _trainer(net, config: TrainConfig, ctx: list, workers: Workers):
     """SGD over the bundle's trainable parameters only (``train_patterns``), as gluoncv's script."""
     import mxnet as mx
 
@@ -357,13 +347,9 @@ def _trainer(net, config: TrainConfig, ctx: list, hvd):
     options = {"learning_rate": config.lr, "wd": config.wd, "momentum": config.momentum}
     if config.amp:
         options["multi_precision"] = True
-    if hvd is not None:
-        hvd.broadcast_parameters(net.collect_params(), root_rank=0)
-        trainer = hvd.DistributedTrainer(trainable, "sgd", options)
-    else:
-        kvstore = "device" if len(ctx) > 1 else None
-        trainer = mx.gluon.Trainer(trainable, "sgd", options, kvstore=kvstore,
-                                   update_on_kvstore=False if config.amp else None)
+    workers.broadcast(net.collect_params())
+    trainer = workers.trainer(trainable, "sgd", options, kvstore="device" if len(ctx) > 1 else None,
+                              update_on_kvstore=False if config.amp else None)
     if config.amp:
         from mxnet.contrib import amp
 
@@ -374,11 +360,12 @@ def _trainer(net, config: TrainConfig, ctx: list, hvd):
 class _Run:
     """One training run: epochs of steps, validation, checkpoints."""
 
-    def __init__(self, net, trainer, ctx, config, manifest, bundle_dir, log, hvd, data, val, start):
+    def __init__(self, net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val, start):
         self.net, self.trainer, self.ctx, self.config = net, trainer, ctx, config
-        self.manifest, self.dir, self.log, self.hvd = manifest, bundle_dir, log, hvd
+        self.manifest, self.dir, self.log, self.workers = manifest, bundle_dir, log, workers
         self.data, self.val = data, val
-        self.rank0 = hvd is None or hvd.rank() == 0
+        self.rank0 = workers.root
+        self.per_worker = config.batch_size // workers.size
         self.epoch = start["epoch"] if start else 0
         self.iteration = start["iteration"] if start else 0
         self.best = start.get("best_map") if start else None
@@ -396,15 +383,20 @@ class _Run:
         batchify = FasterRCNNTrainBatchify(self.net, len(self.ctx))
         start_epoch = self.epoch
         for epoch in range(start_epoch, self.config.epochs):
+            loader = self._loader(batchify, epoch)  # before seeding: it moves the sampler on
             self._seed(epoch)
-            self._epoch(epoch, self._loader(batchify), task)
+            self._epoch(epoch, loader, task)
             self.epoch = epoch + 1
             val_map = self._validate() if self.epoch % self.config.val_interval == 0 else None
             if self.rank0:
                 self._save(val_map)
+        digests = self.workers.finish(self.net)  # no worker returns before all are done (see distributed.py)
+        self.log({"event": "finish", "epoch": self.epoch, "iteration": self.iteration, "workers": self.workers.size,
+                  "param_digests": digests})
         return {"epochs": self.epoch, "iterations": self.iteration, "started_at_epoch": start_epoch,
                 "losses": self.last_losses, "best_map": self.best, "checkpoints": self.checkpoints,
-                "log": str(self.dir / LOG)}
+                "log": str(self.dir / LOG), "rank": self.workers.rank, "workers": self.workers.size,
+                "param_digests": digests}
 
     def _seed(self, epoch: int) -> None:
         """Seed python, numpy and mxnet per epoch: a resumed epoch draws what an uninterrupted one would."""
@@ -412,16 +404,13 @@ class _Run:
 
         grandom.seed(self.config.seed * 1000 + epoch)
 
-    def _loader(self, batchify):
+    def _loader(self, batchify, epoch: int):
         import mxnet as mx
-        from gluoncv.data.sampler import SplitSortedBucketSampler
 
         from bbadapt.core.spec import InputSpec
         from bbadapt.detection.datasets import spec_transforms
 
-        parts, index = (self.hvd.size(), self.hvd.rank()) if self.hvd else (1, 0)
-        sampler = SplitSortedBucketSampler(self.data.get_im_aspect_ratio(), self.config.batch_size,
-                                           num_parts=parts, part_index=index, shuffle=True, seed=self.config.seed)
+        sampler = epoch_sampler(self.data.get_im_aspect_ratio(), self.per_worker, self.workers, self.config.seed, epoch)
         transform = spec_transforms(InputSpec.from_dict(self.manifest["target"]), self.config.short_side,
                                     self.config.max_size, self.net, train=True, flip_p=self.config.flip_p,
                                     ashape=self.net.ashape)
@@ -433,15 +422,18 @@ class _Run:
             self.net.hybridize(static_alloc=True)
         steps = len(loader)
         window = {k: 0.0 for k in LOSSES}
+        totals = {k: 0.0 for k in LOSSES}
         tic, seen = time.time(), 0
         for batch_index, batch in enumerate(loader):
             self.trainer.set_learning_rate(learning_rate(self.config, epoch, batch_index))
             results = [task.forward_backward(shard) for shard in self._shards(batch)]
-            self.trainer.step(self.config.batch_size)
+            self.trainer.step(self.per_worker)  # horovod's trainer divides by the workers too: the global mean
             self.iteration += 1
-            seen += self.config.batch_size
+            seen += self.config.batch_size  # all workers' images: samples/s is the job's throughput
             for k, name in enumerate(LOSSES):
-                window[name] += sum(float(r[k].asscalar()) for r in results) / len(results)
+                value = sum(float(r[k].asscalar()) for r in results) / len(results)
+                window[name] += value
+                totals[name] += value
             n_window = (batch_index % self.config.log_interval) + 1
             record = {"event": "iter", "epoch": epoch, "batch": batch_index, "batches": steps,
                       "iteration": self.iteration, "lr": self.trainer.learning_rate,
@@ -454,6 +446,11 @@ class _Run:
             if logged:
                 self.last_losses = {k: record[k] for k in (*LOSSES, "loss")}
                 window = {k: 0.0 for k in LOSSES}
+        means = {k: v / max(steps, 1) for k, v in totals.items()}
+        self.log({"event": "epoch", "epoch": epoch, "iteration": self.iteration, "batches": steps,
+                  "lr": self.trainer.learning_rate, **means,
+                  "loss": sum(means.values()), "samples_per_s": seen / max(time.time() - tic, 1e-9),
+                  "seconds": time.time() - tic, "workers": self.workers.size})
 
     def _shards(self, batch):
         """Batchify already split the batch per device: move each shard to its device."""

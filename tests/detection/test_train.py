@@ -122,8 +122,9 @@ def test_loss_falls_and_every_iteration_is_logged(trained):
     first = np.mean([r["loss"] for r in iters if r["epoch"] == 0])
     last = np.mean([r["loss"] for r in iters if r["epoch"] == EPOCHS - 1])
     assert last < first / 2, (first, last)
-    # stderr is not a terminal: plain progress lines, one per logged iteration
-    assert result.stderr.count("samples/s") == len(iters)
+    # stderr is not a terminal: plain progress lines, one per logged iteration and one per epoch
+    assert result.stderr.count("samples/s") == len(iters) + EPOCHS
+    assert [r["epoch"] for r in log_records(out, "epoch")] == list(range(EPOCHS))
     assert f"trained epochs 1..{EPOCHS} ({len(iters)} iterations in all)" in result.stdout
 
 
