@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from bbadapt.core.blocks import get_block
 from bbadapt.core.errors import ModelError, OptionError
+from bbadapt.core.weights import ctx_of
 from bbadapt.core.zoo import import_gluoncv
-from bbadapt.detection.runtime import ctx_of
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 

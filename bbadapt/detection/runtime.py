@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from bbadapt.core.errors import OptionError
+from bbadapt.core.weights import ctx_of
 
 
 def detector_manifest(directory: str | os.PathLike) -> dict:
@@ -34,11 +35,6 @@ def load_quietly(directory: Path, ctx):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant parameter .* does not support grad_req")
         return load_detector(directory, ctx=ctx)
-
-
-def ctx_of(net):
-    """The context a (single-context) network's parameters live on."""
-    return next(iter(net.collect_params().values())).list_ctx()[0]
 
 
 def check_proposals(net, short_side: int, training: bool = True) -> None:
