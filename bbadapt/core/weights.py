@@ -26,11 +26,6 @@ def structural_params(net) -> dict:
     return net._collect_params_with_prefix()
 
 
-def ctx_of(net):
-    """The context a (single-context) network's parameters live on."""
-    return next(iter(net.collect_params().values())).list_ctx()[0]
-
-
 def read_params_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read an MXNet NDArray file into numpy arrays, with one-line errors for bad files."""
     import mxnet as mx

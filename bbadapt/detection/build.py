@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from bbadapt.core.blocks import get_block
 from bbadapt.core.devices import context_of
 from bbadapt.core.errors import ModelError, OptionError
-from bbadapt.core.weights import ctx_of
 from bbadapt.core.zoo import import_gluoncv
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2

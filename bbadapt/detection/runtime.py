@@ -13,7 +13,6 @@ from pathlib import Path
 
 from bbadapt.core.devices import context_of
 from bbadapt.core.errors import OptionError
-from bbadapt.core.weights import ctx_of
 
 
 def detector_manifest(directory: str | os.PathLike) -> dict:
