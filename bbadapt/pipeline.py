@@ -18,6 +18,7 @@ import numpy as np
 
 from bbadapt.bundle.backbone import load_adapted, save_backbone
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
+from bbadapt.bundle.provenance import locate_weights
 from bbadapt.check.equivalence import check
 from bbadapt.check.report import write_reports
 from bbadapt.core import images as imgs
@@ -26,7 +27,7 @@ from bbadapt.core.atomic import replace_together
 from bbadapt.core.errors import OptionError, OutputError, WeightsError
 from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from bbadapt.core.spec import InputSpec, parse_spec
-from bbadapt.core.weights import randomize, sha256_of
+from bbadapt.core.weights import randomize
 
 if TYPE_CHECKING:
     from bbadapt.core.registry import Converted
@@ -159,7 +160,7 @@ def convert(model: str | None, out: str | os.PathLike, weights: str = "pretraine
             manifest["detector"] = add_detector(stage, adapted, info, classes or [], layout=layout, freeze_at=freeze_at,
                                                 overrides=detector_options, progress=say, seed=seed)
         write_manifest(stage, manifest)
-        write_reports(report, stage)
+        write_reports(report, stage, manifest)
     return report, adapted
 
 
@@ -193,8 +194,11 @@ def health_notes(health: list[dict]) -> list[str]:
 
 
 def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,
-            progress: Progress | None = None) -> dict:
-    """Re-run the equivalence check of an existing output and rewrite its reports."""
+            progress: Progress | None = None, weights: str | None = None) -> dict:
+    """Re-run the equivalence check of an existing output and rewrite its reports.
+
+    ``weights``: where the original weights file is now, when it moved since the conversion
+    (checked by sha256 against the manifest)."""
     say = progress or (lambda _m: None)
     directory = Path(directory)
     if "checkpoint" in read_manifest(directory, require_params=False):
@@ -203,20 +207,14 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     manifest = read_manifest(directory)
     src = InputSpec.from_dict(manifest["source"])
     prov = manifest.get("weights", {})
-    if prov.get("kind") == "file":
-        if not isinstance(prov.get("path"), str):
-            raise OutputError(f"{directory / 'manifest.json'}: the weights provenance names no file")
-        for path, digest in (prov.get("files") or {prov["path"]: prov.get("sha256")}).items():
-            if not Path(path).is_file():
-                raise WeightsError(f"the original weights {path} are gone; cannot re-check")
-            if sha256_of(path) != digest:
-                raise WeightsError(f"{path} changed since the conversion (sha256 differs)")
-        weights, model = prov["path"], prov["arch_arg"] if "arch_arg" in prov else manifest["model"]
+    where = locate_weights(prov, weights)
+    if where:
+        weights, model = str(where[prov["path"]]), prov["arch_arg"] if "arch_arg" in prov else manifest["model"]
     else:
         weights, model = prov.get("kind", "pretrained"), manifest["model"]
     loaded = load_source(model, weights, int(prov.get("seed", 0)), src, say, prov.get("format"))
     original, info, again = loaded.net, loaded.info, loaded.provenance
-    if prov.get("files") and set(again.get("files", {})) != set(prov["files"]):
+    if prov.get("files") and set(again.get("files", {})) != {str(p.resolve()) for p in where.values()}:
         # e.g. a -symbol.json whose newest -EEEE.params is not the one converted
         raise WeightsError(f"re-reading {prov['path']} now reads {', '.join(sorted(again.get('files', {})))}, not the "
                            f"files converted ({', '.join(sorted(prov['files']))}); pass those files to convert again")
@@ -229,7 +227,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
                                "(random calibration on another machine?); errors include that difference")
     tmp = Path(tempfile.mkdtemp(prefix=".recheck-", dir=directory))
     try:  # each report file is replaced whole, never left half-written
-        write_reports(report, tmp)
+        write_reports(report, tmp, manifest)
         replace_together([(tmp / name, directory / name) for name in ("report.json", "report.md", "report.html")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

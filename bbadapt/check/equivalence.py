@@ -271,8 +271,10 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
         if name == "stem" and err_list[0].ndim == 4:
             heatmap = {"probe": name, "values": err_list[0].mean(axis=(0, 1)).tolist()}
         if name == "output":
-            counts, edges = np.histogram(np.log10(np.maximum(flat_err, 1e-12)), bins=40)
-            histogram = {"probe": name, "edges": edges.tolist(), "counts": counts.tolist()}
+            nonzero = flat_err[flat_err > 0]  # exact zeros have no log: counted apart, not clamped into a spike
+            counts, edges = np.histogram(np.log10(nonzero), bins=40) if nonzero.size else ([], [])
+            histogram = {"probe": name, "edges": np.asarray(edges, dtype=float).tolist(),
+                         "counts": np.asarray(counts, dtype=int).tolist(), "zeros": int(flat_err.size - nonzero.size)}
 
     report = _verdict(probe_reports, exact, tolerance, fp64_factor)
     raised = [p for p in probe_reports if p["tolerance"] > tolerance]

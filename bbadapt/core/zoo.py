@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from bbadapt.core.errors import ModelError, WeightsError
 
@@ -130,13 +132,14 @@ def build(name: str, pretrained: bool = False):
     info = model_info(name)
     if pretrained:
         chatter = io.StringIO()
+        cache = _CacheDirs()
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 net = instantiate(info, pretrained=True)
         except Exception as exc:  # noqa: BLE001 - requests/OSError/MXNetError: all mean "no weights here"
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            cache.clean_up()  # no empty ~/.mxnet/models, lock files or partial downloads left behind
             raise WeightsError(
-                f"could not get pretrained weights for {name} ({type(exc).__name__}: {reason}); "
+                f"could not download pretrained weights for {name} from {download_host()} ({_reason(exc)}); "
                 "offline? pass --weights PATH (a .params file) or --weights random"
             ) from None
     else:
@@ -144,6 +147,51 @@ def build(name: str, pretrained: bool = False):
         net.initialize(mx.init.Xavier(magnitude=2.0))
     materialize(net, info.input_size)
     return net
+
+
+DEFAULT_REPO = "https://apache-mxnet.s3-accelerate.dualstack.amazonaws.com/"  # mxnet's and gluoncv's model store
+
+
+def download_host() -> str:
+    """The host both model stores download from ($MXNET_GLUON_REPO overrides their default)."""
+    from urllib.parse import urlsplit
+
+    repo = os.environ.get("MXNET_GLUON_REPO", DEFAULT_REPO)
+    return urlsplit(repo).netloc or repo
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost cause of a failed download in a few words ("[Errno 111] Connection refused")."""
+    import re
+
+    text = str(exc)
+    errno_text = re.findall(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if errno_text:
+        return f"{type(exc).__name__}: {errno_text[-1].strip()}"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class _CacheDirs:
+    """The model cache ($MXNET_HOME/models, else ~/.mxnet/models) as it was before a download attempt,
+    so that a failed attempt can remove what it created (the directories, a lock file, a partial zip)."""
+
+    def __init__(self) -> None:
+        home = Path(os.path.expanduser(os.environ.get("MXNET_HOME", os.path.join("~", ".mxnet"))))
+        self.dirs = [home / "models", home]
+        self.existed = {d: d.is_dir() for d in self.dirs}
+        models = self.dirs[0]
+        self.files = set(models.iterdir()) if self.existed[models] else set()
+
+    def clean_up(self) -> None:
+        models = self.dirs[0]
+        if models.is_dir():
+            for path in set(models.iterdir()) - self.files:
+                if path.is_file() and (path.suffix in (".lock", ".zip", ".params") or ".zip." in path.name):
+                    path.unlink(missing_ok=True)
+        for d in self.dirs:
+            if not self.existed[d] and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def materialize(net, size: int = 64) -> None:
