@@ -159,6 +159,10 @@ def test_last_and_best_are_relative_links_naming_an_epoch_not_copies(trained):
     moved = out.parent / "moved"
     shutil.copytree(out, moved, symlinks=True)  # the links travel with the run
     assert load_detector(moved / "checkpoints" / "best").classes == ["raccoon"]
+    from bbadapt.detection.detector_bundle import export_symbol
+
+    deployed = export_symbol(moved / "checkpoints" / "best", moved.parent / "deploy" / "frcnn", short=128)
+    assert deployed["passed"] and Path(deployed["params"]).is_file()
 
 
 def test_best_is_the_checkpoint_with_the_highest_validation_map(trained):
