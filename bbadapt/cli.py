@@ -20,12 +20,21 @@ import typer
 from rich.console import Console
 
 from bbadapt.core.errors import BbadaptError, OptionError
+from bbadapt.detection.options import (
+    LR_PER_IMAGE,
+    RANDOM_LR_FACTOR,
+    RANDOM_WARMUP_ITERS,
+    WARMUP_ITERS,
+    EvaluateOptions,
+    TrainConfig,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn model-zoo ResNets into verified, detection-ready backbones.")
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_CHECK_FAILED = 3
+TRAIN, EVALUATE = TrainConfig(), EvaluateOptions()  # every train/evaluate default shown in --help comes from these
 
 
 class Fold(str, Enum):
@@ -94,6 +103,8 @@ def _summary(report: dict, out: Path) -> None:
     if lab:
         agree += (f"; accuracy on {lab['n']} labelled tiles: original {lab['accuracy_original']:.0%}, "
                   f"adapted {lab['accuracy_adapted']:.0%}")
+    from bbadapt.check.report import tolerance_text
+
     n_sizes = len({tuple(i["size"]) for i in report["inputs"]})
     if report["exact"]:
         raised = report["tolerance"].get("raised")
@@ -101,15 +112,18 @@ def _summary(report: dict, out: Path) -> None:
             f"; raised at {', '.join(raised)}, where the original's own float32 error is larger: judged relative "
             f"to the original ({report['tolerance']['fp64_factor']:g}x)" if raised else "")
         out_console.print(f"check {report['verdict']}: worst max rel {report['worst_max_rel']:.2e} "
-                          f"({tolerance}) over {len(report['probes'])} probes, "
+                          f"({tolerance_text(report)}) over {len(report['probes'])} probes, "
                           f"{len(report['inputs'])} images at {n_sizes} sizes{agree}", markup=False)
     else:
         err_console.print("bbadapt: warning: this fold is APPROXIMATE (fold=conv with a non-zero shift): "
                           "results differ near the image border; see the report", markup=False)
         judged = [p["name"] for p in report["probes"] if p["passed"] is not None]
+        output = report["probes"][-1]
         verdict = "within tolerance" if report["passed"] else "NOT within tolerance"
         out_console.print(f"check {report['verdict']} (approximate fold): interiors of {', '.join(judged) or 'no probe'} "
-                          f"{verdict}; worst max rel including the border {report['worst_max_rel']:.2e}{agree}", markup=False)
+                          f"{verdict} ({tolerance_text(report)}); not judged: the borders; worst max rel including the "
+                          f"border {report['worst_max_rel']:.2e}, final output max rel {output['max_rel']:.2e}{agree}",
+                          markup=False)
     for note in report["notes"]:
         if note.startswith(("BatchNorm ", "INCONCLUSIVE")):
             err_console.print(f"bbadapt: note: {note}", markup=False)
@@ -147,23 +161,26 @@ def parse_classes(text: Optional[str]) -> list[str]:
 def convert(
     model: Optional[str] = typer.Argument(None, help="zoo model name, e.g. resnet50_v2 (see `bbadapt list`); "
                                                       "with a weights file: its architecture, where the file cannot tell"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory [default: out/MODEL]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory", show_default="out/MODEL"),
     weights: str = typer.Option("pretrained", help="pretrained (download; cached in $MXNET_HOME), random, or a weights "
                                                    "file of any format in `bbadapt formats`"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="format of the weights file [default: detected from content]"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="architecture (zoo name) for a weights file; same as MODEL"),
-    source: Optional[str] = typer.Option(None, "--from", help="input spec the weights expect [default: the model's own]"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="format of the weights file", show_default="detected from content"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture (zoo name) for a weights file; same as MODEL",
+                                       show_default="MODEL, or what the file tells"),
+    source: Optional[str] = typer.Option(None, "--from", help="input spec the weights expect", show_default="the model's own"),
     target: str = typer.Option("rgb255", "--to", help="input spec you will feed: preset or order=..,scale=..,mean=a/b/c,std=a/b/c"),
     fold: Fold = typer.Option(Fold.auto, help="where the input map goes: bn (exact), conv (approximate at borders), auto"),
-    bn: Optional[BNMode] = typer.Option(None, help="frozen BatchNorm form [default: fused; affine with --detector]"),
-    detector: Optional[Detector] = typer.Option(None, help="also build a detector on the adapted backbone"),
-    classes: Optional[str] = typer.Option(None, help="detector class names, comma-separated (e.g. raccoon,dog)"),
+    bn: Optional[BNMode] = typer.Option(None, help="frozen BatchNorm form", show_default="fused; affine with --detector"),
+    detector: Optional[Detector] = typer.Option(None, help="also build a detector on the adapted backbone",
+                                                show_default="none: a backbone only"),
+    classes: Optional[str] = typer.Option(None, help="detector class names, comma-separated (e.g. raccoon,dog)",
+                                           show_default="none"),
     layout: Layout = typer.Option(Layout.c4, help="detector layout: c4 (stride 16 + stage-4 head) or fpn"),
     freeze_at: int = typer.Option(2, min=0, max=5, help="detector: freeze the backbone up to here (0 none, 1 stem, "
                                                          "2 stem+stage1 as GluonCV, ..., 5 all)"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
-    images: Optional[Path] = typer.Option(None, help="directory of photos for the check [default: packaged photos]"),
-    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW [default: 224x224,129x161; 32x32,37x29 for CIFAR]"),
+    images: Optional[Path] = typer.Option(None, help="directory of photos for the check", show_default="packaged photos"),
+    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW", show_default="224x224,129x161; 32x32,37x29 for CIFAR"),
     tolerance: float = typer.Option(1e-5, min=0.0, help="max-rel tolerance of the equivalence check"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
@@ -218,15 +235,21 @@ def convert(
 @app.command()
 def check(
     directory: Path = typer.Argument(..., help="an output directory of `bbadapt convert`"),
-    images: Optional[Path] = typer.Option(None, help="directory of photos for the check"),
-    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW"),
+    images: Optional[Path] = typer.Option(None, help="directory of photos for the check",
+                                           show_default="packaged photos"),
+    sizes: Optional[str] = typer.Option(None, help="check sizes HxW,HxW",
+                                        show_default="224x224,129x161; 32x32,37x29 for CIFAR"),
+    weights: Optional[Path] = typer.Option(None, help="where the original weights file is now, if it moved since the "
+                                                      "conversion (verified by sha256 against the manifest)",
+                                           show_default="the path in the manifest"),
 ) -> None:
     """Re-run the equivalence check of an existing output (rewrites its reports)."""
     from bbadapt.pipeline import recheck
 
     with user_errors():
         with progress_line() as say:
-            report = recheck(directory, images=str(images) if images else None, sizes=parse_sizes(sizes), progress=say)
+            report = recheck(directory, images=str(images) if images else None, sizes=parse_sizes(sizes), progress=say,
+                             weights=str(weights) if weights else None)
         _summary(report, directory)
     if not report["passed"]:
         raise typer.Exit(EXIT_CHECK_FAILED)
@@ -250,16 +273,51 @@ EXPORTERS = {  # --option: (module, function); each writes atomically and verifi
     "torchvision": ("bbadapt.detection.torchvision_export", "export"),
     "onnx": ("converters.writers.onnx", "export_bundle"),
 }
+# What each figure of an export summary means, printed instead of the bare key.
+EXPORT_LABELS = {
+    "format": "format", "out": "wrote", "symbol": "wrote the symbol", "params": "wrote the parameters",
+    "sha256": "sha256 of the written file", "container": "container", "architecture": "architecture",
+    "model": "model", "input_spec": "input spec it expects", "bundle_target": "input spec of the bundle itself",
+    "tensors": "tensors written", "opset": "ONNX opset", "ir_version": "ONNX IR version", "onnx": "onnx version",
+    "input": "input name", "outputs": "output names", "runtime": "checked with",
+    "input_shape": "checked on a packaged photo of shape",
+    "count_a": "detections by the Gluon detector (eager)", "count_b": "detections by the exported files",
+    "unmatched": "detections without a partner (same class, score and box within tolerance)",
+    "max_abs_score_diff": "largest score difference between partners",
+    "max_abs_box_diff_px": "largest box coordinate difference between partners (px)",
+    "score_tol": "score tolerance", "box_tol_px": "box tolerance (px)", "passed": "check passed",
+    "check_passed": "check passed", "check_max_abs": "check: largest |exported - MXNet|",
+    "check_max_rel": "check: largest |exported - MXNet| / max |MXNet|",
+    "check_worst_max_rel": "check: worst max rel against the bundle", "meaning": "what it is", "note": "note",
+}
+
+
+def _export_lines(summary: dict) -> list[str]:
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+            value = ", ".join(map(str, value)) if key != "input_shape" else "x".join(map(str, value))
+        if not isinstance(value, (str, int, float, bool)):
+            continue
+        label = EXPORT_LABELS.get(key, key.replace("_", " "))
+        text = f"{value:.3g}" if isinstance(value, float) else ("yes" if value is True else "no" if value is False else value)
+        lines.append(f"{label}: {text}")
+    return lines
 
 
 @app.command()
 def export(
     directory: Path = typer.Argument(..., help="an output directory of `bbadapt convert`"),
-    symbol: Optional[Path] = typer.Option(None, help="PREFIX: write PREFIX-symbol.json + PREFIX-0000.params (deployment)"),
+    symbol: Optional[Path] = typer.Option(None, help="PREFIX: write PREFIX-symbol.json + PREFIX-0000.params (deployment)",
+                                           show_default="none; give one of --symbol, --torchvision, --onnx"),
     torchvision: Optional[Path] = typer.Option(None, help="FILE.safetensors (or .pth with torch): torchvision ResNet weights; "
-                                               "for a detector, a directory: a torchvision FasterRCNN (docs/torchvision.md)"),
+                                               "for a detector, a directory: a torchvision FasterRCNN (docs/torchvision.md)",
+                                                show_default="none"),
     torchvision_input: str = typer.Option("01", help="detector to torchvision: the model's input, RGB 0..1 (01) or 0..255 (255)"),
-    onnx: Optional[Path] = typer.Option(None, help="FILE.onnx, checked with onnxruntime against MXNet"),
+    onnx: Optional[Path] = typer.Option(None, help="FILE.onnx, checked with onnxruntime against MXNet",
+                                         show_default="none"),
+    backbone: bool = typer.Option(False, "--backbone", help="export the backbone of a detector bundle "
+                                                            "(with --torchvision or --onnx)", show_default="off"),
     force: bool = typer.Option(False, help="replace an existing export"),
 ) -> None:
     """Carry an adapted backbone or detector out: MXNet symbol, torchvision weights, or ONNX."""
@@ -270,33 +328,52 @@ def export(
         if len(chosen) != 1:
             raise OptionError("give exactly one of --symbol PREFIX, --torchvision FILE, --onnx FILE")
         (kind, target), = chosen.items()
+        if backbone and kind == "symbol":
+            raise OptionError("--backbone goes with --torchvision or --onnx; --symbol exports the whole detector")
         module, function = EXPORTERS[kind]
         exporter = getattr(importlib.import_module(module), function)
+        extra = {"backbone": True} if backbone else {}
+        if kind == "torchvision":
+            extra["input_range"] = torchvision_input
         with progress_line() as say:
-            extra = {"input_range": torchvision_input} if kind == "torchvision" else {}
             summary = exporter(Path(directory), Path(target), force=force, progress=say, **extra)
-        for key, value in summary.items():
-            if isinstance(value, (str, int, float, bool)):
-                out_console.print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}", markup=False)
+        for line in _export_lines(summary):
+            out_console.print(line, markup=False)
+
+
+LIST_COLUMNS = ("model", "family", "default --from", "library", "status")
 
 
 @app.command("list")
-def list_models(all_models: bool = typer.Option(False, "--all", help="also list the further ResNet kin (SE, ResNeXt, pruned)")) -> None:
-    """The supported models and the input spec their pretrained weights expect."""
+def list_models(all_models: bool = typer.Option(False, "--all", help="also list the further ResNet kin (SE, ResNeXt, pruned)",
+                                                show_default="off")) -> None:
+    """The supported models and the input spec their pretrained weights expect.
+
+    On a terminal: a table. Piped or redirected: plain text, one model a line, the columns
+    (model, family, default --from, library, status) separated by tabs.
+    """
     from rich.table import Table
 
     from bbadapt.core.zoo import list_models as models
 
-    table = Table("model", "family", "default --from", "library", "status")
-    for m in models(core_only=not all_models):
-        table.add_row(m.name, m.family, m.source_spec, m.library, "supported" if m.core else "generic (stretch)")
+    rows = [(m.name, m.family, m.source_spec, m.library, "supported" if m.core else "generic (stretch)")
+            for m in models(core_only=not all_models)]
+    if not out_console.is_terminal:
+        for row in rows:
+            print("\t".join(row))
+        return
+    table = Table()
+    for k, name in enumerate(LIST_COLUMNS):  # model names are never cut: the other columns wrap first
+        table.add_column(name, no_wrap=k == 0, min_width=max(len(r[0]) for r in rows) if k == 0 else None)
+    for row in rows:
+        table.add_row(*row)
     out_console.print(table)
 
 
 @app.command("inspect")
 def inspect_weights(
     file: Path = typer.Argument(..., help="a weights file (.params, -symbol.json, ...)"),
-    as_json: bool = typer.Option(False, "--json", help="print the inspection as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="print the inspection as JSON", show_default="off"),
 ) -> None:
     """What a weights file is: format, tensors, probable architecture, BatchNorm health (no mxnet needed).
 
@@ -315,60 +392,82 @@ def inspect_weights(
             raise typer.Exit(1)
 
 
+GPUS_HELP = "GPUs, e.g. 0 or 0,1"
+NO_GPU = "none: the CPU"
+CPU_HELP = "run on the CPU (what happens without --gpus)"
+
+
+def _fields_of(cls, values: dict) -> dict:
+    """The entries of ``values`` (a command's parameters) that are fields of the dataclass ``cls``:
+    each option is declared once, in the command's signature, under its field's name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _epoch_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OptionError(f"--lr-steps takes epoch numbers like 14,20, got {text!r}") from None
+
+
 @app.command("train")
 def train_cmd(
     directory: Path = typer.Argument(..., help="a detector bundle (bbadapt convert MODEL --detector faster-rcnn)"),
     dataset: str = typer.Option(..., help="voc:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR]"),
-    val_dataset: Optional[str] = typer.Option(None, help="validation data [default: --dataset (VOC: its --val-split; COCO: the file itself)]"),
-    train_split: str = typer.Option("train", help="VOC image set to train on (ImageSets/Main/NAME.txt)"),
-    val_split: str = typer.Option("val", help="VOC image set to validate on"),
-    epochs: int = typer.Option(2, min=1),
-    lr: float = typer.Option(0.01, help="base learning rate (SGD, momentum 0.9, wd 1e-4)"),
-    lr_steps: str = typer.Option("", help="epochs at which the lr is multiplied by 0.1, e.g. 14,20"),
-    warmup: int = typer.Option(0, min=0, help="linear warmup iterations at the start (from lr/3)"),
-    batch_size: int = typer.Option(1, min=1, help="images per step over all devices and all --horovod workers (the "
-                                   "global batch, as gluoncv's script); a multiple of devices x workers"),
-    gpus: Optional[str] = typer.Option(None, help="GPUs to train on, e.g. 0 or 0,1 (data parallel)"),
-    cpu: bool = typer.Option(False, "--cpu", help="train on the CPU (the default when no --gpus)"),
-    amp: bool = typer.Option(False, "--amp", help="mixed precision (GPU only)"),
-    hybridize: bool = typer.Option(True, help="hybridize with static_alloc"),
-    short_side: int = typer.Option(600, min=16),
-    max_size: int = typer.Option(1000, min=16),
-    checkpoint_every: int = typer.Option(1, min=1, help="write checkpoints/epoch-NNNN every N epochs"),
-    val_interval: int = typer.Option(1, min=1, help="validate (VOC07 mAP) every N epochs; best-by-mAP follows"),
-    log_interval: int = typer.Option(10, min=1, help="iterations per train.log.jsonl record"),
-    resume: bool = typer.Option(False, "--resume", help="continue from checkpoints/last"),
-    horovod: bool = typer.Option(False, "--horovod", help="one worker of a horovodrun job (see docs/training.md): rank "
+    val_dataset: Optional[str] = typer.Option(TRAIN.val_dataset, help="validation data", show_default="--dataset (VOC: its "
+                                                                     "--val-split; COCO: the file itself)"),
+    train_split: str = typer.Option(TRAIN.train_split, help="VOC image set to train on (ImageSets/Main/NAME.txt)"),
+    val_split: str = typer.Option(TRAIN.val_split, help="VOC image set to validate on"),
+    epochs: int = typer.Option(TRAIN.epochs, min=1, help="epochs to train (with --resume: up to this epoch)"),
+    lr: Optional[float] = typer.Option(TRAIN.lr, help=f"base learning rate (SGD, momentum {TRAIN.momentum:g}, wd "
+                                       f"{TRAIN.wd:g})", show_default=f"{LR_PER_IMAGE:g} x --batch-size, GluonCV's recipe; "
+                                       f"{RANDOM_LR_FACTOR:g} x that for random backbone weights; with --resume: the run's"),
+    lr_steps: str = typer.Option(",".join(map(str, TRAIN.lr_steps)), help=f"multiply the lr by {TRAIN.lr_decay:g} after "
+                                 "each of these epochs, e.g. 14,20", show_default="none"),
+    warmup_iters: Optional[int] = typer.Option(TRAIN.warmup_iters, "--warmup", min=0, help=(
+        f"iterations of linear warmup from lr x {TRAIN.warmup_factor:.2g}"), show_default=(
+        f"{WARMUP_ITERS}; {RANDOM_WARMUP_ITERS} for random backbone weights; with --resume: the run's")),
+    batch_size: int = typer.Option(TRAIN.batch_size, min=1, help="images per step over all devices and all --horovod "
+                                   "workers (the global batch, as gluoncv's script); a multiple of devices x workers"),
+    gpus: Optional[str] = typer.Option(None, help=GPUS_HELP + "; several: data parallel", show_default=NO_GPU),
+    cpu: bool = typer.Option(False, "--cpu", help=CPU_HELP, show_default="off"),
+    amp: bool = typer.Option(TRAIN.amp, "--amp/--no-amp", help="mixed precision (GPU only)"),
+    hybridize: bool = typer.Option(TRAIN.hybridize, help="hybridize with static_alloc"),
+    short_side: int = typer.Option(TRAIN.short_side, min=16, help="training images are resized to this short side"),
+    max_size: int = typer.Option(TRAIN.max_size, min=16, help="... and at most this long side"),
+    checkpoint_every: int = typer.Option(TRAIN.checkpoint_every, min=1, help="keep checkpoints/epoch-NNNN every N "
+                                         "epochs (and the last; best and last always point at a kept one)"),
+    val_interval: int = typer.Option(TRAIN.val_interval, min=1, help="validate (VOC07 mAP) every N epochs; "
+                                                                     "best-by-mAP follows"),
+    log_interval: int = typer.Option(TRAIN.log_interval, min=1, help="iterations per train.log.jsonl record"),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help="continue from checkpoints/last"),
+    horovod: bool = typer.Option(False, "--horovod/--no-horovod", help="one worker of a horovodrun job (see docs/training.md): rank "
                                  "0's parameters are broadcast, gradients averaged by hvd.DistributedTrainer, each "
                                  "worker reads its own part of the images every epoch, only rank 0 logs, validates "
                                  "and writes checkpoints; --resume works (checkpoints on a shared filesystem)"),
-    seed: int = typer.Option(0, min=0),
-    workers: int = typer.Option(0, min=0, help="data loader worker processes"),
+    seed: int = typer.Option(TRAIN.seed, min=0, help="seed of the data order, flips and new layers"),
+    num_workers: int = typer.Option(TRAIN.num_workers, "--workers", min=0, help="data loader worker processes"),
 ) -> None:
     """Train a Faster R-CNN bundle on VOC or COCO data; checkpoints go to DIR/checkpoints/."""
     with user_errors():
-        from bbadapt.core.errors import OptionError
+        from bbadapt.core.devices import device_choice
         from bbadapt.detection.datasets import parse_dataset
 
         parse_dataset(dataset)  # usage errors before any bundle or data is read
-        try:
-            steps = [int(v) for v in lr_steps.split(",") if v.strip()]
-        except ValueError:
-            raise OptionError(f"--lr-steps takes epoch numbers like 14,20, got {lr_steps!r}") from None
-        from bbadapt.core.devices import contexts
+        config = TrainConfig(**_fields_of(TrainConfig, {**locals(), "lr_steps": _epoch_steps(lr_steps)}))
+        gpus = device_choice(gpus, cpu)
         from bbadapt.detection.train import console_progress, train
 
-        ctx = contexts(gpus, cpu)
         try:
             with console_progress(err_console) as progress:
-                result = train(directory, dataset, epochs=epochs, lr=lr, lr_steps=steps, warmup_iters=warmup,
-                               batch_size=batch_size, ctx=ctx, amp=amp, hybridize=hybridize, short_side=short_side,
-                               max_size=max_size, checkpoint_every=checkpoint_every, val_interval=val_interval,
-                               log_interval=log_interval, resume=resume, seed=seed, horovod=horovod,
-                               val_dataset=val_dataset, train_split=train_split, val_split=val_split,
-                               num_workers=workers, progress=progress)
+                result = train(directory, dataset, config, gpus=gpus, resume=resume, horovod=horovod, progress=progress)
         except KeyboardInterrupt:
-            fail("interrupted; checkpoints written so far are intact (continue with --resume)", 130)
+            last = directory / "checkpoints" / "last"
+            fail(f"interrupted; {last} is intact (continue with --resume)" if last.is_dir()
+                 else "interrupted; no checkpoint was written", 130)
         if result["rank"] != 0:
             return  # under --horovod, rank 0 speaks for the job
         if result["started_at_epoch"] >= result["epochs"]:
@@ -376,35 +475,39 @@ def train_cmd(
                               f"{result['started_at_epoch']} (--epochs {epochs})", markup=False)
             return
         best = f"{result['best_map']:.4f}" if result["best_map"] is not None else "not validated"
+        refs = ", ".join(f"{name} -> {os.readlink(path)}" for name in ("last", "best")
+                         if (path := directory / "checkpoints" / name).is_symlink())
         out_console.print(f"trained epochs {result['started_at_epoch'] + 1}..{result['epochs']} "
-                          f"({result['iterations']} iterations in all); best VOC07 mAP {best}; "
-                          f"checkpoints in {directory / 'checkpoints'}", markup=False)
+                          f"({result['iterations']} iterations in all, lr {result['lr']:g}, warmup "
+                          f"{result['warmup_iters']}); best VOC07 mAP {best}; checkpoints in "
+                          f"{directory / 'checkpoints'}{f' ({refs})' if refs else ''}", markup=False)
 
 
 @app.command("evaluate")
 def evaluate_cmd(
     directory: Path = typer.Argument(..., help="a checkpoint (DIR/checkpoints/best) or a detector bundle"),
     dataset: str = typer.Option(..., help="voc:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR]"),
-    metric: str = typer.Option("voc07", help="voc07 (11-point), voc12 (area) or coco (needs pycocotools)"),
-    split: str = typer.Option("val", help="VOC image set to evaluate on"),
-    gpu: Optional[int] = typer.Option(None, min=0, help="GPU to run on [default: CPU]"),
-    short_side: Optional[int] = typer.Option(None, min=16, help="[default: the training short side]"),
-    max_size: Optional[int] = typer.Option(None, min=16),
+    metric: str = typer.Option(EVALUATE.metric, help="voc07 (11-point), voc12 (area) or coco (needs pycocotools)"),
+    split: str = typer.Option(EVALUATE.split, help="VOC image set to evaluate on"),
+    gpus: Optional[str] = typer.Option(None, help=GPUS_HELP + "; evaluation uses one", show_default=NO_GPU),
+    cpu: bool = typer.Option(False, "--cpu", help=CPU_HELP, show_default="off"),
+    short_side: Optional[int] = typer.Option(EVALUATE.short_side, min=16, help="", show_default="the training short side"),
+    max_size: Optional[int] = typer.Option(EVALUATE.max_size, min=16, help="", show_default="the training max size"),
 ) -> None:
     """Print detection mAP per class and the mean."""
     with user_errors():
+        from bbadapt.core.devices import device_choice
         from bbadapt.detection.datasets import parse_dataset
-        from bbadapt.detection.evaluate import check_metric
 
         parse_dataset(dataset)
-        check_metric(metric)
-        from bbadapt.core.devices import contexts
-        from bbadapt.detection.evaluate import evaluate
+        options = EvaluateOptions(**_fields_of(EvaluateOptions, locals()))
+        gpus = device_choice(gpus, cpu)
+        from bbadapt.detection.evaluate import check_metric, evaluate
 
-        ctx = contexts(str(gpu) if gpu is not None else None)[0]
+        check_metric(metric)
         with progress_line() as say:
-            result = evaluate(directory, dataset, metric=metric, split=split, ctx=ctx, short_side=short_side,
-                              max_size=max_size, progress=lambda i, n: say(f"image {i}/{n}") if i % 10 == 0 else None)
+            result = evaluate(directory, dataset, options, gpus=gpus,
+                              progress=lambda i, n: say(f"image {i}/{n}") if i % 10 == 0 else None)
         for name, ap in result["per_class"].items():
             out_console.print(f"{name:<20} {ap:.4f}", markup=False)
         out_console.print(f"{metric} mAP {result['map']:.4f} on {result['images']} images "
@@ -434,8 +537,37 @@ def doctor(
             fail(f"no usable GPU: {report['gpu']['problem']}", 1)
 
 
-def main() -> None:
-    app(prog_name="bbadapt")
+def main(args: Optional[list[str]] = None) -> int:
+    """Run the CLI. A usage error (unknown option, bad value, missing argument) is one line on
+    stderr, ``bbadapt: error: ...``, with exit code 2, like every other error; ``--help`` has the details."""
+    try:  # typer >= 0.20 carries its own copy of click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - older typer on click itself
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(args=args, prog_name="bbadapt", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # a bare `bbadapt` or `bbadapt train`: the help, as --help gives it
+        help_text = exc.ctx.get_help()
+        if help_text:
+            out_console.print(help_text, markup=False, highlight=False)
+        code = 0
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "bbadapt"
+        err_console.print(f"bbadapt: error: {one_line(exc.format_message())} (see `{where} --help`)", markup=False)
+        code = exc.exit_code
+    except typer.TyperException as exc:
+        err_console.print(f"bbadapt: error: {one_line(exc.format_message())}", markup=False)
+        code = exc.exit_code
+    except typer.Abort:
+        err_console.print("bbadapt: error: aborted", markup=False)
+        code = 1
+    return code if isinstance(code, int) else 0
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.check.budget import require_check_memory
 from bbadapt.check.equivalence import CheckOptions, check, default_sizes
+from bbadapt.bundle.provenance import locate_weights
 from bbadapt.check.report import write_reports
 from bbadapt.core import images as imgs
 from bbadapt.core import zoo
@@ -29,7 +30,7 @@ from bbadapt.core.atomic import replace_together
 from bbadapt.core.errors import OptionError, OutputError, WeightsError
 from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from bbadapt.core.spec import InputSpec, parse_spec
-from bbadapt.core.weights import randomize, sha256_of
+from bbadapt.core.weights import randomize
 
 if TYPE_CHECKING:
     from bbadapt.core.registry import Converted
@@ -204,7 +205,7 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
                                                 freeze_at=detector.freeze_at, overrides=detector.overrides,
                                                 progress=say, seed=opts.seed)
         write_manifest(stage, manifest)
-        write_reports(report, stage)
+        write_reports(report, stage, manifest)
     return report, adapted
 
 
@@ -258,8 +259,11 @@ def output_notes(provenance: dict) -> list[str]:
 
 
 def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,
-            progress: Progress | None = None) -> dict:
-    """Re-run the equivalence check of an existing output and rewrite its reports."""
+            progress: Progress | None = None, weights: str | None = None) -> dict:
+    """Re-run the equivalence check of an existing output and rewrite its reports.
+
+    ``weights``: where the original weights file is now, when it moved since the conversion
+    (checked by sha256 against the manifest)."""
     say = progress or (lambda _m: None)
     directory = Path(directory)
     if "checkpoint" in read_manifest(directory, require_params=False):
@@ -269,20 +273,14 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     stored_plan(manifest)  # a damaged plan is found before minutes of reloading the original
     src = InputSpec.from_dict(manifest["source"])
     prov = manifest.get("weights", {})
-    if prov.get("kind") == "file":
-        if not isinstance(prov.get("path"), str):
-            raise OutputError(f"{directory / 'manifest.json'}: the weights provenance names no file")
-        for path, digest in (prov.get("files") or {prov["path"]: prov.get("sha256")}).items():
-            if not Path(path).is_file():
-                raise WeightsError(f"the original weights {path} are gone; cannot re-check")
-            if sha256_of(path) != digest:
-                raise WeightsError(f"{path} changed since the conversion (sha256 differs)")
-        weights, model = prov["path"], prov["arch_arg"] if "arch_arg" in prov else manifest["model"]
+    where = locate_weights(prov, weights)
+    if where:
+        weights, model = str(where[prov["path"]]), prov["arch_arg"] if "arch_arg" in prov else manifest["model"]
     else:
         weights, model = prov.get("kind", "pretrained"), manifest["model"]
     loaded = load_source(model, weights, int(prov.get("seed", 0)), src, say, prov.get("format"))
     original, info, again = loaded.net, loaded.info, loaded.provenance
-    if prov.get("files") and set(again.get("files", {})) != set(prov["files"]):
+    if prov.get("files") and set(again.get("files", {})) != {str(p.resolve()) for p in where.values()}:
         # e.g. a -symbol.json whose newest -EEEE.params is not the one converted
         raise WeightsError(f"re-reading {prov['path']} now reads {', '.join(sorted(again.get('files', {})))}, not the "
                            f"files converted ({', '.join(sorted(prov['files']))}); pass those files to convert again")
@@ -296,7 +294,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
                                "(random calibration on another machine?); errors include that difference")
     tmp = Path(tempfile.mkdtemp(prefix=".recheck-", dir=directory))
     try:  # each report file is replaced whole, never left half-written
-        write_reports(report, tmp)
+        write_reports(report, tmp, manifest)
         replace_together([(tmp / name, directory / name) for name in ("report.json", "report.md", "report.html")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

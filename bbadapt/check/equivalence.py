@@ -306,8 +306,10 @@ def _error_maps(collected: dict[str, dict[str, list]]) -> tuple[dict | None, dic
             heatmap = {"probe": "stem", "values": err.mean(axis=(0, 1)).tolist()}
     c = collected["output"]
     flat_err = np.concatenate([np.abs(a.astype(np.float64) - o).ravel() for a, o in zip(c["a32"], c["o32"], strict=True)])
-    counts, edges = np.histogram(np.log10(np.maximum(flat_err, 1e-12)), bins=40)
-    return heatmap, {"probe": "output", "edges": edges.tolist(), "counts": counts.tolist()}
+    nonzero = flat_err[flat_err > 0]  # exact zeros have no log: counted apart, not clamped into a spike
+    counts, edges = np.histogram(np.log10(nonzero), bins=40) if nonzero.size else ([], [])
+    return heatmap, {"probe": "output", "edges": np.asarray(edges, dtype=float).tolist(),
+                     "counts": np.asarray(counts, dtype=int).tolist(), "zeros": int(flat_err.size - nonzero.size)}
 
 
 def _tolerance_notes(report: dict, probe_reports: list[dict], options: CheckOptions) -> None:

@@ -25,6 +25,24 @@ FLOOR = 1e-12  # smallest value drawn on a log axis
 
 _COLUMNS = ["probe", "shape", "max abs", "max rel", "mean abs", "median abs", "p99 abs",
             "cosine", "border max abs", "interior max abs", "fp64 ratio", "result"]
+# What each column means; shown under the table in both renderings (every column has a legend).
+LEGEND = {
+    "probe": "where the two networks are compared: stem = input of the first stage, stageN = output of stage N, "
+             "output = the final output",
+    "shape": "per-image shape of the probed tensor at the first check size",
+    "max abs": "largest |adapted - original| (both in float32, each fed its own input spec)",
+    "max rel": "max abs divided by the largest |original| at this probe; judged against the tolerance",
+    "mean abs": "mean |adapted - original|",
+    "median abs": "median |adapted - original|",
+    "p99 abs": "99th percentile of |adapted - original|",
+    "cosine": "smallest per-image cosine similarity of adapted and original (1 = same direction)",
+    "border max abs": "max abs error in the ring of cells whose receptive field reaches the zero padding",
+    "interior max abs": "max abs error in the cells the padding cannot reach",
+    "fp64 ratio": "RMS error of the adapted net against the float64 original, divided by the original float32 "
+                  "net's own RMS error against it; at most the fp64 factor (2) means plain float32 rounding",
+    "result": "PASS/FAIL against this probe's tolerance; info = not judged (the padding reaches all of it after an "
+              "approximate fold)",
+}
 
 
 def _fmt(x: Any, spec: str = ".2e") -> str:
@@ -75,6 +93,36 @@ def _classification(r: dict) -> str | None:
     return line
 
 
+def tolerance_text(r: dict) -> str:
+    """The tolerance actually used: the one asked for, and where and why it was raised."""
+    tol = _get(r, "tolerance", "max_rel")
+    raised = _get(r, "tolerance", "raised") or {}
+    if not raised:
+        return f"tolerance {_fmt(tol)}"
+    values = [v for v in raised.values() if isinstance(v, numbers.Real)]
+    top = _fmt(max(values)) if values else "n/a"
+    return (f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: the original net's own float32 "
+            "error there is larger, and equivalence cannot be shown finer than that (see notes)")
+
+
+def _judged(r: dict) -> tuple[list[str], list[str]]:
+    probes = r.get("probes") or []
+    return ([str(p.get("name")) for p in probes if p.get("passed") is not None],
+            [str(p.get("name")) for p in probes if p.get("passed") is None])
+
+
+def verdict_kind(r: dict) -> str:
+    """``pass`` (an exact fold proven within tolerance), ``fail``, ``approx`` (an approximate fold
+    whose judged interiors pass: never the exact-pass green) or ``inconclusive``."""
+    if not r.get("passed"):
+        return "fail"
+    if not r.get("exact", True):
+        return "approx"
+    if r.get("conclusive") is False:
+        return "inconclusive"
+    return "pass"
+
+
 def _verdict(r: dict) -> str:
     line = _verdict_line(r)
     if r.get("conclusive") is False:
@@ -85,27 +133,78 @@ def _verdict(r: dict) -> str:
 def _verdict_line(r: dict) -> str:
     passed = bool(r.get("passed"))
     word = "PASSED" if passed else "FAILED"
-    tol = _fmt(_get(r, "tolerance", "max_rel"))
     if not r.get("exact", True):
-        return (f"{word} (APPROXIMATE fold: stem interior judged against {tol}; "
-                f"worst max rel incl. border {_fmt(r.get('worst_max_rel'))})")
+        judged, not_judged = _judged(r)
+        out = next((p for p in r.get("probes") or [] if p.get("name") == "output"), {})
+        return (f"{word} (APPROXIMATE fold: judged only the interiors of {', '.join(judged) or 'no probe'} against "
+                f"{tolerance_text(r)}; not judged: the borders{', ' + ', '.join(not_judged) if not_judged else ''}; "
+                f"worst max rel incl. border {_fmt(r.get('worst_max_rel'))}, final output max rel "
+                f"{_fmt(out.get('max_rel'))}, cosine {_fmt(out.get('cosine'), '.3f')}: not the same function "
+                "near the image border)")
     op = "<=" if passed else ">"
     if _get(r, "tolerance", "raised"):
-        return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} (tolerance {tol}, raised where the original is noisier in fp32: see notes)"
-    return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {tol}"
+        return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} ({tolerance_text(r)})"
+    return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {_fmt(_get(r, 'tolerance', 'max_rel'))}"
 
 
-def render_markdown(report: dict) -> str:
+def weights_text(manifest: dict | None) -> str | None:
+    """A sentence for weights that are not pretrained (None for real weights or no manifest)."""
+    prov = (manifest or {}).get("weights") or {}
+    if prov.get("kind") != "random":
+        return None
+    calibrated = f"; BatchNorm statistics calibrated on {prov['calibration']}" if prov.get("calibration") else ""
+    return (f"Weights: seeded random (seed {prov.get('seed', '?')}{calibrated}), NOT pretrained. This report proves "
+            "the adapted network computes the same function as the original; it says nothing about accuracy.")
+
+
+def _spec_text(spec: Any) -> str:
+    if not isinstance(spec, dict):
+        return str(spec)
+    def nums(v: Any) -> str:
+        return "/".join(format(float(x), ".6g") for x in v) if isinstance(v, list) else str(v)
+    return (f"{spec.get('name') or 'custom'}: order {spec.get('order')}, scale {nums([spec.get('scale', 1)])}, "
+            f"mean {nums(spec.get('mean'))}, std {nums(spec.get('std'))}  (x[c] = (raw[perm[c]] * scale - mean[c]) / std[c])")
+
+
+def _context(manifest: dict | None) -> list[tuple[str, list[str]]]:
+    """(section, lines) from the manifest: input specs with their numbers, provenance, the plan."""
+    if not manifest:
+        return []
+    out = [("Input specs", [f"source (what the weights expect): {_spec_text(manifest.get('source'))}",
+                            f"target (what you feed): {_spec_text(manifest.get('target'))}",
+                            f"fold {manifest.get('fold')} (asked: {manifest.get('fold_requested', manifest.get('fold'))}), "
+                            f"BatchNorm {manifest.get('bn')}"])]
+    prov = manifest.get("weights") or {}
+    lines = [", ".join(f"{k} {v}" for k, v in prov.items() if k not in ("files", "sha256") and not isinstance(v, dict))]
+    files = prov.get("files") or ({prov["path"]: prov.get("sha256")} if prov.get("path") else {})
+    lines += [f"file {path}: sha256 {digest}" for path, digest in files.items()]
+    if not files and prov.get("sha256"):
+        lines.append(f"weights in memory (every parameter): sha256 {prov['sha256']}")
+    if manifest.get("params_sha256"):
+        lines.append(f"written {manifest.get('params_file', 'backbone.params')}: sha256 {manifest['params_sha256']}")
+    out.append(("Provenance", lines))
+    steps = manifest.get("plan") or []
+    out.append((f"Plan ({len(steps)} steps)", [", ".join(f"{k}={v}" for k, v in step.items()) for step in steps]))
+    return out
+
+
+def render_markdown(report: dict, manifest: dict | None = None) -> str:
     """Render the report as GitHub Markdown; the last line is the verdict."""
-    out = [_header(report), "",
-           "| " + " | ".join(_COLUMNS) + " |",
-           "|" + "|".join("---" for _ in _COLUMNS) + "|"]
+    out = [_header(report), ""]
+    weights = weights_text(manifest)
+    if weights:
+        out += [f"**{weights}**", ""]
+    out += ["| " + " | ".join(_COLUMNS) + " |",
+            "|" + "|".join("---" for _ in _COLUMNS) + "|"]
     out += ["| " + " | ".join(_row(p)) + " |" for p in report.get("probes") or []]
+    out += ["", "Columns:"] + [f"- {name}: {meaning}" for name, meaning in LEGEND.items()]
     cls = _classification(report)
     if cls:
         out += ["", cls]
     if report.get("notes"):
         out += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
+    for title, lines in _context(manifest):
+        out += ["", f"{title}:"] + [f"- {line}" for line in lines]
     if not report.get("passed") and report.get("reasons"):
         out += ["", "Reasons:"] + [f"- {n}" for n in report["reasons"]]
     out += ["", _verdict(report)]
@@ -165,47 +264,73 @@ def _plots(report: dict) -> list[tuple[str, str | None, str]]:
         plots.append(("Border heatmap", None, "No spatial heatmap was recorded."))
 
     hist = report.get("histogram")
+    zeros = (hist or {}).get("zeros")
     if hist and hist.get("counts") and len(hist.get("edges") or []) == len(hist["counts"]) + 1:
         edges = np.array(hist["edges"], dtype=float)
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
-        ax.set_xlabel("log10 |error|")
+        ax.set_xlabel("log10 |adapted - original| (non-zero errors)")
         ax.set_ylabel("count")
         ax.set_title(f"Error histogram: {hist.get('probe')}")
+        if zeros is not None:
+            note = f"{zeros} errors are exactly 0 (log10 undefined): not drawn"
+        elif edges[0] <= math.log10(FLOOR):  # reports written before zeros were counted apart
+            note = "the leftmost bar is exact zeros, drawn at 1e-12 (this report predates counting them apart)"
+        else:
+            note = ""
+        if note:
+            ax.text(0.99, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=8)
         plots.append(("Error histogram", _png(fig), ""))
+    elif hist and zeros:
+        plots.append(("Error histogram", None, f"All {zeros} errors at {hist.get('probe')} are exactly 0."))
     else:
         plots.append(("Error histogram", None, "No error histogram was recorded."))
     return plots
 
 
-def render_html(report: dict) -> str:
-    """Render the report as one self-contained HTML page with embedded plots."""
+_BANNER_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+                 "td,th{border:1px solid #ccc;padding:3px 6px;font-family:monospace}"
+                 ".banner{padding:.6em;font-weight:bold;color:#fff;margin:1em 0}"
+                 ".banner.pass{background:#2e7d32}.banner.fail{background:#c62828}"
+                 ".banner.approx{background:#e65100}.banner.inconclusive{background:#6d4c41}"
+                 ".banner.weights{background:#fff3cd;color:#5d4037;border:2px solid #e0a800}"
+                 "tr.fail td{background:#fde0e0}dt{font-weight:bold;font-family:monospace}dd{margin:0 0 .3em 1.5em}"
+                 "li.mono{font-family:monospace}")
+
+
+def render_html(report: dict, manifest: dict | None = None) -> str:
+    """Render the report as one self-contained HTML page with embedded plots (no script, no external file)."""
     e = html.escape
-    passed = bool(report.get("passed"))
+    kind = verdict_kind(report)
     parts = [f"<h1>{e(_header(report))}</h1>",
-             f'<div class="banner {"pass" if passed else "fail"}">{e(_verdict(report))}</div>',
-             "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in _COLUMNS) + "</tr>"]
+             f'<div class="banner {kind}" id="verdict">{e(_verdict(report))}</div>']
+    weights = weights_text(manifest)
+    if weights:
+        parts.append(f'<div class="banner weights" id="weights">{e(weights)}</div>')
+    parts.append("<table><tr>" + "".join(f'<th title="{e(LEGEND[c])}">{e(c)}</th>' for c in _COLUMNS) + "</tr>")
     for p in report.get("probes") or []:
         cls = {True: "pass", False: "fail", None: "info"}[p.get("passed")]
         parts.append(f'<tr class="{cls}">' + "".join(f"<td>{e(c)}</td>" for c in _row(p)) + "</tr>")
     parts.append("</table>")
+    parts.append('<h2>Columns</h2><dl id="legend">'
+                 + "".join(f"<dt>{e(name)}</dt><dd>{e(meaning)}</dd>" for name, meaning in LEGEND.items()) + "</dl>")
     cls_line = _classification(report)
     if cls_line:
         parts.append(f"<p>{e(cls_line)}</p>")
     for title, items in (("Notes", report.get("notes")),
-                         ("Reasons", None if passed else report.get("reasons"))):
+                         ("Reasons", None if report.get("passed") else report.get("reasons"))):
         if items:
             parts.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{e(str(i))}</li>" for i in items) + "</ul>")
+    for title, lines in _context(manifest):
+        body = "<ul>" + "".join(f'<li class="mono">{e(line)}</li>' for line in lines) + "</ul>"
+        if title.startswith("Plan"):
+            body = f"<details><summary>every rewrite step</summary>{body}</details>"
+        parts.append(f"<h2>{e(title)}</h2>{body}")
     for title, uri, missing in _plots(report):
         parts.append(f"<h2>{e(title)}</h2>")
         parts.append(f'<img alt="{e(title)}" src="{uri}">' if uri else f"<p>{e(missing)}</p>")
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;font-family:monospace}"
-             ".banner{padding:.6em;font-weight:bold;color:#fff;margin:1em 0}"
-             ".banner.pass{background:#2e7d32}.banner.fail{background:#c62828}"
-             "tr.fail td{background:#fde0e0}")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>{e(_header(report))}</title><style>{style}</style></head>\n<body>\n"
+            f"<title>{e(_header(report))}</title><style>{_BANNER_STYLE}</style></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
 
@@ -222,13 +347,17 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_reports(report: dict, out_dir: pathlib.Path) -> None:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``."""
+def write_reports(report: dict, out_dir: pathlib.Path, manifest: dict | None = None) -> None:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``.
+
+    ``manifest``: the bundle's, for what the report alone does not hold (random weights,
+    the input specs' numbers, provenance, the plan)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean = _finite(report)
     with open(out_dir / "report.json", "w", encoding="utf-8") as f:
         json.dump(clean, f, indent=2, allow_nan=False)
         f.write("\n")
-    (out_dir / "report.md").write_text(render_markdown(clean), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(clean), encoding="utf-8")
+    context = _finite(manifest) if manifest else None
+    (out_dir / "report.md").write_text(render_markdown(clean, context), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(clean, context), encoding="utf-8")

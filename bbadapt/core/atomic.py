@@ -240,3 +240,42 @@ def replace_together(pairs: list[tuple[Path, Path]]) -> None:
             raise OutputError(f"cannot write {pairs[0][1].parent}: {_strerror(exc)}; the previous files are unchanged") from None
         for backup, _ in backups:
             backup.unlink(missing_ok=True)
+
+
+def point_at(link: str | os.PathLike, name: str) -> None:
+    """Make ``link`` a relative symbolic link to its sibling ``name``, in one rename.
+
+    Readers see the old reference or the new one, never none: the new link is made under a
+    hidden name and renamed over the old. A real directory at ``link`` (a full copy written
+    by an older bbadapt) is moved aside first and removed once the link is in place.
+    """
+    link = Path(link)
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"point_at names a sibling, got {name!r}")
+    if not (link.parent / name).is_dir():
+        raise OutputError(f"cannot point {link} at {name}: {link.parent / name} does not exist")
+    tmp = link.with_name(f".{link.name}.partial-{os.getpid()}")
+    old = link.with_name(f".{link.name}.old-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(name, tmp)
+        with deferred_signals():
+            if link.is_dir() and not link.is_symlink():
+                os.replace(link, old)
+            os.replace(tmp, link)
+    except OSError as exc:
+        if old.exists() and not link.exists():
+            os.replace(old, link)
+        raise OutputError(f"cannot write {link}: {_strerror(exc)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Remove a directory as one step for readers: renamed to a hidden name, then deleted."""
+    path = Path(path)
+    hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+    with deferred_signals():
+        os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)

@@ -117,6 +117,11 @@ def parse_gpus(gpus: Optional[str] = None, cpu: bool = False) -> Optional[list[i
     return ids
 
 
+def device_choice(gpus: Optional[str], cpu: bool) -> Optional[str]:
+    """``--gpus``/``--cpu`` as one value: the GPU list, or None for the CPU (validated; they exclude each other)."""
+    return None if parse_gpus(gpus, cpu) is None else gpus
+
+
 def contexts(gpus: Optional[str] = None, cpu: bool = False, query: Optional[GpuQuery] = None) -> list:
     """``--gpus 0,1`` -> ``[mx.gpu(0), mx.gpu(1)]``, checked; ``--cpu`` or nothing -> ``[mx.cpu()]``.
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from bbadapt.core.errors import OptionError
 from bbadapt.core.zoo import import_gluoncv
+from bbadapt.detection.options import EvaluateOptions
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
@@ -121,34 +122,41 @@ def _score_coco(data, preds: Iterable[Prediction]) -> dict:
             "images": len(data)}
 
 
-def evaluate(directory: str | os.PathLike, dataset: str, *, metric: str = "voc07", split: str = "val",
-             ctx=None, short_side: Optional[int] = None, max_size: Optional[int] = None,
-             progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """mAP of a bundle or checkpoint directory on ``dataset`` (``voc:DIR`` split ``split``, or ``coco:...``).
+def evaluate(directory: str | os.PathLike, dataset: str, options: Optional[EvaluateOptions] = None, *,
+             gpus: Optional[str] = None, ctx=None, progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """mAP of a bundle or checkpoint directory on ``dataset`` (``voc:DIR`` split ``options.split``, or ``coco:...``).
 
     The short side and max size default to those the checkpoint was trained with (else the
-    detector's own). ``ctx``: one mxnet context (default CPU).
+    detector's own). Devices as for training: ``gpus="0"`` (one GPU; evaluation runs on one
+    device) or the CPU by default; ``ctx``, one mxnet context, instead.
     """
-    import mxnet as mx
-
+    from bbadapt.core.devices import contexts
     from bbadapt.core.spec import InputSpec
     from bbadapt.detection.datasets import open_dataset
     from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly
 
-    check_metric(metric)
+    options = options or EvaluateOptions()
+    check_metric(options.metric)
+    if ctx is not None and gpus is not None:
+        raise OptionError("give the device once: gpus=... or ctx=...")
+    if ctx is None:
+        devices = contexts(gpus)
+        if len(devices) > 1:
+            raise OptionError(f"evaluate runs on one device; give one GPU (--gpus {gpus.split(',')[0]}), got --gpus {gpus}")
+        ctx = devices[0]
     manifest = detector_manifest(directory)
     classes = manifest["detector"]["classes"]
-    data = open_dataset(dataset, classes, split)
-    ctx = ctx or mx.cpu()
+    data = open_dataset(dataset, classes, options.split)
     net = load_quietly(directory, ctx)
     trained = manifest.get("checkpoint", {}).get("config", {})
-    short = short_side or trained.get("short_side") or _first(net.short)
-    longest = max_size or trained.get("max_size") or net.max_size
+    short = options.short_side or trained.get("short_side") or _first(net.short)
+    longest = options.max_size or trained.get("max_size") or net.max_size
     check_proposals(net, short, training=False)
     net.hybridize(static_alloc=True)
     preds = predictions(net, data, ctx, InputSpec.from_dict(manifest["target"]), short, longest, progress=progress)
-    result = score(data, preds, metric)
-    result.update(directory=str(directory), dataset=str(dataset), short_side=short, max_size=longest)
+    result = score(data, preds, options.metric)
+    epoch = manifest.get("checkpoint", {}).get("epoch")
+    result.update(directory=str(directory), dataset=str(dataset), short_side=short, max_size=longest, epoch=epoch)
     return result
 
 

@@ -365,13 +365,13 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
 
 
 def export(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
-           sizes: list[tuple[int, int]] | None = None, input_range: str = "01") -> dict:
+           sizes: list[tuple[int, int]] | None = None, input_range: str = "01", backbone: bool = False) -> dict:
     """``bbadapt export --torchvision``: a detector bundle or checkpoint becomes a torchvision ``FasterRCNN``
     directory (:func:`export_detector`); a backbone bundle a ResNet state dict
-    (:func:`converters.writers.torchvision.export_bundle`)."""
-    if is_detector_dir(bundle_dir):
+    (:func:`converters.writers.torchvision.export_bundle`; ``backbone``: a detector bundle's backbone)."""
+    if is_detector_dir(bundle_dir) and not backbone:
         options = ExportOptions(input_range=input_range, sizes=sizes, force=force)
         return export_detector(bundle_dir, out, force=force, progress=progress, options=options)
     from converters.writers.torchvision import export_bundle
 
-    return export_bundle(bundle_dir, out, force=force, progress=progress, sizes=sizes)
+    return export_bundle(bundle_dir, out, force=force, progress=progress, sizes=sizes, backbone=backbone)

@@ -7,11 +7,15 @@ bundle's *input spec* (no normalization step at all for an ``rgb255`` detector),
 the bundle's ``train_patterns`` only, linear warmup then step decay, MXNet data parallel
 over several GPUs or Horovod across machines (``--horovod``: see :mod:`bbadapt.detection.distributed`).
 
-Checkpoints are directories under ``DIR/checkpoints/`` (``epoch-NNNN``, ``last``, ``best``),
-each a loadable bundle (``load_detector`` works on it) plus ``trainer.states``, written
-atomically: a failed or interrupted run never leaves a half-written checkpoint, and
-never touches the ones already there. ``DIR/train.log.jsonl`` gets one JSON record per
-logged iteration and per validation.
+Checkpoints are directories under ``DIR/checkpoints/`` (``epoch-NNNN``), each a loadable
+bundle (``load_detector`` works on it) plus ``trainer.states``, written atomically: a failed
+or interrupted run never leaves a half-written checkpoint, and never touches the ones
+already there. ``last`` and ``best`` are relative symbolic links naming an epoch directory
+(swapped atomically), not copies: a checkpoint of a ResNet-18 detector is ~100 MB.
+``DIR/train.log.jsonl`` gets one JSON record per logged iteration and per validation.
+
+Epochs are counted from 1 wherever a person or a file sees them (progress lines, the log,
+errors, ``epoch-0001``); the schedule and the per-epoch seeding count from 0 internally.
 """
 
 from __future__ import annotations
@@ -20,18 +24,19 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Optional
 
+from bbadapt.core.atomic import point_at, remove_directory
 from bbadapt.core.errors import BbadaptError, DeviceError, OptionError, OutputError
 from bbadapt.core.zoo import import_gluoncv
 from bbadapt.detection.detector_bundle import save_detector_params
 from bbadapt.detection.distributed import Workers, epoch_sampler
+from bbadapt.detection.options import TrainConfig, resolve_schedule
 from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly, params_file
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
@@ -40,48 +45,8 @@ CHECKPOINTS = "checkpoints"
 LOG = "train.log.jsonl"
 STATES = "trainer.states"
 LOSSES = ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; stored in each checkpoint so a resumed run continues the same schedule."""
-
-    epochs: int = 2
-    lr: float = 0.01
-    momentum: float = 0.9
-    wd: float = 1e-4
-    lr_steps: tuple[int, ...] = ()  # epochs at which lr *= lr_decay
-    lr_decay: float = 0.1
-    warmup_iters: int = 0  # linear warmup over the first iterations of epoch 0
-    warmup_factor: float = 1 / 3
-    batch_size: int = 1  # images per step over all devices and workers (the global batch)
-    short_side: int = 600
-    max_size: int = 1000
-    flip_p: float = 0.5
-    checkpoint_every: int = 1
-    val_interval: int = 1
-    log_interval: int = 10
-    seed: int = 0
-    hybridize: bool = True
-    amp: bool = False
-    num_workers: int = 0
-    train_split: str = "train"
-    val_split: str = "val"
-    dataset: str = ""
-    val_dataset: Optional[str] = None
-    devices: list[str] = field(default_factory=list)
-
-    def check(self) -> None:
-        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "short_side": self.short_side,
-                    "max_size": self.max_size, "checkpoint_every": self.checkpoint_every,
-                    "val_interval": self.val_interval, "log_interval": self.log_interval}
-        for name, value in positive.items():
-            if not value > 0:
-                raise OptionError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.max_size < self.short_side:
-            raise OptionError(f"--max-size ({self.max_size}) must be at least --short-side ({self.short_side})")
-        if not 0 <= self.flip_p <= 1 or self.warmup_iters < 0 or self.lr_decay <= 0 or self.num_workers < 0:
-            raise OptionError("flip probability must be in [0, 1]; warmup iterations, workers >= 0; lr decay > 0")
+LOSS_LIMIT = 1e4  # a Faster R-CNN loss (normalised per positive) beyond this has exploded, not learned
+WEIGHT_GROWTH_LIMIT = 10.0  # trainable weights' global L2 norm vs the run's start: beyond this, exploded
 
 
 # ----------------------------------------------------------------------------- devices
@@ -113,11 +78,22 @@ def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) 
         (stage / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": section}, indent=2) + "\n")
 
 
-def copy_checkpoint(source: Path, target: Path) -> None:
-    """``last``/``best`` as full copies (not links: they must survive pruning of ``epoch-*``)."""
-    with _writing(target) as stage:
-        for item in source.iterdir():
-            shutil.copy2(item, stage / item.name)
+def point_reference(root: Path, name: str, epoch_dir: Path) -> None:
+    """``checkpoints/last`` or ``best`` -> ``epoch-NNNN`` (a relative link, swapped atomically)."""
+    try:
+        point_at(root / name, epoch_dir.name)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the checkpoints written before are intact") from None
+
+
+def referenced(root: Path) -> set[str]:
+    """Names of the epoch directories ``last`` and ``best`` point at (real directories name themselves)."""
+    names = set()
+    for ref in ("last", "best"):
+        path = root / ref
+        if path.is_symlink():
+            names.add(Path(os.readlink(path)).name)
+    return names
 
 
 def read_checkpoint(directory: Path) -> dict:
@@ -166,7 +142,7 @@ def console_progress(console) -> Iterator[Callable[[dict], None]]:
             TimeRemainingColumn,
         )
 
-        columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+        columns = (TextColumn("{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[losses]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task("train", total=None, epoch="-", losses="")
@@ -180,9 +156,13 @@ def _loss_text(record: dict) -> str:
     return f"loss={record['loss']:.3f} ({parts}) lr={record['lr']:.2e} {record['samples_per_s']:.2f} samples/s"
 
 
+def _epoch_text(record: dict) -> str:
+    return f"epoch {record['epoch']}/{record['epochs']}" if record.get("epochs") else f"epoch {record['epoch']}"
+
+
 def _bar_update(bar, task, console, record: dict) -> None:
     if record["event"] == "iter":
-        bar.update(task, completed=record["batch"] + 1, total=record["batches"], epoch=record["epoch"],
+        bar.update(task, completed=record["batch"] + 1, total=record["batches"], epoch=_epoch_text(record),
                    losses=_loss_text(record))
     else:
         _plain_line(console, record)
@@ -190,12 +170,19 @@ def _bar_update(bar, task, console, record: dict) -> None:
 
 def _plain_line(console, record: dict) -> None:
     event = record["event"]
-    if event == "iter" and record.get("logged"):
-        line = f"epoch {record['epoch']} batch {record['batch'] + 1}/{record['batches']}: {_loss_text(record)}"
+    if event == "start":
+        if record["epoch"] > record["epochs"]:
+            return
+        line = (f"training epochs {record['epoch']}..{record['epochs']} on {record['images']} images: "
+                f"lr {record['lr']:g}, warmup {record['warmup_iters']} iterations"
+                + (f" (defaults: {record['defaults']})" if record.get("defaults") else ""))
+    elif event == "iter" and record.get("logged"):
+        line = f"{_epoch_text(record)} batch {record['batch'] + 1}/{record['batches']}: {_loss_text(record)}"
     elif event == "epoch":
-        line = f"epoch {record['epoch']} done ({record['batches']} batches, {record['workers']} worker(s)): {_loss_text(record)}"
+        line = (f"{_epoch_text(record)} done ({record['batches']} batches, {record['workers']} worker(s)): "
+                f"{_loss_text(record)}")
     elif event == "val":
-        line = f"epoch {record['epoch']} validation: {record['metric']} mAP {record['map']:.4f}"
+        line = f"{_epoch_text(record)} validation: {record['metric']} mAP {record['map']:.4f}"
     elif event == "checkpoint":
         line = f"checkpoint {record['path']}{' (new best)' if record['best'] else ''}"
     else:
@@ -221,49 +208,49 @@ class _Log:
             self.progress({**record, "logged": write})
 
 
-def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: float = 0.01,
-          lr_steps: Sequence[int] = (), lr_decay: float = 0.1, warmup_iters: int = 0, batch_size: int = 1,
-          ctx: Optional[list] = None, amp: bool = False, hybridize: bool = True, short_side: int = 600,
-          max_size: int = 1000, checkpoint_every: int = 1, val_interval: int = 1, log_interval: int = 10,
-          resume: bool = False, seed: int = 0, horovod: bool = False, val_dataset: Optional[str] = None,
-          flip_p: float = 0.5, num_workers: int = 0, momentum: float = 0.9, wd: float = 1e-4,
-          train_split: str = "train", val_split: str = "val",
+def train(bundle_dir: str | os.PathLike, dataset: str, config: Optional[TrainConfig] = None, *,
+          gpus: Optional[str] = None, ctx: Optional[list] = None, resume: bool = False, horovod: bool = False,
           progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Train the detector bundle at ``bundle_dir`` on ``dataset`` (``voc:DIR`` or ``coco:ANN.json[:IMAGES]``).
 
-    VOC data trains on split ``train_split`` and validates on ``val_split`` (of ``val_dataset``
-    if given, else of ``dataset``); COCO data validates on
-    ``val_dataset`` (default: the training file itself). ``ctx``: a list of mxnet contexts
-    (see :func:`bbadapt.core.devices.contexts`; default CPU). ``resume`` continues from ``checkpoints/last``
-    (epoch, optimizer state, lr schedule position); without it, existing checkpoints are
-    refused, never overwritten. ``progress`` receives every iteration/validation record.
+    ``config``: a :class:`TrainConfig` (its ``dataset`` is set from ``dataset``). VOC data
+    trains on ``config.train_split`` and validates on ``config.val_split`` (of
+    ``config.val_dataset`` if given, else of ``dataset``); COCO data validates on
+    ``val_dataset`` (default: the training file itself). Devices: ``gpus="0,1"`` as on the
+    command line (default: the CPU), or ``ctx``, a list of mxnet contexts, instead.
+    ``resume`` continues from ``checkpoints/last`` (epoch, optimizer state, lr schedule
+    position); without it, existing checkpoints are refused, never overwritten.
+    ``progress`` receives every iteration/validation record.
     Returns a summary dict (epochs and iterations done, last losses, best mAP, checkpoints).
     """
-    config = TrainConfig(epochs=epochs, lr=lr, lr_steps=tuple(sorted(lr_steps)), lr_decay=lr_decay,
-                         warmup_iters=warmup_iters, batch_size=batch_size, short_side=short_side, max_size=max_size,
-                         flip_p=flip_p, checkpoint_every=checkpoint_every, val_interval=val_interval,
-                         log_interval=log_interval, seed=seed, hybridize=hybridize, amp=amp, num_workers=num_workers,
-                         dataset=str(dataset), val_dataset=val_dataset, momentum=momentum, wd=wd,
-                         train_split=train_split, val_split=val_split)
+
+    from bbadapt.core.devices import contexts
+
+    config = replace(config or TrainConfig(), dataset=str(dataset),
+                     lr_steps=tuple(sorted((config or TrainConfig()).lr_steps)))
     config.check()
+    if ctx is not None and gpus is not None:
+        raise OptionError("give the devices once: gpus=... or ctx=[...]")
     bundle_dir = Path(bundle_dir)
     manifest = detector_manifest(bundle_dir)
     if bundle_dir.resolve().parent.name == CHECKPOINTS and "checkpoint" in manifest:
         raise OutputError(f"{bundle_dir} is a training checkpoint; continue its run with "
                           f"`bbadapt train {bundle_dir.resolve().parent.parent} --resume`")
     manifest.pop("checkpoint", None)
+    ctx = list(ctx) if ctx is not None else contexts(gpus)
     workers = Workers.horovod() if horovod else Workers()
     ctx = workers.contexts(ctx)
     config.devices = [str(c) for c in ctx]
-    if amp and any(c.device_type != "gpu" for c in ctx):
+    if config.amp and any(c.device_type != "gpu" for c in ctx):
         raise DeviceError("--amp (mixed precision) needs GPUs; MXNet 1.9.1's CPU AMP (bfloat16) "
                           "fails at the first convolution without AVX-512 (see docs/gpu.md)")
     per_worker = workers.per_worker_batch(config.batch_size, len(ctx))
     start = _start_state(bundle_dir, resume)  # every worker: all must stop, or none
+    config, chosen = resolve_schedule(config, manifest, start.get("config") if start else None)
     if start is not None:
         _same_run(config, start.get("config", {}))
     data, val = _datasets(manifest, config)
-    if amp:
+    if config.amp:
         from mxnet.contrib import amp as mx_amp
 
         mx_amp.init()
@@ -274,6 +261,8 @@ def train(bundle_dir: str | os.PathLike, dataset: str, *, epochs: int = 2, lr: f
         if start is not None:
             trainer.load_states(str(start["dir"] / STATES))
         log = _Log(bundle_dir / LOG, progress) if workers.root else _Log(None, None)  # rank 0 alone logs
+        log({"event": "start", "epoch": (start["epoch"] if start else 0) + 1, "epochs": config.epochs,
+             "images": len(data), "lr": config.lr, "warmup_iters": config.warmup_iters, "defaults": chosen})
         run = _Run(net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val, start)
         return run.fit()
 
@@ -357,6 +346,10 @@ def _trainer(net, config: TrainConfig, ctx: list, workers: Workers):
     return trainer
 
 
+class Diverged(BbadaptError):
+    """Training produced exploding or non-finite values; stopped before they reached the weights or a checkpoint."""
+
+
 class _Run:
     """One training run: epochs of steps, validation, checkpoints."""
 
@@ -366,11 +359,13 @@ class _Run:
         self.data, self.val = data, val
         self.rank0 = workers.root
         self.per_worker = config.batch_size // workers.size
-        self.epoch = start["epoch"] if start else 0
+        self.epoch = start["epoch"] if start else 0  # epochs completed
         self.iteration = start["iteration"] if start else 0
         self.best = start.get("best_map") if start else None
+        self.saved_epoch = self.epoch if start else None  # the newest checkpoint on disk
         self.checkpoints: list[str] = []
         self.last_losses: dict = {}
+        self.start_norm = _weight_norm(trainer)
 
     def fit(self) -> dict:
         from gluoncv.data.batchify import FasterRCNNTrainBatchify
@@ -382,7 +377,7 @@ class _Run:
         task = ForwardBackwardTask(self.net, self.trainer, *losses, mix_ratio=1.0, amp_enabled=self.config.amp)
         batchify = FasterRCNNTrainBatchify(self.net, len(self.ctx))
         start_epoch = self.epoch
-        for epoch in range(start_epoch, self.config.epochs):
+        for epoch in range(start_epoch, self.config.epochs):  # 0-based here: the schedule and the seeds
             loader = self._loader(batchify, epoch)  # before seeding: it moves the sampler on
             self._seed(epoch)
             self._epoch(epoch, loader, task)
@@ -395,8 +390,8 @@ class _Run:
                   "param_digests": digests})
         return {"epochs": self.epoch, "iterations": self.iteration, "started_at_epoch": start_epoch,
                 "losses": self.last_losses, "best_map": self.best, "checkpoints": self.checkpoints,
-                "log": str(self.dir / LOG), "rank": self.workers.rank, "workers": self.workers.size,
-                "param_digests": digests}
+                "lr": self.config.lr, "warmup_iters": self.config.warmup_iters, "log": str(self.dir / LOG),
+                "rank": self.workers.rank, "workers": self.workers.size, "param_digests": digests}
 
     def _seed(self, epoch: int) -> None:
         """Seed python, numpy and mxnet per epoch: a resumed epoch draws what an uninterrupted one would."""
@@ -427,27 +422,30 @@ class _Run:
         for batch_index, batch in enumerate(loader):
             self.trainer.set_learning_rate(learning_rate(self.config, epoch, batch_index))
             results = [task.forward_backward(shard) for shard in self._shards(batch)]
+            step_losses = {name: sum(float(r[k].asscalar()) for r in results) / len(results)
+                           for k, name in enumerate(LOSSES)}
+            where = {"epoch": epoch + 1, "epochs": self.config.epochs, "batch": batch_index, "batches": steps}
+            self._check_losses(where, step_losses)  # before the step: an exploded gradient never reaches the weights
             self.trainer.step(self.per_worker)  # horovod's trainer divides by the workers too: the global mean
+            self._check_weights(where)  # after it: the next forward never feeds NaN to the proposal/ROI ops
             self.iteration += 1
             seen += self.config.batch_size  # all workers' images: samples/s is the job's throughput
-            for k, name in enumerate(LOSSES):
-                value = sum(float(r[k].asscalar()) for r in results) / len(results)
-                window[name] += value
-                totals[name] += value
+            for name in LOSSES:
+                window[name] += step_losses[name]
+                totals[name] += step_losses[name]
             n_window = (batch_index % self.config.log_interval) + 1
-            record = {"event": "iter", "epoch": epoch, "batch": batch_index, "batches": steps,
-                      "iteration": self.iteration, "lr": self.trainer.learning_rate,
+            record = {"event": "iter", **where, "iteration": self.iteration, "lr": self.trainer.learning_rate,
                       **{k: v / n_window for k, v in window.items()}}
             record["loss"] = sum(record[k] for k in LOSSES)
             record["samples_per_s"] = seen / max(time.time() - tic, 1e-9)
-            self._check_finite(record)
             logged = n_window == self.config.log_interval or batch_index == steps - 1
             self.log(record, write=logged and self.rank0)
             if logged:
                 self.last_losses = {k: record[k] for k in (*LOSSES, "loss")}
                 window = {k: 0.0 for k in LOSSES}
         means = {k: v / max(steps, 1) for k, v in totals.items()}
-        self.log({"event": "epoch", "epoch": epoch, "iteration": self.iteration, "batches": steps,
+        self.log({"event": "epoch", "epoch": epoch + 1, "epochs": self.config.epochs, "iteration": self.iteration,
+                  "batches": steps,
                   "lr": self.trainer.learning_rate, **means,
                   "loss": sum(means.values()), "samples_per_s": seen / max(time.time() - tic, 1e-9),
                   "seconds": time.time() - tic, "workers": self.workers.size})
@@ -458,10 +456,29 @@ class _Run:
         return [[part.as_in_context(c) for part in shard] for shard, c in
                 zip(zip(*per_device, strict=True), self.ctx, strict=True)]
 
-    def _check_finite(self, record: dict) -> None:
-        if not math.isfinite(record["loss"]):
-            raise BbadaptError(f"training diverged at epoch {record['epoch']} batch {record['batch']} "
-                               f"(loss {record['loss']}); lower --lr or add warmup. Checkpoints so far are intact")
+    def _check_losses(self, where: dict, losses: dict) -> None:
+        total = sum(losses.values())
+        if math.isfinite(total) and total <= LOSS_LIMIT:
+            return
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+        seen = "is not finite" if not math.isfinite(total) else f"exceeds {LOSS_LIMIT:g}"
+        self._diverged(where, f"loss {total:.3g} ({parts}) {seen}")
+
+    def _check_weights(self, where: dict) -> None:
+        norm = _weight_norm(self.trainer)
+        if math.isfinite(norm) and norm <= WEIGHT_GROWTH_LIMIT * max(self.start_norm, 1e-12):
+            return
+        self._diverged(where, f"the trainable weights' norm went from {self.start_norm:.3g} to {norm:.3g}")
+
+    def _diverged(self, where: dict, what: str) -> None:
+        if self.saved_epoch is None:
+            kept = "no checkpoint was written"
+        else:
+            kept = f"{self.dir / CHECKPOINTS / f'epoch-{self.saved_epoch:04d}'} and the checkpoints before it are intact"
+        raise Diverged(f"training diverged at epoch {where['epoch']}/{where['epochs']}, batch {where['batch'] + 1}/"
+                       f"{where['batches']}: {what}; lr was {self.trainer.learning_rate:.3g} (--lr {self.config.lr:g}, "
+                       f"--warmup {self.config.warmup_iters}): lower --lr (e.g. --lr {self.config.lr / 10:g}) or raise "
+                       f"--warmup; {kept}")
 
     def _validate(self) -> Optional[float]:
         """VOC07 mAP on the validation set (rank 0; the other workers skip it, as gluoncv's script)."""
@@ -475,30 +492,48 @@ class _Run:
         preds = predictions(self.net, self.val, self.ctx[0], InputSpec.from_dict(self.manifest["target"]),
                             self.config.short_side, self.config.max_size)
         result = score(self.val, preds, "voc07")
-        self.log({"event": "val", "epoch": self.epoch - 1, "iteration": self.iteration, "metric": "voc07",
-                  "map": result["map"], "per_class": result["per_class"]})
+        self.log({"event": "val", "epoch": self.epoch, "epochs": self.config.epochs, "iteration": self.iteration,
+                  "metric": "voc07", "map": result["map"], "per_class": result["per_class"]})
         return result["map"]
 
     def _save(self, val_map: Optional[float]) -> None:
+        """``epoch-NNNN``, then ``last`` (and ``best`` when improved) pointed at it; epochs that
+        ``--checkpoint-every`` does not keep are removed once nothing points at them."""
         root = self.dir / CHECKPOINTS
         improved = val_map is not None and (self.best is None or val_map > self.best)
         if improved:
             self.best = val_map
         section = {"epoch": self.epoch, "iteration": self.iteration, "val_map": val_map, "best_map": self.best,
                    "val_metric": "voc07", "dataset": self.config.dataset, "config": _config_dict(self.config)}
-        due = self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs
         written = root / f"epoch-{self.epoch:04d}"
-        if due:
-            write_checkpoint(written, self.net, self.trainer, self.manifest, section)
-            self.checkpoints.append(str(written))
-            copy_checkpoint(written, root / "last")
-        else:
-            write_checkpoint(root / "last", self.net, self.trainer, self.manifest, section)
-            written = root / "last"
+        write_checkpoint(written, self.net, self.trainer, self.manifest, section)
+        self.saved_epoch = self.epoch
+        point_reference(root, "last", written)
         if improved:
-            copy_checkpoint(written, root / "best")
+            point_reference(root, "best", written)
+        self._prune(root)
+        self.checkpoints = sorted(str(p) for p in root.glob("epoch-*"))
         self.log({"event": "checkpoint", "epoch": self.epoch, "iteration": self.iteration, "path": str(written),
                   "val_map": val_map, "best": improved})
+
+    def _kept(self, epoch: int) -> bool:
+        return epoch % self.config.checkpoint_every == 0 or epoch == self.config.epochs
+
+    def _prune(self, root: Path) -> None:
+        keep = referenced(root)
+        for path in root.glob("epoch-*"):
+            number = path.name.removeprefix("epoch-")
+            if number.isdecimal() and not self._kept(int(number)) and path.name not in keep:
+                remove_directory(path)
+
+
+def _weight_norm(trainer) -> float:
+    """Global L2 norm of the parameters the trainer updates (first device's copy; all copies agree)."""
+    total = 0.0
+    for p in trainer._params:
+        value = float((p.list_data()[0].astype("float32").norm() ** 2).asscalar())
+        total += value
+    return math.sqrt(total) if math.isfinite(total) else float("inf")
 
 
 def _config_dict(config: TrainConfig) -> dict:

@@ -36,16 +36,28 @@ class Bundle:
         return self.adapted.target
 
 
-def open_bundle(directory: str | os.PathLike) -> Bundle:
-    """Rebuild a bundle's backbone (zoo name or converter ``arch`` record) with its plan and weights."""
+def open_bundle(directory: str | os.PathLike, backbone: bool = False) -> Bundle:
+    """Rebuild a bundle's backbone (zoo name or converter ``arch`` record) with its plan and weights.
+
+    A detector bundle holds its adapted backbone too (``backbone.params``, as converted):
+    ``backbone=True`` takes that one. A training checkpoint holds only the trained detector.
+    """
     from bbadapt.bundle.backbone import load_adapted
     from bbadapt.bundle.manifest import read_manifest
 
     directory = Path(directory)
+    manifest = read_manifest(directory, require_params=False)
+    kind = manifest.get("kind", "backbone")
+    if "checkpoint" in manifest:
+        raise OutputError(f"{directory} is a training checkpoint (a trained detector); exporting its trained "
+                          "backbone is not supported yet: export the whole detector with --symbol, or the "
+                          "bundle's backbone with --backbone on the bundle directory")
+    if kind != "backbone" and not (backbone and kind == "detector"):
+        raise OutputError(f"{directory} holds a {kind}; export its backbone with --backbone, "
+                          "or the whole detector with --symbol")
+    if kind == "backbone" and backbone:
+        raise OutputError(f"{directory} is a backbone bundle already; drop --backbone")
     manifest = read_manifest(directory)
-    if manifest.get("kind", "backbone") != "backbone":
-        raise OutputError(f"{directory} holds a {manifest['kind']}; this export takes a backbone output "
-                          "(convert without --detector, or export the detector with --symbol)")
     arch = manifest.get("arch") or {}
     adapted = load_adapted(directory, manifest)  # rebuilt from the arch record, plan replayed, params loaded
     model = arch.get("zoo") or manifest["model"]

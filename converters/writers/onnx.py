@@ -44,20 +44,36 @@ ORT_VERSION = "1.16.3"  # see docs: installed with --no-deps (its metadata asks 
 CHECK_SIZES = [(224, 224), (129, 161)]
 
 
+ONNX_MODULES = ("onnx", "onnxruntime")
+
+
+def require_onnx_packages() -> None:
+    """Both packages ONNX export needs, or one line naming every one that is missing and how to install it."""
+    import importlib
+
+    missing = []
+    for module in ONNX_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # a missing dependency of onnxruntime (flatbuffers, sympy ...) names itself
+            missing.append(module if exc.name in (None, module) else f"{module} (its dependency {exc.name})")
+    if missing:
+        raise OutputError(f"ONNX export needs {' and '.join(missing)}, not installed: pip install 'bbadapt[onnx]' "
+                          f"(onnx and onnxruntime's dependencies), then pip install --no-deps onnxruntime=={ORT_VERSION} "
+                          "(its metadata asks numpy>=1.24, which mxnet 1.9.1 cannot use; see docs/formats.md)")
+
+
 def _require_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise OutputError("ONNX export needs the onnx package: pip install 'bbadapt[onnx]'") from None
+    require_onnx_packages()
+    import onnx
+
     return onnx
 
 
 def _require_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise OutputError("ONNX export checks the file with onnxruntime, which is not installed: "
-                          f"pip install --no-deps onnxruntime=={ORT_VERSION} (see docs/formats.md)") from None
+    require_onnx_packages()
+    import onnxruntime
+
     return onnxruntime
 
 
@@ -166,12 +182,13 @@ def compare(payload: bytes, net, target, sizes=None, n_photos: int = 2) -> dict:
 
 
 def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
-                  sizes: list[tuple[int, int]] | None = None) -> dict:
+                  sizes: list[tuple[int, int]] | None = None, backbone: bool = False) -> dict:
     """Write a bundle's adapted backbone as ONNX (opset 13, dynamic N/H/W), checked against MXNet first.
 
     The model takes the bundle's TARGET spec input (what the bundle itself takes) and
-    returns the backbone's output. Refuses an existing ``out`` unless ``force``; leaves
-    nothing on failure. Returns a summary with the measured errors.
+    returns the backbone's output. ``backbone``: take the backbone of a detector bundle.
+    Refuses an existing ``out`` unless ``force``; leaves nothing on failure. Returns a
+    summary with the measured errors.
     """
     from bbadapt.core.atomic import check_target, write_file
     from converters.writers.bundle_io import open_bundle
@@ -181,10 +198,9 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     check_target(out, force, None, kind="file")
     if out.suffix != ".onnx":
         raise OutputError(f"{out}: name the ONNX export .onnx")
-    _require_onnxruntime()  # both before minutes of work, not after
-    onnx = _require_onnx()
+    onnx = _require_onnx()  # onnx and onnxruntime both, before minutes of work, not after
     say(f"reading bundle {bundle_dir}")
-    bundle = open_bundle(bundle_dir)
+    bundle = open_bundle(bundle_dir, backbone=backbone)
     net = bundle.adapted.net
     say(f"exporting with mxnet.onnx, re-stamped to opset {OPSET}")
     payload = to_onnx_bytes(net)

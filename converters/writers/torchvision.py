@@ -115,13 +115,14 @@ def _v1b_depth(model: str) -> int:
 
 
 def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
-                  sizes: list[tuple[int, int]] | None = None) -> dict:
+                  sizes: list[tuple[int, int]] | None = None, backbone: bool = False) -> dict:
     """Write a bundle's backbone as a torchvision ``resnetN`` state dict (``.safetensors``, or ``.pth`` with torch).
 
     The file is read back (by this module's own reader) and checked against the bundle's
     backbone on real photos before it is renamed into place; the exported model expects
-    the bundle's SOURCE spec (see the module docstring). Returns a summary with the check.
-    (Detector bundles: :func:`bbadapt.detection.torchvision_export.export`.)
+    the bundle's SOURCE spec (see the module docstring). ``backbone``: take the backbone of a
+    detector bundle. Returns a summary with the check.
+    (Detector bundles as torchvision FasterRCNN: :func:`bbadapt.detection.torchvision_export.export`.)
     """
     import bbadapt
     from bbadapt.core.atomic import check_target, write_file
@@ -141,7 +142,7 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     elif out.suffix != ".safetensors":
         raise OutputError(f"{out}: name the torchvision export .safetensors (or .pth/.pt with torch installed)")
     say(f"reading bundle {bundle_dir}")
-    bundle = open_bundle(bundle_dir)
+    bundle = open_bundle(bundle_dir, backbone=backbone)
     state = torchvision_state(bundle)
     source = parse_spec(bundle.source)
     metadata = {"format": "pt", "bbadapt.input_spec": source.to_string(), "bbadapt.model": bundle.model,

@@ -54,7 +54,7 @@ def rel(a, b) -> float:
 def test_an_adapted_backbone_exports_and_runs_in_onnxruntime_like_mxnet(bundles, onnx, ort, tmp_path, bn):
     import mxnet as mx
 
-    from converters.readers import onnx_out
+    from converters.writers import onnx as onnx_out
 
     out = tmp_path / "r18.onnx"
     summary = onnx_out.export_bundle(bundles[bn], out, sizes=[(64, 64)])
@@ -90,7 +90,7 @@ def test_fix_gamma_batchnorms_export_as_mxnet_computes_them(onnx, ort, tmp_path)
     import mxnet as mx
 
     from bbadapt.core.rewrite import clone
-    from converters.readers import onnx_out
+    from converters.writers import onnx as onnx_out
 
     net = clone(calibrated("resnet18_v2"))
     assert net.features[0]._kwargs["fix_gamma"]
@@ -110,7 +110,7 @@ def test_fix_gamma_batchnorms_export_as_mxnet_computes_them(onnx, ort, tmp_path)
 
 
 def test_existing_output_wrong_suffix_and_missing_runtime_leave_nothing(bundles, tmp_path, monkeypatch):
-    from converters.readers import onnx_out
+    from converters.writers import onnx as onnx_out
 
     existing = tmp_path / "x.onnx"
     existing.write_bytes(b"mine")

@@ -187,8 +187,8 @@ def test_two_workers_two_epochs_write_each_checkpoint_once_and_end_with_equal_pa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "epoch-0001", "epoch-0002", "last"]
     # rank 0 alone logs: one record per epoch, validation and checkpoint, none twice
     epochs = records(out, "epoch")
-    assert [r["epoch"] for r in epochs] == [0, 1] and {r["workers"] for r in epochs} == {2}
-    assert [r["epoch"] for r in records(out, "val")] == [0, 1]
+    assert [r["epoch"] for r in epochs] == [1, 2] and {r["workers"] for r in epochs} == {2}
+    assert [r["epoch"] for r in records(out, "val")] == [1, 2]
     assert [Path(r["path"]).name for r in records(out, "checkpoint")] == ["epoch-0001", "epoch-0002"]
     assert (out / "checkpoints/last/detector.params").read_bytes() == \
         (out / "checkpoints/epoch-0002/detector.params").read_bytes()
@@ -234,7 +234,7 @@ def test_resume_under_horovod_continues_the_run_exactly(two_epochs, bundle, voc,
     code, text = horovod_train(out, voc, "--epochs", "2", "--batch-size", "2", "--resume",
                                output=tmp_path / "resumed.txt")
     assert code == 0, text
-    assert [r["epoch"] for r in records(out, "epoch")] == [0, 1]
+    assert [r["epoch"] for r in records(out, "epoch")] == [1, 2]
     (_, finish) = records(out, "finish")
     (uninterrupted,) = records(two_epochs[0], "finish")
     assert finish["param_digests"] == uninterrupted["param_digests"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -34,15 +35,16 @@ from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import randomize
 from bbadapt.detection.datasets import open_dataset
 from bbadapt.detection.detector_bundle import add_detector, load_detector
-from bbadapt.detection.evaluate import score
-from bbadapt.detection.train import train
+from bbadapt.detection.evaluate import EvaluateOptions, score
+from bbadapt.detection.train import TrainConfig, train
 from tests.detection.test_datasets import RACCOON, coco_from_voc, voc_subset
 
 MODEL = "resnet18_v1b"
 # 128-px images give an 8x8..8x12 stride-16 map: 960+ anchors, so proposals must stay below that
 SMALL = dict(rpn_channel=256, roi_size=(7, 7), rpn_train_pre_nms=3000, rpn_train_post_nms=300,
              rpn_test_pre_nms=1000, rpn_test_post_nms=100, num_sample=32)
-TRAIN = ["--cpu", "--lr", "0.0002", "--short-side", "128", "--max-size", "192", "--log-interval", "1"]
+TRAIN = ["--cpu", "--lr", "0.0002", "--warmup", "0", "--short-side", "128", "--max-size", "192", "--log-interval", "1"]
+SMALL_RUN = dict(lr=0.0002, warmup_iters=0, short_side=128, max_size=192)  # TRAIN, in Python
 EPOCHS = 3
 LEFTOVERS = (".partial-", ".old-")
 
@@ -119,13 +121,16 @@ def test_loss_falls_and_every_iteration_is_logged(trained):
     for r in iters:
         assert r["loss"] == pytest.approx(sum(r[k] for k in ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")))
     # windows of one epoch: the same 4 images each time, so the means are comparable
-    first = np.mean([r["loss"] for r in iters if r["epoch"] == 0])
-    last = np.mean([r["loss"] for r in iters if r["epoch"] == EPOCHS - 1])
+    assert [r["epoch"] for r in iters] == [e for e in range(1, EPOCHS + 1) for _ in range(4)]  # counted from 1
+    first = np.mean([r["loss"] for r in iters if r["epoch"] == 1])
+    last = np.mean([r["loss"] for r in iters if r["epoch"] == EPOCHS])
     assert last < first / 2, (first, last)
     # stderr is not a terminal: plain progress lines, one per logged iteration and one per epoch
     assert result.stderr.count("samples/s") == len(iters) + EPOCHS
-    assert [r["epoch"] for r in log_records(out, "epoch")] == list(range(EPOCHS))
-    assert f"trained epochs 1..{EPOCHS} ({len(iters)} iterations in all)" in result.stdout
+    assert [r["epoch"] for r in log_records(out, "epoch")] == list(range(1, EPOCHS + 1))
+    assert f"epoch 1/{EPOCHS} batch 1/4: " in result.stderr and f"epoch {EPOCHS}/{EPOCHS} batch 4/4: " in result.stderr
+    assert f"trained epochs 1..{EPOCHS} ({len(iters)} iterations in all, lr 0.0002, warmup 0)" in result.stdout
+    assert f"(last -> epoch-{EPOCHS:04d}, best -> epoch-" in result.stdout
 
 
 def test_checkpoints_are_loadable_bundles_with_their_position(trained):
@@ -142,10 +147,29 @@ def test_checkpoints_are_loadable_bundles_with_their_position(trained):
     assert net.classes == ["raccoon"]
 
 
+def test_last_and_best_are_relative_links_naming_an_epoch_not_copies(trained):
+    """A checkpoint is ~100 MB: ``last`` and ``best`` name an epoch directory instead of copying it,
+    relatively, so the run directory can be moved or copied whole."""
+    out, _ = trained
+    root = out / "checkpoints"
+    assert os.readlink(root / "last") == f"epoch-{EPOCHS:04d}"
+    best = json.loads((root / "best" / "manifest.json").read_text())["checkpoint"]["epoch"]
+    assert os.readlink(root / "best") == f"epoch-{best:04d}"
+    real = sorted(p.name for p in root.iterdir() if not p.is_symlink())
+    assert real == [f"epoch-{e:04d}" for e in range(1, EPOCHS + 1)]  # three epochs on disk, no copies
+    moved = out.parent / "moved"
+    shutil.copytree(out, moved, symlinks=True)  # the links travel with the run
+    assert load_detector(moved / "checkpoints" / "best").classes == ["raccoon"]
+    from bbadapt.detection.detector_bundle import export_symbol
+
+    deployed = export_symbol(moved / "checkpoints" / "best", moved.parent / "deploy" / "frcnn", short=128)
+    assert deployed["passed"] and Path(deployed["params"]).is_file()
+
+
 def test_best_is_the_checkpoint_with_the_highest_validation_map(trained):
     out, _ = trained
     vals = log_records(out, "val")
-    assert [v["epoch"] for v in vals] == list(range(EPOCHS)) and all(v["metric"] == "voc07" for v in vals)
+    assert [v["epoch"] for v in vals] == list(range(1, EPOCHS + 1)) and all(v["metric"] == "voc07" for v in vals)
     best_epoch = 1 + max(range(len(vals)), key=lambda i: (vals[i]["map"], -i))  # first epoch reaching the max
     best = json.loads((out / "checkpoints" / "best" / "manifest.json").read_text())["checkpoint"]
     assert best["val_map"] == max(v["map"] for v in vals) and best["epoch"] == best_epoch
@@ -175,7 +199,7 @@ def test_resume_continues_exactly_where_the_last_checkpoint_stopped(trained, bun
     shutil.copytree(out / "checkpoints" / "epoch-0002", resumed / "checkpoints" / "last")
     result = cli("train", resumed, "--dataset", f"voc:{data}", "--epochs", EPOCHS, "--resume", *TRAIN)
     assert result.returncode == 0, result.stderr
-    assert [(r["epoch"], r["iteration"]) for r in log_records(resumed, "iter")] == [(2, i) for i in range(9, 13)]
+    assert [(r["epoch"], r["iteration"]) for r in log_records(resumed, "iter")] == [(3, i) for i in range(9, 13)]
     section = json.loads((resumed / "checkpoints" / "epoch-0003" / "manifest.json").read_text())["checkpoint"]
     assert (section["epoch"], section["iteration"]) == (3, 12)
     ours = params_of(resumed / "checkpoints" / "epoch-0003" / "detector.params")
@@ -200,10 +224,10 @@ def test_a_failed_run_leaves_existing_checkpoints_untouched(trained, data, tmp_p
     monkeypatch.setattr(mx.gluon.Trainer, "save_states", disk_full)
     with pytest.raises(OutputError, match="cannot write checkpoint .*epoch-0004: No space left on device; "
                                           "the checkpoints written before are intact"):
-        train(work, f"voc:{data}", epochs=EPOCHS + 1, resume=True, lr=0.0002, short_side=128, max_size=192)
+        train(work, f"voc:{data}", TrainConfig(epochs=EPOCHS + 1, **SMALL_RUN), resume=True)
     assert tree_digest(work / "checkpoints") == before
     assert not [p for p in work.rglob("*") if any(m in p.name for m in LEFTOVERS)]
-    assert log_records(work, "iter")[-1]["epoch"] == EPOCHS  # it did train epoch 4 before failing
+    assert log_records(work, "iter")[-1]["epoch"] == EPOCHS + 1  # it did train epoch 4 before failing
 
 
 def test_a_new_run_never_overwrites_checkpoints_and_resume_needs_one(trained, bundle, data):
@@ -229,7 +253,7 @@ def test_resume_refuses_settings_that_would_silently_change_the_run(trained, dat
     out, _ = trained
     before = tree_digest(out / "checkpoints")
     with pytest.raises(OptionError, match=r"settings differ from it: lr 0.01 \(the run used 0.0002\)"):
-        train(out, f"voc:{data}", epochs=EPOCHS + 1, resume=True, lr=0.01, short_side=128, max_size=192)
+        train(out, f"voc:{data}", TrainConfig(epochs=EPOCHS + 1, lr=0.01, short_side=128, max_size=192), resume=True)
     assert tree_digest(out / "checkpoints") == before
 
 
@@ -370,8 +394,8 @@ def test_data_parallel_over_two_contexts(bundle, data, tmp_path):
     which a bundle built for 1 image per device must be switched to."""
     out = tmp_path / "frcnn"
     shutil.copytree(bundle, out)
-    result = train(out, f"voc:{data}", epochs=1, batch_size=4, ctx=[mx.cpu(0), mx.cpu(1)], lr=0.0002,
-                   short_side=128, max_size=192, log_interval=1, val_interval=2)
+    result = train(out, f"voc:{data}", TrainConfig(epochs=1, batch_size=4, log_interval=1, val_interval=2, **SMALL_RUN),
+                   ctx=[mx.cpu(0), mx.cpu(1)])
     assert result["iterations"] == 1 and result["best_map"] is None  # one step of 4 images; not validated
     (record,) = log_records(out, "iter")
     assert record["batches"] == 1 and math.isfinite(record["loss"])
@@ -381,7 +405,7 @@ def test_data_parallel_over_two_contexts(bundle, data, tmp_path):
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert load_detector(out / "checkpoints" / "last").classes == ["raccoon"]
     with pytest.raises(OptionError, match="--batch-size 3 must be a multiple of the 2 devices"):
-        train(out, f"voc:{data}", batch_size=3, ctx=[mx.cpu(0), mx.cpu(1)], resume=True)
+        train(out, f"voc:{data}", TrainConfig(batch_size=3), ctx=[mx.cpu(0), mx.cpu(1)], resume=True)
 
 
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
@@ -391,17 +415,17 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
 
     from bbadapt.detection.train import console_progress
 
-    records = [{"event": "iter", "epoch": 0, "batch": b, "batches": 2, "iteration": b + 1, "lr": 0.01, "rpn_cls": 0.5,
+    records = [{"event": "iter", "epoch": 1, "epochs": 3, "batch": b, "batches": 2, "iteration": b + 1, "lr": 0.01, "rpn_cls": 0.5,
                 "rpn_box": 0.25, "rcnn_cls": 1.0, "rcnn_box": 0.125, "loss": 1.875, "samples_per_s": 3.5,
                 "logged": b == 1} for b in range(2)]
-    records.append({"event": "val", "epoch": 0, "metric": "voc07", "map": 0.25, "logged": True})
+    records.append({"event": "val", "epoch": 1, "epochs": 3, "metric": "voc07", "map": 0.25, "logged": True})
     plain = io.StringIO()
     with console_progress(Console(file=plain, force_terminal=False, width=200)) as progress:
         for r in records:
             progress(r)
     assert plain.getvalue().splitlines() == [
-        "epoch 0 batch 2/2: loss=1.875 (rpn_cls=0.500 rpn_box=0.250 rcnn_cls=1.000 rcnn_box=0.125) lr=1.00e-02 3.50 samples/s",
-        "epoch 0 validation: voc07 mAP 0.2500"]
+        "epoch 1/3 batch 2/2: loss=1.875 (rpn_cls=0.500 rpn_box=0.250 rcnn_cls=1.000 rcnn_box=0.125) lr=1.00e-02 3.50 samples/s",
+        "epoch 1/3 validation: voc07 mAP 0.2500"]
     bar = io.StringIO()
     with console_progress(Console(file=bar, force_terminal=True, width=200)) as progress:
         for r in records:
@@ -427,10 +451,10 @@ def test_training_on_the_same_photos_as_coco_gives_the_same_losses(trained, bund
     train_json = coco_from_voc(data, [f"raccoon-{i}" for i in (1, 2, 3, 4)], tmp_path / "train.json")
     work = tmp_path / "frcnn"
     shutil.copytree(bundle, work)
-    train(work, f"coco:{train_json}:{data / 'JPEGImages'}", epochs=1, lr=0.0002, short_side=128, max_size=192,
-          log_interval=1, val_interval=2)
+    train(work, f"coco:{train_json}:{data / 'JPEGImages'}",
+          TrainConfig(epochs=1, log_interval=1, val_interval=2, **SMALL_RUN))
     coco = [r["loss"] for r in log_records(work, "iter")]
-    voc = [r["loss"] for r in log_records(out, "iter") if r["epoch"] == 0]
+    voc = [r["loss"] for r in log_records(out, "iter") if r["epoch"] == 1]
     assert coco == voc
 
 
@@ -439,4 +463,4 @@ def test_evaluate_refuses_a_size_too_small_for_the_proposals(bundle, data):
 
     with pytest.raises(OptionError, match="--short-side 32 gives a 2x2 feature map with 60 anchors, fewer than the "
                                           "detector's 100 RPN proposals"):
-        evaluate(bundle, f"voc:{data}", short_side=32)
+        evaluate(bundle, f"voc:{data}", EvaluateOptions(short_side=32))
