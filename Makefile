@@ -48,7 +48,13 @@ $(HOROVOD): $(STAMP) scripts/horovod-wheel.sh
 # Real horovodrun jobs start 2 worker processes each: they run after the xdist pool, one at a time.
 SERIAL := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
           $(BIN)/python -m pytest -p no:cacheprovider --durations=10
-test: lint $(HOROVOD)
+# report.html is tested in a real headless Chromium, from the system packages (root, as on CI).
+CHROMIUM := $(VENV)/.chromium
+$(CHROMIUM): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	touch $@
+
+test: lint $(HOROVOD) $(CHROMIUM)
 	$(PYTEST) -m "not horovod" $(FIRST_RUN)
 	$(PYTEST) -m "not horovod" $(SECOND_RUN)
 	$(SERIAL) -m horovod tests/detection/test_horovod.py

@@ -107,10 +107,6 @@ def _summary(report: dict, out: Path) -> None:
 
     n_sizes = len({tuple(i["size"]) for i in report["inputs"]})
     if report["exact"]:
-        raised = report["tolerance"].get("raised")
-        tolerance = f"tolerance {report['tolerance']['max_rel']:.0e}" + (
-            f"; raised at {', '.join(raised)}, where the original's own float32 error is larger: judged relative "
-            f"to the original ({report['tolerance']['fp64_factor']:g}x)" if raised else "")
         out_console.print(f"check {report['verdict']}: worst max rel {report['worst_max_rel']:.2e} "
                           f"({tolerance_text(report)}) over {len(report['probes'])} probes, "
                           f"{len(report['inputs'])} images at {n_sizes} sizes{agree}", markup=False)

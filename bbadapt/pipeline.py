@@ -20,9 +20,9 @@ import numpy as np
 
 from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
+from bbadapt.bundle.provenance import locate_weights
 from bbadapt.check.budget import require_check_memory
 from bbadapt.check.equivalence import CheckOptions, check, default_sizes
-from bbadapt.bundle.provenance import locate_weights
 from bbadapt.check.report import write_reports
 from bbadapt.core import images as imgs
 from bbadapt.core import zoo

@@ -101,7 +101,11 @@ def tolerance_text(r: dict) -> str:
         return f"tolerance {_fmt(tol)}"
     values = [v for v in raised.values() if isinstance(v, numbers.Real)]
     top = _fmt(max(values)) if values else "n/a"
+    factor = _get(r, "tolerance", "fp64_factor")
     return (f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: the original net's own float32 "
+            "error there is larger, and equivalence cannot be shown finer than that (see notes); "
+            f"judged relative to the original ({factor:g}x)" if isinstance(factor, numbers.Real) else
+            f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: the original net's own float32 "
             "error there is larger, and equivalence cannot be shown finer than that (see notes)")
 
 

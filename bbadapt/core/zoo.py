@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 
 from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.gluoncv_import import import_gluoncv  # noqa: F401 - re-exported: bbadapt.core.zoo.import_gluoncv
