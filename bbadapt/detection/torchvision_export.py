@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ from types import ModuleType
 
 import numpy as np
 
+from bbadapt.core import atomic
 from bbadapt.core.errors import ModelError, OptionError, OutputError
 from bbadapt.detection.torchvision_export_check import INPUT_RANGES
 from converters.readers import safetensors_io
@@ -293,27 +293,24 @@ def _require_torch() -> None:
                           f"(pip install 'bbadapt[torch]'): {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}") from None
 
 
-def refuse_existing_export(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a directory; a detector export is a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise OutputError(f"refusing to replace {out}: it is not a torchvision detector export (no config.json)")
+EXPORT_FILES = frozenset({"model.safetensors", "config.json", RUNTIME_FILE, "check.json", "__pycache__"})
 
 
-def _swap_into_place(stage: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+def export_ownership_problem(out: Path) -> str | None:
+    """Why ``--force`` must not replace ``out``: only a torchvision detector export, by content, holding only its files."""
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return None
     try:
-        if old is not None:
-            os.replace(out, old)
-        os.replace(stage, out)
-    except OSError as exc:
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return "it is not a torchvision detector export (no readable config.json)"
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        return "its config.json is not a bbadapt torchvision detector export"
+    foreign = sorted(names - EXPORT_FILES)
+    if foreign:
+        return f"it holds files bbadapt did not write ({', '.join(foreign[:3])})"
+    return None
 
 
 def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force: bool = False, progress=None,
@@ -326,19 +323,14 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
     if options.input_range not in INPUT_RANGES:
         raise OptionError(f"unknown torchvision input range {options.input_range!r}; choose 01 or 255")
     say = progress or (lambda _m: None)
-    out = Path(out)
-    refuse_existing_export(out, force)
+    out = atomic.resolve_target(Path(out))
+    atomic.check_target(out, force, export_ownership_problem)
     _require_torch()
     say(f"loading the detector from {directory}")
     gluon = load_gluon(directory)
     state, depth = state_dict(gluon)
     config = make_config(gluon, depth, options.input_range)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
+    with atomic.staged_directory(out, force, export_ownership_problem, what="torchvision export") as stage:
         metadata = {"format": "pt", "bbadapt.format": FORMAT, "bbadapt.layout": gluon.layout}
         (stage / "model.safetensors").write_bytes(safetensors_io.dumps(state, metadata))
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -350,13 +342,6 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
         if not check["passed"]:
             raise OutputError(f"the torchvision model does not reproduce the GluonCV detector ({check['summary']}); "
                               "nothing written")
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)
-        _swap_into_place(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     say(f"wrote {out}")
     return {"format": "torchvision-faster-rcnn", "out": str(out), "layout": gluon.layout, "architecture": config["backbone"]["arch"],
             "classes": ",".join(config["classes"]), "input": config["input"]["meaning"], "tensors": len(state),
