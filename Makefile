@@ -34,7 +34,7 @@ lint: $(STAMP)
 # Two pytest runs split by directory: a worker process's memory only grows (mxnet and glibc keep
 # what they allocated), and one process running every test reached 13 GB and was OOM-killed on a
 # 24 GB machine. Run 1: the core, the check, bundles and the CLI; run 2: converters and detection.
-FIRST_RUN  := tests/test_architecture.py tests/core tests/check tests/bundle tests/cli
+FIRST_RUN  := tests/test_architecture.py tests/core tests/verify tests/bundle tests/cli
 SECOND_RUN := tests/converters tests/detection tests/benchmarks
 PYTEST      := OMP_NUM_THREADS=1 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
                $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider --durations=10

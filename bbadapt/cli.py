@@ -103,7 +103,7 @@ def _summary(report: dict, out: Path) -> None:
     if lab:
         agree += (f"; accuracy on {lab['n']} labelled tiles: original {lab['accuracy_original']:.0%}, "
                   f"adapted {lab['accuracy_adapted']:.0%}")
-    from bbadapt.check.report import tolerance_text
+    from bbadapt.verify.report import tolerance_text
 
     n_sizes = len({tuple(i["size"]) for i in report["inputs"]})
     if report["exact"]:

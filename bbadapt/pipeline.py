@@ -21,9 +21,6 @@ import numpy as np
 from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.bundle.provenance import locate_weights
-from bbadapt.check.budget import require_check_memory
-from bbadapt.check.equivalence import CheckOptions, check, default_sizes
-from bbadapt.check.report import write_reports
 from bbadapt.core import images as imgs
 from bbadapt.core import zoo
 from bbadapt.core.atomic import replace_together
@@ -31,6 +28,9 @@ from bbadapt.core.errors import OptionError, OutputError, WeightsError
 from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.weights import randomize
+from bbadapt.verify.budget import require_check_memory
+from bbadapt.verify.equivalence import CheckOptions, check, default_sizes
+from bbadapt.verify.report import write_reports
 
 if TYPE_CHECKING:
     from bbadapt.core.registry import Converted
@@ -114,7 +114,7 @@ class ConvertOptions:
     ``target``: the spec you will feed; ``fold``: ``auto``/``bn``/``conv``; ``bn``: the frozen
     BatchNorm form (default ``fused``, ``affine`` with a detector); ``seed``: for random
     weights; ``force``: replace an existing output; ``images``/``sizes``/``tolerance``: the
-    equivalence check (:class:`~bbadapt.check.equivalence.CheckOptions`).
+    equivalence check (:class:`~bbadapt.verify.equivalence.CheckOptions`).
     """
 
     weights: str = "pretrained"

@@ -1,4 +1,4 @@
-"""Measured vs estimated memory of the equivalence check (calibrates bbadapt.check.budget).
+"""Measured vs estimated memory of the equivalence check (calibrates bbadapt.verify.budget).
 
     python benchmarks/bench_check_memory.py resnet18_v1 448 896
     python benchmarks/bench_check_memory.py resnet50_v1b 448
@@ -15,10 +15,10 @@ import sys
 
 
 def measure(name: str, side: int) -> None:
-    from bbadapt.check.budget import activation_elements_per_pixel, check_bytes
-    from bbadapt.check.equivalence import check
     from bbadapt.core import zoo
     from bbadapt.core.rewrite import adapt
+    from bbadapt.verify.budget import activation_elements_per_pixel, check_bytes
+    from bbadapt.verify.equivalence import check
 
     net = zoo.build(name)
     adapted = adapt(net, "imagenet", "rgb255")

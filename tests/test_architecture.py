@@ -61,3 +61,13 @@ def test_no_module_is_part_of_an_import_cycle():
     # a package's __init__ that re-exports its children is not a cycle between modules
     real = [c for c in cycles if not any(b.startswith(a + ".") or a.startswith(b + ".") for a, b in itertools.pairwise(c))]
     assert real == [], "import cycles: " + "; ".join(" -> ".join(c) for c in real)
+
+
+def test_every_public_name_is_what_the_readme_says_even_after_its_subpackages_are_imported():
+    """A subpackage named like a public function (bbadapt.check) would replace it once imported."""
+    code = ("import bbadapt, bbadapt.verify.equivalence, bbadapt.pipeline, bbadapt.bundle.backbone\n"
+            "assert callable(bbadapt.check) and bbadapt.check.__name__ == 'check'\n"
+            "assert all(not isinstance(getattr(bbadapt, n), type(bbadapt)) for n in bbadapt.__all__), "
+            "[n for n in bbadapt.__all__ if isinstance(getattr(bbadapt, n), type(bbadapt))]\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr

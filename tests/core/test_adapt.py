@@ -7,7 +7,6 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 import bbadapt
-from bbadapt.check.equivalence import CheckOptions, check
 from bbadapt.core import images
 from bbadapt.core.blocks import FrozenAffine, Identity
 from bbadapt.core.errors import WeightsError
@@ -15,6 +14,7 @@ from bbadapt.core.plan import Affine, FoldIntoBN, Fuse
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import parse_spec
 from bbadapt.core.trace import block_paths
+from bbadapt.verify.equivalence import CheckOptions, check
 from tests.conftest import SMALL_SIZES, calibrated
 
 

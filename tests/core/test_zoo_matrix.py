@@ -10,9 +10,9 @@ import math
 import pytest
 
 from bbadapt import adapt
-from bbadapt.check.equivalence import CheckOptions, check, reference
 from bbadapt.core import zoo
 from bbadapt.core.rewrite import BN_MODES
+from bbadapt.verify.equivalence import CheckOptions, check, reference
 from tests.conftest import calibrated, check_sizes
 
 CORE = [m.name for m in zoo.list_models() if m.core]

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.check.equivalence import check, reference
-from bbadapt.check.report import render_markdown
 from bbadapt.core import images, zoo
 from bbadapt.core.rewrite import BN_MODES, clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize
+from bbadapt.verify.equivalence import check, reference
+from bbadapt.verify.report import render_markdown
 from tests.conftest import SMALL_SIZES
 
 SOURCE, TARGET = "rgb255", "imagenet"

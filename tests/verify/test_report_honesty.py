@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbadapt.check.report import _COLUMNS, LEGEND, render_html, render_markdown, tolerance_text
+from bbadapt.verify.report import _COLUMNS, LEGEND, render_html, render_markdown, tolerance_text
 
 MODEL = "cifar_resnet20_v1"
 
@@ -112,7 +112,7 @@ def test_the_histogram_counts_exact_zeros_apart_instead_of_a_spike_at_1e_12(stri
 
 def test_an_all_zero_error_histogram_says_so():
     """The same network on both sides: every error is exactly 0, and the report says that in words."""
-    from bbadapt.check.equivalence import check
+    from bbadapt.verify.equivalence import check
     from tests.conftest import calibrated
 
     net = calibrated(MODEL)

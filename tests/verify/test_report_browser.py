@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbadapt.check.equivalence import check
-from bbadapt.check.report import write_reports
 from bbadapt.core.rewrite import adapt
+from bbadapt.verify.equivalence import check
+from bbadapt.verify.report import write_reports
 from tests.conftest import calibrated
 
 MODEL = "cifar_resnet20_v1"

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bbadapt.check.budget import activation_elements_per_pixel, available_bytes
 from bbadapt.core import zoo
+from bbadapt.verify.budget import activation_elements_per_pixel, available_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,8 +18,8 @@ def test_the_estimate_is_above_what_the_check_really_grows_by():
     code = (
         "import resource\n"
         "from bbadapt.core import zoo\nfrom bbadapt.core.rewrite import adapt\n"
-        "from bbadapt.check.equivalence import check\n"
-        "from bbadapt.check.budget import activation_elements_per_pixel, check_bytes\n"
+        "from bbadapt.verify.equivalence import check\n"
+        "from bbadapt.verify.budget import activation_elements_per_pixel, check_bytes\n"
         "net = zoo.build('resnet18_v1'); a = adapt(net, 'imagenet', 'rgb255')\n"
         "est = check_bytes(activation_elements_per_pixel(net), [(384, 384)], 6)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"

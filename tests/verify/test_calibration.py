@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.check.equivalence import check
 from bbadapt.core import images, zoo
 from bbadapt.core.errors import WeightsError
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize, structural_params
+from bbadapt.verify.equivalence import check
 
 FLOAT32_STORAGE = 1e-6  # relative: the moments are stored as float32 (6e-8), with margin
 FP32_PROPAGATION = 1e-4  # relative: float32 vs float64 activations after 8 residual blocks at 2x2 cells
