@@ -120,6 +120,9 @@ def _umask() -> int:
 
 def check_target(out: Path, force: bool, replaceable: Replaceable | None, kind: str = "directory") -> None:
     """Refuse early (before minutes of work) what the commit would refuse later."""
+    ancestor = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise OutputError(f"cannot create output {out}: {ancestor} is not a directory")
     if not out.exists():
         return
     is_dir = out.is_dir()

@@ -323,9 +323,7 @@ def test_existing_output_is_refused_without_force_and_left_untouched(convert_int
 
 def test_existing_output_is_replaced_with_force(convert_into, tmp_path):
     out, convert = convert_into
-    out.mkdir()
-    (out / "manifest.json").write_text("{}\n")  # an earlier bbadapt output
-    (out / "stale.txt").write_text("from an older run\n")
+    assert convert("--to", "rgb255").returncode == 0  # an earlier bbadapt output (foreign files: test_output_safety)
     result = convert("--to", "bgr255", "--force")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and message_lines(result.stderr) == []
@@ -346,9 +344,7 @@ def test_force_never_replaces_a_directory_that_is_not_a_bbadapt_output(convert_i
 
 def test_failed_conversion_with_force_leaves_the_existing_output_untouched(cli, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "manifest.json").write_text("{}\n")
-    (out / "keep.txt").write_text("precious\n")
+    assert cli("convert", MODEL, "--weights", REAL_PARAMS, "-o", out).returncode == 0  # an earlier bbadapt output
     before = snapshot(out)
     empty = tmp_path / "empty.params"
     empty.touch()
@@ -427,7 +423,7 @@ def _without_source_order(manifest: dict) -> dict:
     (lambda m: {**m, "arch": {"builder": "os:system", "kwargs": {"command": "touch pwned"}}}, "unusable arch record"),
     (lambda m: {**m, "arch": {"builder": "converters.base:_private"}}, "unusable arch record"),
     (lambda m: {**m, "arch": {"builder": "converters.mxnet_symbol:read", "kwargs": {"path": "x"}}},
-     "not an architecture builder"),
+     "names no architecture builder"),
 ], ids=["not-json", "not-an-object", "source-spec-without-order", "plan-not-a-list", "plan-step-unknown",
         "plan-step-incomplete", "arch-not-a-record",
         "arch-builder-outside-converters", "arch-builder-private", "arch-builder-not-a-builder"])
