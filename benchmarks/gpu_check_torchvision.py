@@ -51,11 +51,11 @@ def tf32(enabled: bool) -> None:
 
 
 def make_bundle(root: Path, model: str, layout: str) -> Path:
-    from bbadapt.pipeline import convert
+    from bbadapt.pipeline import ConvertOptions, DetectorOptions, convert
 
     out = root / f"frcnn-{layout}"
-    convert(model, out, weights="random", detector="faster-rcnn", classes=["raccoon", "dog"], layout=layout,
-            freeze_at=2, sizes=[(64, 64)])
+    convert(model, out, ConvertOptions(weights="random", sizes=[(64, 64)]),
+            DetectorOptions(classes=["raccoon", "dog"], layout=layout, freeze_at=2))
     return out
 
 

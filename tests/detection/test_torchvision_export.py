@@ -27,16 +27,16 @@ CLASSES = ["raccoon", "dog"]
 
 
 def _bundle(root: Path, layout: str, source: str | None) -> Path:
-    from bbadapt.pipeline import convert
+    from bbadapt.pipeline import ConvertOptions, DetectorOptions, convert
 
     out = root / f"frcnn-{layout}"
-    convert("resnet18_v1b", out, weights="random", source=source, detector="faster-rcnn", classes=CLASSES,
-            layout=layout, freeze_at=2, sizes=[(64, 64)])
+    convert("resnet18_v1b", out, ConvertOptions(weights="random", source=source, sizes=[(64, 64)]),
+            DetectorOptions(classes=CLASSES, layout=layout, freeze_at=2))
     return out
 
 
 def _export(bundle: Path, out: Path, input_range: str) -> dict:
-    from converters.readers.torchvision import export_bundle
+    from bbadapt.detection.torchvision_export import export as export_bundle
 
     return export_bundle(bundle, out, sizes=SIZES, input_range=input_range)
 
@@ -172,7 +172,7 @@ def test_three_sgd_steps_give_finite_falling_loss(c4):
 
 
 def test_an_existing_output_is_kept_without_force_and_nothing_partial_is_left(c4, tmp_path):
-    from converters.readers.torchvision import export_bundle
+    from bbadapt.detection.torchvision_export import export as export_bundle
 
     bundle, _, _ = c4
     out = tmp_path / "taken"
