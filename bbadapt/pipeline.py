@@ -214,9 +214,7 @@ def _validate_detector(info: zoo.ModelInfo, detector: DetectorOptions) -> None:
 
 
 def _detection():
-    from bbadapt.detection.build import (
-        build as detection,  # imports gluoncv's detector stack: only when a detector is asked for
-    )
+    from bbadapt.detection import build as detection  # gluoncv's detector stack: only when a detector is asked for
 
     return detection  # validate_request runs before any heavy work
 

@@ -93,7 +93,7 @@ def is_detector_dir(directory: str | os.PathLike) -> bool:
 
 def load_gluon(directory: str | os.PathLike) -> GluonDetector:
     """Rebuild the stored detector (as :func:`bbadapt.detector_bundle.load_detector`), keeping its backbone."""
-    from bbadapt.bundle.manifest import backbone_structure
+    from bbadapt.bundle.backbone import backbone_structure
     from bbadapt.core.spec import InputSpec
     from bbadapt.detection.build import build_detector
     from bbadapt.detection.detector_bundle import DETECTOR_PARAMS, detector_section, load_detector_params
