@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/bbadapt convert resnet50_v2 --weights random --to rgb255 --out out/resnet50_v2 --force
 	$(BIN)/bbadapt convert resnet18_v1b --weights random --detector faster-rcnn --classes raccoon --out out/frcnn_resnet18_v1b --force
 	@echo "reports: out/cifar_resnet20_v2/report.html  out/resnet50_v2/report.html  out/frcnn_resnet18_v1b/report.html"
-	@echo "train the detector: $(BIN)/bbadapt train out/frcnn_resnet18_v1b --dataset voc:DIR --cpu  (see docs/training.md)"
+	@echo "train the detector: $(BIN)/bbadapt train out/frcnn_resnet18_v1b --dataset voc:tests/data/raccoon_voc --epochs 1 --cpu  (see docs/training.md)"
 
 # Lint first: ruff, and import-linter's layer contract (pyproject.toml [tool.importlinter]).
 lint: $(STAMP)
