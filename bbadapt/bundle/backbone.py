@@ -73,16 +73,17 @@ def load_backbone(directory: str | os.PathLike, ctx=None, net=None):
     return net
 
 
-def load_adapted(directory: str | os.PathLike, manifest: dict | None = None):
+def load_adapted(directory: str | os.PathLike, manifest: dict | None = None, net=None):
     """A bundle as the :class:`~bbadapt.core.rewrite.Adapted` that was saved (graph not traced).
 
-    The one way back from disk to the object the check and the writers work on.
+    The one way back from disk to the object the check and the writers work on. ``net``: a
+    backbone already rebuilt by the caller (a detector's), instead of ``backbone.params``.
     """
     from bbadapt.core.rewrite import Adapted
     from bbadapt.core.spec import InputSpec
 
     manifest = manifest or read_manifest(directory)
     steps, results = stored_plan(manifest)  # as recorded: a replay on fresh values cannot tell what was exact
-    net = load_backbone(directory)
+    net = net if net is not None else load_backbone(directory)
     return Adapted(net, InputSpec.from_dict(manifest["source"]), InputSpec.from_dict(manifest["target"]),
                    manifest.get("bn", ""), steps, results, None, manifest.get("health", []))

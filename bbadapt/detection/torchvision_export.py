@@ -119,7 +119,7 @@ def _value(param) -> np.ndarray:
 
 def backbone_tensors(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], int]:
     """torchvision ResNet tensors of the backbone, conv1 taking the SOURCE spec; and the depth."""
-    from bbadapt.core.rewrite import Adapted
+    from bbadapt.bundle.backbone import load_adapted
     from converters.readers.torchvision import IGNORED_SUFFIX
     from converters.writers.bundle_io import Bundle
     from converters.writers.torchvision import _v1b_depth, torchvision_state
@@ -129,8 +129,7 @@ def backbone_tensors(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], int]:
     except ModelError:
         raise ModelError(f"the detector's backbone {gluon.model} cannot be exported to torchvision yet: "
                          "phase 1 takes resnet{18,34,50,101,152}_v1b bodies") from None
-    adapted = Adapted(gluon.backbone, gluon.source, gluon.target, gluon.manifest.get("bn", ""),
-                      [dict(s) for s in gluon.manifest["plan"]], None, gluon.manifest.get("health", []))
+    adapted = load_adapted(gluon.directory, gluon.manifest, net=gluon.backbone)
     state = torchvision_state(Bundle(gluon.directory, gluon.manifest, adapted, gluon.model))
     return {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIX) and not k.startswith("fc.")}, depth
 
