@@ -18,13 +18,13 @@ def measure(name: str, side: int) -> None:
     from bbadapt.core import zoo
     from bbadapt.core.rewrite import adapt
     from bbadapt.verify.budget import activation_elements_per_pixel, check_bytes
-    from bbadapt.verify.equivalence import check
+    from bbadapt.verify.equivalence import CheckOptions, check
 
     net = zoo.build(name)
     adapted = adapt(net, "imagenet", "rgb255")
     per_pixel = activation_elements_per_pixel(net)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    check(net, "imagenet", adapted, sizes=[(side, side)])
+    check(net, "imagenet", adapted, options=CheckOptions(sizes=[(side, side)]))
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     estimate = check_bytes(per_pixel, [(side, side)], 6)
     print(f"| {name} | {side}x{side} | {per_pixel:.0f} | {estimate / 2**30:.2f} | {growth / 2**30:.2f} | "

@@ -56,11 +56,13 @@ def full_site(tmp_path_factory) -> Path:
 
 
 def run_python(code: str, site: Path | None, log: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``code`` in a Python that sees only ``site`` and the repository (``-S``: not the venv's site-packages,
+    where torch's own CUDA 13 wheels put an ``nvidia`` folder of their own)."""
     path = os.pathsep.join([str(site)] * (site is not None) + [str(REPO)])
     env = {**os.environ, "PYTHONPATH": path, LOG_ENV: str(log)}
     env.pop("LD_LIBRARY_PATH", None)  # only what a scenario sets
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def preload_in_subprocess(site: Path | None, log: Path, extra_env: dict | None = None) -> dict:

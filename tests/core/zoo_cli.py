@@ -63,7 +63,7 @@ def main() -> None:
     from bbadapt.cli import main as cli
 
     sys.argv = ["bbadapt", *sys.argv[1:]]
-    cli()
+    sys.exit(cli())
 
 
 if __name__ == "__main__":

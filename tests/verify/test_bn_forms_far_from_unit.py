@@ -26,7 +26,7 @@ from bbadapt.core.rewrite import BN_MODES, clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize
-from bbadapt.verify.equivalence import check, reference
+from bbadapt.verify.equivalence import CheckOptions, check, reference
 from bbadapt.verify.report import render_markdown
 from tests.conftest import SMALL_SIZES
 
@@ -50,7 +50,7 @@ def _net_far_from_unit():
 
 @functools.lru_cache(maxsize=1)
 def _reference():
-    return reference(_net_far_from_unit(), SOURCE, sizes=SMALL_SIZES, n_photos=1)
+    return reference(_net_far_from_unit(), SOURCE, CheckOptions(sizes=SMALL_SIZES, n_photos=1))
 
 
 def _statistics(net) -> tuple[np.ndarray, np.ndarray]:

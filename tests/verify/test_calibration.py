@@ -22,7 +22,7 @@ from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize, structural_params
-from bbadapt.verify.equivalence import check
+from bbadapt.verify.equivalence import CheckOptions, check
 
 FLOAT32_STORAGE = 1e-6  # relative: the moments are stored as float32 (6e-8), with margin
 FP32_PROPAGATION = 1e-4  # relative: float32 vs float64 activations after 8 residual blocks at 2x2 cells
@@ -108,7 +108,7 @@ def test_a_dead_filter_stores_variance_zero_and_its_constant_as_mean_and_stays_f
         assert all(np.all(np.isfinite(s)) and np.all(s[1] >= 0) for s in [_stored(bn)])
     adapted = bbadapt.adapt(net, "cifar", "rgb255", bn="fused")
     assert adapted.health[0]["bn"] == "features.1" and adapted.health[0]["tiny_var_channels"] == 1
-    report = check(net, "cifar", adapted, cifar=True, n_photos=1)
+    report = check(net, "cifar", adapted, options=CheckOptions(cifar=True, n_photos=1))
     assert report["passed"], report["reasons"]
 
 

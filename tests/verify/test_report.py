@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "bbadapt" / "check" / "report.py"
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "bbadapt" / "verify" / "report.py"
 _spec = importlib.util.spec_from_file_location("bbadapt_report_under_test", _PATH)
 report_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report_mod)

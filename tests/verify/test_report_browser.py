@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bbadapt.core.rewrite import adapt
-from bbadapt.verify.equivalence import check
+from bbadapt.verify.equivalence import CheckOptions, check
 from bbadapt.verify.report import write_reports
 from tests.conftest import calibrated
 
@@ -156,10 +156,10 @@ def pages(tmp_path_factory) -> dict[str, Path]:
     exact = adapt(net, "cifar", "rgb255", fold="bn", bn="fused")
     conv = adapt(net, "cifar", "rgb255", fold="conv", bn="fused")
     reports = {
-        "pass": (check(net, "cifar", exact, sizes=sizes, cifar=True), _manifest("file")),
-        "fail": (check(net, "cifar", exact.net, "rgb01", sizes=sizes, cifar=True), _manifest("file")),
-        "approx": (check(net, "cifar", conv, sizes=sizes, cifar=True), _manifest("file")),
-        "random": (check(net, "cifar", exact, sizes=sizes, cifar=True), _manifest("random")),
+        "pass": (check(net, "cifar", exact, options=CheckOptions(sizes=sizes, cifar=True)), _manifest("file")),
+        "fail": (check(net, "cifar", exact.net, "rgb01", CheckOptions(sizes=sizes, cifar=True)), _manifest("file")),
+        "approx": (check(net, "cifar", conv, options=CheckOptions(sizes=sizes, cifar=True)), _manifest("file")),
+        "random": (check(net, "cifar", exact, options=CheckOptions(sizes=sizes, cifar=True)), _manifest("random")),
     }
     root = tmp_path_factory.mktemp("reports")
     out = {}

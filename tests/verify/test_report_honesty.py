@@ -112,11 +112,11 @@ def test_the_histogram_counts_exact_zeros_apart_instead_of_a_spike_at_1e_12(stri
 
 def test_an_all_zero_error_histogram_says_so():
     """The same network on both sides: every error is exactly 0, and the report says that in words."""
-    from bbadapt.verify.equivalence import check
+    from bbadapt.verify.equivalence import CheckOptions, check
     from tests.conftest import calibrated
 
     net = calibrated(MODEL)
-    report = check(net, "cifar", net, "cifar", sizes=[(32, 32)], cifar=True)
+    report = check(net, "cifar", net, "cifar", CheckOptions(sizes=[(32, 32)], cifar=True))
     assert report["histogram"]["zeros"] == int(np.prod(report["probes"][-1]["shape"])) * len(report["inputs"])
     assert report["histogram"]["counts"] == []
     page = render_html(report)
