@@ -26,9 +26,8 @@ import pytest
 
 from bbadapt.detection.distributed import parameter_digest
 from bbadapt.detection.train import load_quietly
-
-from ..test_train import make_bundle
-from .raccoon import raccoon_voc
+from tests.detection.raccoon import raccoon_voc
+from tests.detection.test_train import make_bundle
 
 pytestmark = pytest.mark.horovod
 

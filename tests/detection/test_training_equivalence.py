@@ -41,9 +41,8 @@ from bbadapt.core.weights import batchnorms, randomize, sha256_of
 from bbadapt.detection.build import settings_for
 from bbadapt.detection.detector_bundle import add_detector
 from bbadapt.detection.train import LOSSES, load_quietly, train
-
-from ..test_detection_equivalence import _randomize_heads as randomize_heads
-from .raccoon import raccoon_voc
+from tests.detection.raccoon import raccoon_voc
+from tests.detection.test_detection_equivalence import _randomize_heads as randomize_heads
 
 MODEL = "resnet50_v1b"
 SMALL = dict(rpn_channel=256, roi_size=(7, 7), rpn_train_pre_nms=3000, rpn_train_post_nms=300,
