@@ -205,7 +205,7 @@ def test_batch_size_is_the_global_batch_split_over_the_workers(two_epochs):
     steps per epoch (a per-worker batch of 2 would be 1 step), and samples/s counts both workers."""
     out, _ = two_epochs
     iters = records(out, "iter")
-    assert [(r["epoch"], r["batch"], r["batches"]) for r in iters] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    assert [(r["epoch"], r["batch"], r["batches"]) for r in iters] == [(1, 0, 2), (1, 1, 2), (2, 0, 2), (2, 1, 2)]
     assert [r["iteration"] for r in iters] == [1, 2, 3, 4]
     (finish,) = records(out, "finish")
     assert finish["iteration"] == 4
