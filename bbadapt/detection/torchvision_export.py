@@ -353,6 +353,9 @@ def export(bundle_dir: str | Path, out: str | Path, force: bool = False, progres
     """``bbadapt export --torchvision``: a detector bundle or checkpoint becomes a torchvision ``FasterRCNN``
     directory (:func:`export_detector`); a backbone bundle a ResNet state dict
     (:func:`converters.writers.torchvision.export_bundle`; ``backbone``: a detector bundle's backbone)."""
+    if is_detector_dir(bundle_dir) and not backbone and Path(out).suffix in (".safetensors", ".pth", ".pt"):
+        raise OutputError(f"{bundle_dir} holds a detector; export its backbone with --backbone, or the whole detector "
+                          "as a torchvision FasterRCNN into a directory (a name without .safetensors/.pth)")
     if is_detector_dir(bundle_dir) and not backbone:
         options = ExportOptions(input_range=input_range, sizes=sizes, force=force)
         return export_detector(bundle_dir, out, force=force, progress=progress, options=options)

@@ -68,6 +68,8 @@ def _writing(target: Path) -> Iterator[Path]:
     except OSError as exc:
         raise OutputError(f"cannot write checkpoint {target}: {exc.strerror or exc}; "
                           "the checkpoints written before are intact") from None
+    except OutputError as exc:  # bbadapt.core.atomic already made a full disk one line
+        raise OutputError(f"{exc}; the checkpoints written before are intact") from None
 
 
 def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) -> None:

@@ -17,7 +17,7 @@ from converters.readers import inspection, ndarray_file
 from tests.converters.test_mxnet_symbol import write_checkpoint
 
 CIFAR = [images.data_dir() / f"cifar_resnet20_{v}-0000.params" for v in ("v1", "v2")]
-NO_MXNET = "import sys; sys.modules['mxnet'] = None; from bbadapt.cli import main; sys.argv = ['bbadapt'] + sys.argv[1:]; main()"
+NO_MXNET = "import sys; sys.modules['mxnet'] = None; from bbadapt.cli import main; sys.argv = ['bbadapt'] + sys.argv[1:]; sys.exit(main())"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from converters.readers import safetensors_io, torchvision
 
 NO_MXNET = ("import sys; sys.modules['mxnet'] = None; from bbadapt.cli import main; "
-            "sys.argv = ['bbadapt'] + sys.argv[1:]; main()")
+            "sys.argv = ['bbadapt'] + sys.argv[1:]; sys.exit(main())")
 
 
 def inspect(*args, cwd: Path) -> subprocess.CompletedProcess:

@@ -104,7 +104,10 @@ def test_the_converted_net_computes_what_mxnet_computes_with_the_original_graph(
         reference = mxnet_logits(json_path, params_path, raw)
         error = max_rel(converted.net(mx.nd.array(raw)).asnumpy(), reference)
         print(f"{json_path.name} {size}: max rel error vs MXNet executing the original symbol {error:.2e}")
-        assert error < FP32_ROUNDING
+        # Two float32 evaluations of the same 11k-class ResNet-50 (gluon vs the symbolic executor) with BN
+        # statistics measured on photos (issue 14; they were 0/1 before) differ by up to 2.1e-5: the bound is
+        # per depth, 1e-5 for ResNet-18, 5e-5 for the 50-layer graph.
+        assert error < (FP32_ROUNDING if "18" in json_path.name else 5 * FP32_ROUNDING)
 
 
 @pytest.mark.parametrize("which,target,bn", [("r18", "rgb255", "fused"), ("r18", "imagenet", "affine"),
