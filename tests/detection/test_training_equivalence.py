@@ -40,7 +40,7 @@ from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import batchnorms, randomize, sha256_of
 from bbadapt.detection.build import settings_for
 from bbadapt.detection.detector_bundle import add_detector
-from bbadapt.detection.train import LOSSES, load_quietly, train
+from bbadapt.detection.train import LOSSES, TrainConfig, load_quietly, train
 from tests.detection.raccoon import raccoon_voc
 from tests.detection.test_detection_equivalence import _randomize_heads as randomize_heads
 
@@ -123,8 +123,8 @@ def heads(source, tmp_path_factory) -> dict:
 
 def bbadapt_run(bundle: Path, voc: Path) -> tuple[list[dict], dict]:
     """K steps of ``bbadapt.train.train``: per-step losses (log records) and the parameters after them."""
-    train(bundle, f"voc:{voc}", epochs=1, batch_size=1, short_side=SHORT, max_size=MAX_SIZE, log_interval=1,
-          val_interval=2, seed=SEED, **RECIPE)
+    train(bundle, f"voc:{voc}", TrainConfig(epochs=1, batch_size=1, short_side=SHORT, max_size=MAX_SIZE, log_interval=1,
+                                            val_interval=2, seed=SEED, warmup_iters=0, **RECIPE))
     lines = (bundle / "train.log.jsonl").read_text().splitlines()
     steps = [r for r in map(json.loads, lines) if r["event"] == "iter"]
     params = {k: v.asnumpy() for k, v in mx.nd.load(str(bundle / "checkpoints" / "last" / "detector.params")).items()}
