@@ -113,8 +113,6 @@ def trained(bundle, data, tmp_path_factory):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.xfail(strict=False, reason="the 'last epoch under half the first' margin was tuned on the data order "
-                   "before issue 9's per-epoch sampler (now 2.01 -> 1.87); logging is asserted too and still holds")
 def test_loss_falls_and_every_iteration_is_logged(trained):
     out, result = trained
     iters = log_records(out, "iter")
@@ -124,9 +122,14 @@ def test_loss_falls_and_every_iteration_is_logged(trained):
         assert r["loss"] == pytest.approx(sum(r[k] for k in ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")))
     # windows of one epoch: the same 4 images each time, so the means are comparable
     assert [r["epoch"] for r in iters] == [e for e in range(1, EPOCHS + 1) for _ in range(4)]  # counted from 1
-    first = np.mean([r["loss"] for r in iters if r["epoch"] == 1])
-    last = np.mean([r["loss"] for r in iters if r["epoch"] == EPOCHS])
-    assert last < first / 2, (first, last)
+    def epoch_means(key: str) -> list[float]:
+        return [float(np.mean([r[key] for r in iters if r["epoch"] == e])) for e in range(1, EPOCHS + 1)]
+    # the total is noisy (ROI sampling draws new boxes each step; measured 2.01, 1.85, 1.87), so it
+    # must only end lower; the RPN's objectness loss averages 256 anchors per image and falls every
+    # epoch (measured 0.684, 0.676, 0.661; without learning it stays at ln 2 = 0.693 - noise)
+    total, objectness = epoch_means("loss"), epoch_means("rpn_cls")
+    assert total[-1] < total[0], total
+    assert all(later < earlier for earlier, later in zip(objectness, objectness[1:])), objectness
     # stderr is not a terminal: plain progress lines, one per logged iteration and one per epoch
     assert result.stderr.count("samples/s") == len(iters) + EPOCHS
     assert [r["epoch"] for r in log_records(out, "epoch")] == list(range(1, EPOCHS + 1))
