@@ -1,6 +1,6 @@
 """Coverage table: every registered model, adapted and checked, with its worst error.
 
-Not a test (tests/test_zoo_matrix.py asserts the same things): this prints the figures a
+Not a test (tests/core/test_zoo_matrix.py asserts the same things): this prints the figures a
 closing note or a release note quotes, one line per model, the worst max rel over the
 exact modes (fold=bn x global-stats/affine/fused), the stem-interior error of fold=conv,
 and whether the tolerance had to be raised because the original itself is ill-conditioned

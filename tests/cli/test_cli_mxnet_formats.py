@@ -1,6 +1,6 @@
 """The command line on MXNet symbolic-zoo checkpoints and Gluon export/bare files: success and refusals.
 
-Refusals follow tests/test_cli_errors.py's contract: exit code, exactly one stderr line, no
+Refusals follow tests/cli/test_cli_errors.py's contract: exit code, exactly one stderr line, no
 traceback, no output directory or staging leftovers.
 """
 

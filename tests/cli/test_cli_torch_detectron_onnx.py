@@ -1,6 +1,6 @@
 """The command line on torchvision and Detectron files, and exports to torchvision and ONNX.
 
-Success paths (convert, check, export) and refusals, with tests/test_cli_errors.py's
+Success paths (convert, check, export) and refusals, with tests/cli/test_cli_errors.py's
 contract for refusals: exit code, exactly one stderr line, no traceback, nothing written.
 """
 

@@ -5,7 +5,7 @@ created on first use from tests/keras_real/requirements.txt (pinned) at ``.venv-
 or taken from ``$BBADAPT_KERAS_PYTHON``. Measured on a 2-core machine: creating it takes
 35 s with a warm pip cache, 100 s cold (690 MB); the Keras run below about a minute.
 
-Keras builds both models, loads the same calibrated random weights as tests/test_keras.py,
+Keras builds both models, loads the same calibrated random weights as tests/converters/test_keras.py,
 computes the logits, and saves the weights in all four ways it can; every file must
 convert to a Gluon net whose output matches Keras's own.
 """

@@ -5,7 +5,7 @@ tests fail, they do not skip. They run outside the xdist pool (``-m horovod``): 
 worker processes. Every job has a hard deadline, and every process it started (horovodrun, its
 helpers, both workers) is killed by PID when the test ends, whatever happened.
 
-The bundle is the one of tests/test_train.py (resnet18_v1b, seeded random weights, rgb255,
+The bundle is the one of tests/detection/test_train.py (resnet18_v1b, seeded random weights, rgb255,
 BN affine, RPN/ROI counts for 128-px images); the data are 6 real raccoon photos shipped in
 tests/data/raccoon_voc (4 to train on, 2 to validate on).
 """
