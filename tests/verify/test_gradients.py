@@ -1,0 +1,95 @@
+"""The training check proves gradients equal to frozen-BN training of the original, and can fail."""
+
+import numpy as np
+import pytest
+
+import bbadapt
+from bbadapt.core.rewrite import clone
+from bbadapt.core.spec import parse_spec
+from bbadapt.verify.gradients import GradientOptions, frozen_reference, gradients, pairings, projection, training_check
+from tests.conftest import calibrated
+
+SIZE = GradientOptions(size=(48, 48))
+
+
+@pytest.fixture(scope="module")
+def net18v1b():
+    return calibrated("resnet18_v1b")
+
+
+@pytest.mark.parametrize("bn", ["affine", "global-stats"])
+def test_a_correct_adaptation_has_the_frozen_originals_gradients(net18v1b, bn):
+    adapted = bbadapt.adapt(net18v1b, "imagenet", "rgb255", bn=bn)
+    report = training_check(net18v1b, adapted, SIZE)
+    assert report["passed"] is True and report["verdict"] == "PASSED", report["reasons"]
+    names = {p["name"] for p in report["parameters"]}
+    trainable = {n for n, p in adapted.net._collect_params_with_prefix().items() if p.grad_req != "null"}
+    assert names == trainable and not report["excluded"]  # every trainable weight compared
+    first = next(p for p in report["parameters"] if p["original"] == "conv1.weight")
+    assert first["name"] == "conv1.1.weight" and first["mapping"] == "input channels permuted back"
+    assert report["worst_max_rel"] < 1e-5
+
+
+def test_a_perturbed_trainable_weight_fails(net18v1b):
+    adapted = bbadapt.adapt(net18v1b, "imagenet", "rgb255", bn="affine")
+    w = adapted.net.layer3[0].conv1.weight
+    w.set_data(w.data() * (1 + 1e-4))  # 100 ppm on one mid-network conv
+    report = training_check(net18v1b, adapted, SIZE)
+    assert report["passed"] is False and report["verdict"] == "FAILED"
+    failed = {p["name"] for p in report["parameters"] if p["passed"] is False}
+    assert "layer1.0.conv1.weight" in failed  # the changed conv changes the gradient flowing back to earlier weights
+    assert "fc.weight" in failed  # and the features every later weight sees
+    assert len(report["reasons"]) == len(failed) and all(r.startswith("dL/d") for r in report["reasons"])
+
+
+def test_fused_states_the_gradient_scale_instead_of_passing(net18v1b):
+    adapted = bbadapt.adapt(net18v1b, "imagenet", "rgb255", bn="fused")
+    report = training_check(net18v1b, adapted, SIZE)
+    assert report["passed"] is None and "fused" in report["verdict"]
+    scale = report["gradient_scale"]
+    assert scale["ratio"] > 1.5  # calibrated BNs are far from unit scale: fusing changes the gradients
+    assert scale["measured"] == pytest.approx(scale["expected"], rel=1e-3)  # dL/dW' = dL/dW / s, channel by channel
+    assert any("gradient-scale ratio" in n for n in report["notes"])
+    assert {p["passed"] for p in report["parameters"] if p["mapping"].startswith("fused")} == {None}
+
+
+def test_pretrained_cifar_net_with_a_data_bn_passes():
+    from bbadapt.core.images import data_dir
+    from converters.readers import read
+
+    net = read(str(data_dir() / "cifar_resnet20_v2-symbol.json")).net
+    adapted = bbadapt.adapt(net, "cifar", "rgb255", bn="global-stats")
+    report = training_check(net, adapted, GradientOptions(cifar=True))
+    assert report["passed"] is True, report["reasons"]
+    assert report["input"]["name"] == "cifar-tile-0"
+
+
+def test_the_reference_must_freeze_its_batchnorms(net18v1b):
+    """MXNet's pitfall: predict mode without use_global_stats back-propagates through batch statistics."""
+    import mxnet as mx
+    from mxnet import autograd
+
+    raw, _ = SIZE.image()
+    x = parse_spec("imagenet").normalize(raw)
+    want = {"layer1.0.conv1.weight"}
+    frozen = gradients(frozen_reference(net18v1b, want), x, want, 0)["layer1.0.conv1.weight"]
+    naive = clone(net18v1b)
+    param = naive._collect_params_with_prefix()["layer1.0.conv1.weight"]
+    param.grad_req = "write"
+    with autograd.record(train_mode=False):
+        out = naive(mx.nd.array(x))
+        loss = (out * mx.nd.array(projection(out.shape, 0))).sum()
+    loss.backward()
+    naive_grad = param.grad().asnumpy()
+    assert np.abs(naive_grad - frozen).max() > 1e-2 * np.abs(frozen).max()
+
+
+def test_fold_conv_maps_the_first_conv_through_the_chain_rule(net18v1b):
+    adapted = bbadapt.adapt(net18v1b, "imagenet", "rgb255", fold="conv", bn="affine")
+    pairs, excluded = pairings(adapted, net18v1b)
+    first = next(p for p in pairs if p.original == "conv1.weight")
+    assert first.mapping.startswith("chain rule")
+    assert [e["name"] for e in excluded] == ["conv1.bias"]
+    report = training_check(net18v1b, adapted, SIZE)
+    assert report["passed"] is None  # the shift is not zero for imagenet: approximate, information only
+    assert any("1/scale^2" in n for n in report["notes"])
