@@ -93,3 +93,30 @@ def test_fold_conv_maps_the_first_conv_through_the_chain_rule(net18v1b):
     report = training_check(net18v1b, adapted, SIZE)
     assert report["passed"] is None  # the shift is not zero for imagenet: approximate, information only
     assert any("1/scale^2" in n for n in report["notes"])
+
+
+def test_the_training_section_is_rendered_and_a_failing_one_fails_the_report(net18v1b, tmp_path):
+    import json
+
+    from bbadapt.core import zoo
+    from bbadapt.pipeline import add_training
+    from bbadapt.verify.report import write_reports
+
+    adapted = bbadapt.adapt(net18v1b, "imagenet", "rgb255", bn="affine")
+    w = adapted.net.layer4[1].conv2.weight
+    w.set_data(w.data() * (1 + 1e-3))
+    report = bbadapt.check(net18v1b, "imagenet", adapted, options=bbadapt.CheckOptions(sizes=[(48, 48)], n_photos=1))
+    forward_passed = report["passed"]
+    add_training(report, net18v1b, adapted, zoo.model_info("resnet18_v1b"), None, 1e-5, lambda _m: None)
+    assert report["training"]["passed"] is False and not report["passed"]
+    assert any(r.startswith("training: dL/d") for r in report["reasons"])
+    write_reports(report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["training"]["verdict"] == "FAILED" and data["training"]["parameters"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Training (gradients)" in md and "| layer1.0.conv1.weight | layer1.0.conv1.weight | same |" in md
+    assert "training check FAILED" in md.strip().splitlines()[-1]  # the verdict line says which check failed
+    if forward_passed:  # 0.1% on the last conv may or may not pass the forward tolerance; the line must not lie
+        assert "forward check is within tolerance" in md.strip().splitlines()[-1]
+    html = (tmp_path / "report.html").read_text()
+    assert 'id="training-verdict"' in html and "banner fail" in html
