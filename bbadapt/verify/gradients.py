@@ -249,12 +249,17 @@ def training_check(original, adapted: Adapted, options: GradientOptions | None =
             judged = compare([o32[p.original]], [o64[p.original]], [p.to_original(a32[p.adapted])], judging)
             rec.update({k: v for k, v in judged.items() if k != "within"}, passed=judged["within"])
         records.append(rec)
+    if adapted.exact and any(r["passed"] is False for r in records):
+        _judge_kinks(records, pairs, adapted, raw, o32, o64, options.seed, judging, say)
     report = {"bn": adapted.bn, "exact": adapted.exact, "input": image, "loss": "sum(output * fixed random projection)",
               "reference": "original, source-spec input, every BatchNorm use_global_stats=True, autograd train mode",
               "tolerance": {"max_rel": options.tolerance, "fp64_factor": options.fp64_factor},
               "parameters": records, "excluded": left_out, "notes": [], "reasons": []}
     judged = [r for r in records if r["passed"] is not None]
-    report["worst_max_rel"] = max((r["max_rel"] for r in judged), default=None)
+    report["float32_worst_max_rel"] = max((r["max_rel"] for r in judged), default=None)
+    # what the verdict rests on: the float64 twin's error where a kink flip was re-judged, the float32 one elsewhere
+    report["worst_max_rel"] = max((r["float64_twin"]["max_rel"] if r.get("kink") else r["max_rel"] for r in judged),
+                                  default=None)
     if adapted.bn == "fused":
         report["gradient_scale"] = _scale_ratio(pairs, a32, o32, adapted, original)
         report["passed"] = None
@@ -273,8 +278,47 @@ def training_check(original, adapted: Adapted, options: GradientOptions | None =
             report["reasons"].append("non-finite gradients")
         report["passed"] = not report["reasons"]
         report["verdict"] = "PASSED" if report["passed"] else "FAILED"
+    kinks = [r["name"] for r in records if r.get("kink")]
+    if kinks:
+        report["notes"].append(
+            f"{len(kinks)} weights ({', '.join(kinks[:3])}{', ...' if len(kinks) > 3 else ''}) have float32 gradients "
+            f"further from the original's than rounding (float32 worst max rel {report['float32_worst_max_rel']:.2e}), "
+            "the signature of a ReLU or max-pool input within float32 rounding of its kink that the adapted net's "
+            "float32 run puts on the other side; the adapted net run in float64 meets the same rule against the "
+            "float64 truth there (float64_twin), so they pass: same function, float32 rounding")
     report["notes"] += _fold_step_notes(adapted, original)
     return report
+
+
+def _judge_kinks(records: list[dict], pairs: list[Pairing], adapted: Adapted, raw: np.ndarray, o32: dict, o64: dict,
+                 seed: int, judging: CheckOptions, say: Callable[[str], None]) -> None:
+    """Re-judge float32 failures on the adapted net evaluated in float64 (its float32 weights, cast).
+
+    A gradient is not a continuous function of the activations: where a ReLU's (or a max
+    pool's) input lies within float32 rounding of its kink, the adapted net's float32 run
+    can fall on the other side than the original's float32 run and the float64 truth, and
+    every gradient upstream of that unit moves by far more than rounding (measured: 1e-2
+    relative in layer2.3..layer3.4 of a calibrated random resnet50_v1b, both BN forms,
+    with the forward pass equal to 3e-5). That is rounding, not a different function. The
+    same rule, applied to the adapted net run in float64, tells the two apart: a real slip
+    (a wrong constant, a BN using batch statistics, a changed weight) is there in float64
+    too, a kink flip is not. A weight passes this way only if the float64 twin meets the
+    forward rule against the truth (max rel and RMS ratio); the record keeps both results.
+    """
+    failed = {r["name"] for r in records if r["passed"] is False}
+    say(f"{len(failed)} float32 gradients differ by more than rounding: re-running the adapted net in float64")
+    twin = clone(adapted.net)
+    twin.cast("float64")
+    a64 = gradients(twin, adapted.target.normalize(raw, "float64"), failed, seed, "float64")
+    by_name = {p.adapted: p for p in pairs}
+    for r in records:
+        if r["name"] not in failed:
+            continue
+        p = by_name[r["name"]]
+        judged = compare([o32[p.original]], [o64[p.original]], [p.to_original(a64[p.adapted])], judging)
+        r["float64_twin"] = {k: judged[k] for k in ("max_abs", "max_rel", "fp64", "tolerance")}
+        if judged["within"]:
+            r["passed"], r["kink"] = True, True
 
 
 def _reason(r: dict, fp64_factor: float) -> str:

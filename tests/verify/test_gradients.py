@@ -40,6 +40,8 @@ def test_a_perturbed_trainable_weight_fails(net18v1b):
     assert "layer1.0.conv1.weight" in failed  # the changed conv changes the gradient flowing back to earlier weights
     assert "fc.weight" in failed  # and the features every later weight sees
     assert len(report["reasons"]) == len(failed) and all(r.startswith("dL/d") for r in report["reasons"])
+    # the float64 twin that tells a kink flip from a slip was asked, and the slip is there in float64 too
+    assert all("float64_twin" in p and not p.get("kink") for p in report["parameters"] if p["name"] in failed)
 
 
 def test_fused_states_the_gradient_scale_instead_of_passing(net18v1b):
@@ -120,3 +122,18 @@ def test_the_training_section_is_rendered_and_a_failing_one_fails_the_report(net
         assert "forward check is within tolerance" in md.strip().splitlines()[-1]
     html = (tmp_path / "report.html").read_text()
     assert 'id="training-verdict"' in html and "banner fail" in html
+
+
+def test_resnet50_v1b_passes_where_float32_kink_flips_are_re_judged_in_float64():
+    """The detectors' default backbone. Its calibrated random weights put a ReLU input within float32 rounding of
+    the kink on this image (measured: 18 weights off by up to 0.11 in float32, 2e-5 in float64); whether that
+    happens on another machine's float32 kernels may differ, what must hold is the verdict and its grounds."""
+    net = calibrated("resnet50_v1b")
+    adapted = bbadapt.adapt(net, "imagenet", "rgb255", bn="affine")
+    report = training_check(net, adapted, GradientOptions())
+    assert report["passed"] is True, report["reasons"]
+    for p in report["parameters"]:
+        if p.get("kink"):
+            twin = p["float64_twin"]
+            assert twin["max_rel"] <= twin["tolerance"] and twin["fp64"]["ratio"] <= 2.0
+    assert report["worst_max_rel"] <= max(p["tolerance"] for p in report["parameters"])
