@@ -259,6 +259,8 @@ def training_headline(t: dict) -> str:
             f"batch 1 ({image.get('name')}, {size}), float64 truth")
     if judged:
         line += f"; worst max rel {_fmt(t.get('worst_max_rel'))} over {len(judged)} judged"
+    if t.get("conclusive") is False:
+        line += "; INCONCLUSIVE where the original's own float32 gradient is chaotic (see Training notes)"
     scale = t.get("gradient_scale") or {}
     if scale:
         line += f"; largest per-channel gradient-scale ratio {_fmt(scale.get('ratio'), '.3g')}"

@@ -51,6 +51,7 @@ def test_fused_states_the_gradient_scale_instead_of_passing(net18v1b):
     scale = report["gradient_scale"]
     assert scale["ratio"] > 1.5  # calibrated BNs are far from unit scale: fusing changes the gradients
     assert scale["measured"] == pytest.approx(scale["expected"], rel=1e-3)  # dL/dW' = dL/dW / s, channel by channel
+    assert scale["agree"] > 0.95 and scale["channels"] > 1000
     assert any("gradient-scale ratio" in n for n in report["notes"])
     assert {p["passed"] for p in report["parameters"] if p["mapping"].startswith("fused")} == {None}
 
@@ -136,4 +137,5 @@ def test_resnet50_v1b_passes_where_float32_kink_flips_are_re_judged_in_float64()
         if p.get("kink"):
             twin = p["float64_twin"]
             assert twin["max_rel"] <= twin["tolerance"] and twin["fp64"]["ratio"] <= 2.0
-    assert report["worst_max_rel"] <= max(p["tolerance"] for p in report["parameters"])
+    assert report["conclusive"] is True  # where the original's own float32 gradient is chaotic, float64 settles it
+    assert report["worst_max_rel"] < 1e-4
