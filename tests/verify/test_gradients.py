@@ -139,3 +139,20 @@ def test_resnet50_v1b_passes_where_float32_kink_flips_are_re_judged_in_float64()
             assert twin["max_rel"] <= twin["tolerance"] and twin["fp64"]["ratio"] <= 2.0
     assert report["conclusive"] is True  # where the original's own float32 gradient is chaotic, float64 settles it
     assert report["worst_max_rel"] < 1e-4
+
+
+def test_a_global_stats_batchnorm_that_is_not_frozen_in_training_fails(net18v1b):
+    """The training-only slip the forward check cannot see: predict mode hides it, train mode uses batch statistics."""
+    from mxnet.gluon import nn
+
+    from bbadapt.core.trace import block_paths
+
+    adapted = bbadapt.adapt(net18v1b, "imagenet", "rgb255", bn="global-stats")
+    bn = next(b for p, b in block_paths(adapted.net).items() if p == "layer2.0.bn1")
+    assert isinstance(bn, nn.BatchNorm) and bn._kwargs["use_global_stats"]
+    bn._kwargs["use_global_stats"] = False
+    forward = bbadapt.check(net18v1b, "imagenet", adapted, options=bbadapt.CheckOptions(sizes=[(48, 48)], n_photos=1))
+    assert forward["passed"]  # predict mode: running statistics, the same function
+    report = training_check(net18v1b, adapted, SIZE)
+    assert report["passed"] is False
+    assert any(r.startswith("dL/dlayer1.") for r in report["reasons"])  # below it: the gradient flowing back differs
