@@ -120,6 +120,10 @@ def _summary(report: dict, out: Path) -> None:
                           f"{verdict} ({tolerance_text(report)}); not judged: the borders; worst max rel including the "
                           f"border {report['worst_max_rel']:.2e}, final output max rel {output['max_rel']:.2e}{agree}",
                           markup=False)
+    if report.get("training"):
+        from bbadapt.verify.report import training_headline
+
+        out_console.print(training_headline(report["training"]), markup=False)
     for note in report["notes"]:
         if note.startswith(("BatchNorm ", "INCONCLUSIVE")):
             err_console.print(f"bbadapt: note: {note}", markup=False)

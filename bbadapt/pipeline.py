@@ -30,6 +30,7 @@ from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.weights import randomize
 from bbadapt.verify.budget import require_check_memory
 from bbadapt.verify.equivalence import CheckOptions, check, default_sizes
+from bbadapt.verify.gradients import GradientOptions, training_check
 from bbadapt.verify.report import write_reports
 
 if TYPE_CHECKING:
@@ -183,6 +184,8 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
         param.grad_req = "null"  # the original only serves as the reference now: free its gradients
     report = _checked(net, adapted, info, _check_options(info, opts.images, opts.sizes, opts.tolerance), say)
     report["notes"] += output_notes(original.provenance)
+    if detector:
+        add_training(report, net, adapted, info, opts.images, opts.tolerance, say)
     say(f"writing {out}")
     with staged_output(out, opts.force) as stage:
         params_sha = save_backbone(adapted, stage)
@@ -236,6 +239,22 @@ def _checked(original, adapted: Adapted, info: zoo.ModelInfo, options: CheckOpti
     return report
 
 
+def add_training(report: dict, original, adapted: Adapted, info: zoo.ModelInfo, images: str | None, tolerance: float,
+                 say: Progress) -> None:
+    """A bundle that will train gets the ``training`` section: its gradients against frozen-BN training of the original.
+
+    A failing gradient check fails the report as a whole (the bundle would not train like
+    the original); ``fused`` and an approximate fold are stated, not judged.
+    """
+    say("checking the gradients against the frozen-BN original")
+    training = training_check(original, adapted, GradientOptions(cifar=info.is_cifar, photos_dir=images,
+                                                                 tolerance=tolerance), progress=say)
+    report["training"] = training
+    if training["passed"] is False:
+        report["passed"], report["verdict"] = False, "FAILED"
+        report["reasons"] += [f"training: {r}" for r in training["reasons"]]
+
+
 def health_notes(health: list[dict]) -> list[str]:
     """One line per BatchNorm whose statistics deserve a look (the fold stays exact)."""
     notes = []
@@ -287,6 +306,8 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
     report = _checked(original, adapted, info, _check_options(info, images, sizes, tolerance), say)
     report["notes"] += output_notes(again)
+    if manifest.get("kind") == "detector":
+        add_training(report, original, adapted, info, images, tolerance, say)
     if again.get("sha256") != prov.get("sha256"):
         report["notes"].append("the regenerated original weights differ bitwise from those converted "
                                "(random calibration on another machine?); errors include that difference")

@@ -255,14 +255,40 @@ def _probe_path(probes: ProbeSet, name: str) -> str:
     return probes.stem if name == "stem" else (probes.stages[int(name[5:]) - 1] if name.startswith("stage") else "")
 
 
+def compare(o32: list[np.ndarray], o64: list[np.ndarray], a32: list[np.ndarray], options: CheckOptions) -> dict:
+    """How far ``a32`` is from ``o32``, and how both compare with the float64 truth ``o64``.
+
+    The judging rule every check shares (forward probes here, gradients in
+    :mod:`bbadapt.verify.gradients`): ``max_rel`` (max abs error / max |o32|) within
+    ``tolerance``, where the tolerance is raised to ``fp64_factor`` times the original's own
+    float32 error against float64 (equivalence cannot be shown finer than that), and the
+    adapted values' RMS error against float64 at most ``fp64_factor`` times the original's
+    (floored at fp32 resolution). ``within`` says whether both hold.
+    """
+    ref_max = max(float(np.abs(v).max()) for v in o32) or 1.0
+    flat_err = np.concatenate([np.abs(a.astype(np.float64) - o).ravel() for a, o in zip(a32, o32, strict=True)])
+    e64_orig, rms_orig = _vs_float64(o32, o64)
+    e64_adapt, rms_adapt = _vs_float64(a32, o64)
+    rms_floor = FP32_RESOLUTION * _rms(o64)
+    rec = {
+        "ref_max_abs": ref_max,
+        "max_abs": float(flat_err.max()),
+        "max_rel": float(flat_err.max()) / ref_max,
+        "mean_abs": float(flat_err.mean()),
+        "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
+                 "ratio": rms_adapt / max(rms_orig, rms_floor, np.finfo(np.float64).tiny)},
+        "tolerance": max(options.tolerance, options.fp64_factor * e64_orig / ref_max),
+    }
+    rec["within"] = bool(rec["max_rel"] <= rec["tolerance"] and rec["fp64"]["ratio"] <= options.fp64_factor)
+    return rec
+
+
 def _probe_report(name: str, c: dict[str, list], probes: ProbeSet, exact: bool, options: CheckOptions) -> dict:
     """One probe's errors (overall, border ring, interior, vs float64) and its verdict."""
-    ref_max = max(float(np.abs(v).max()) for v in c["o32"]) or 1.0
+    judged = compare(c["o32"], c["o64"], c["a32"], options)
+    ref_max = judged["ref_max_abs"]
     err_list = [np.abs(a.astype(np.float64) - o) for a, o in zip(c["a32"], c["o32"], strict=True)]
     flat_err = np.concatenate([e.ravel() for e in err_list])
-    e64_orig, rms_orig = _vs_float64(c["o32"], c["o64"])
-    e64_adapt, rms_adapt = _vs_float64(c["a32"], c["o64"])
-    rms_floor = FP32_RESOLUTION * _rms(c["o64"])
     ring = probes.rings.get(name)
     border, interior = zip(*(_ring_split(e, ring) for e in err_list), strict=True)
     border_v, interior_v = np.concatenate(border), np.concatenate(interior)
@@ -273,22 +299,21 @@ def _probe_report(name: str, c: dict[str, list], probes: ProbeSet, exact: bool, 
         "path": _probe_path(probes, name),
         "shape": [1, *c["o32"][0].shape[1:]],
         "ref_max_abs": ref_max,
-        "max_abs": float(flat_err.max()),
-        "max_rel": float(flat_err.max()) / ref_max,
-        "mean_abs": float(flat_err.mean()),
+        "max_abs": judged["max_abs"],
+        "max_rel": judged["max_rel"],
+        "mean_abs": judged["mean_abs"],
         "median_abs": float(np.median(flat_err)),
         "p99_abs": float(np.percentile(flat_err, 99)),
         "cosine": cos,
         "ring": ring if spatial else None,
         "border": _stats(border_v, ref_max) if spatial else None,
         "interior": _stats(interior_v, ref_max),
-        "fp64": {"original": e64_orig, "adapted": e64_adapt, "original_rms": rms_orig, "adapted_rms": rms_adapt,
-                 "ratio": rms_adapt / max(rms_orig, rms_floor, np.finfo(np.float64).tiny)},
+        "fp64": judged["fp64"],
+        # Equivalence cannot be shown finer than the original's own fp32 evaluation error.
+        "tolerance": judged["tolerance"],
     }
-    # Equivalence cannot be shown finer than the original's own fp32 evaluation error.
-    rec["tolerance"] = max(options.tolerance, options.fp64_factor * e64_orig / ref_max)
     if exact:
-        rec["passed"] = rec["max_rel"] <= rec["tolerance"] and rec["fp64"]["ratio"] <= options.fp64_factor
+        rec["passed"] = judged["within"]
     elif rec["interior"] is not None:  # approximate fold: away from the padding it must still be exact
         rec["passed"] = rec["interior"]["max_rel"] <= rec["tolerance"]
     else:

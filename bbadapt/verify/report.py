@@ -128,7 +128,14 @@ def verdict_kind(r: dict) -> str:
 
 
 def _verdict(r: dict) -> str:
+    training = r.get("training") or {}
+    if training.get("passed") is False and all(p.get("passed") is not False for p in r.get("probes") or []):
+        return (f"FAILED  the forward check is within tolerance (worst max rel {_fmt(r.get('worst_max_rel'))}), but the "
+                f"training check FAILED: the gradients of {len(training.get('reasons') or [])} trainable weights "
+                "differ from the frozen-BN original's (see Training)")
     line = _verdict_line(r)
+    if training.get("passed") is False:
+        line += "; the training check FAILED too (see Training)"
     if r.get("conclusive") is False:
         line += "  INCONCLUSIVE: the original is chaotic in float32 (see notes)"
     return line
@@ -207,12 +214,88 @@ def render_markdown(report: dict, manifest: dict | None = None) -> str:
         out += ["", cls]
     if report.get("notes"):
         out += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
+    if report.get("training"):
+        out += _training_markdown(report["training"])
     for title, lines in _context(manifest):
         out += ["", f"{title}:"] + [f"- {line}" for line in lines]
     if not report.get("passed") and report.get("reasons"):
         out += ["", "Reasons:"] + [f"- {n}" for n in report["reasons"]]
     out += ["", _verdict(report)]
     return "\n".join(out) + "\n"
+
+
+_TRAINING_COLUMNS = ["parameter", "original", "mapping", "shape", "max rel", "tolerance", "fp64 ratio", "result"]
+TRAINING_LEGEND = {
+    "parameter": "a trainable weight of the adapted net (structural name)",
+    "original": "the original's weight it came from; its gradient is taken with every BatchNorm use_global_stats=True",
+    "mapping": "how the adapted gradient is brought into the original's frame before comparing (same = unchanged "
+               "weight; fused = not comparable, W' = W * s)",
+    "shape": "the weight's shape",
+    "max rel": "largest |dL/dW adapted - dL/dW original| (float32) divided by the largest |dL/dW original|",
+    "tolerance": "as for a forward probe: the asked tolerance, raised to fp64 factor x the original's own float32 "
+                 "error against float64 where that is larger",
+    "fp64 ratio": "RMS error of the adapted gradient against the float64 one, divided by the original float32 "
+                  "gradient's own; at most the fp64 factor means plain float32 rounding",
+    "result": "PASS/FAIL; info = not judged (fused, or an approximate fold); PASS (float64 twin) = the float32 "
+              "gradient is off by a kink flip (see notes) and the adapted net run in float64 meets the rule",
+}
+
+
+def _training_row(p: dict) -> list[str]:
+    return [str(p.get("name")), str(p.get("original")), str(p.get("mapping")),
+            "x".join(str(s) for s in p.get("shape") or []) or "n/a", _fmt(p.get("max_rel")),
+            _fmt(p.get("tolerance"), ".1e"), _fmt(_get(p, "fp64", "ratio"), ".2f"),
+            "PASS (float64 twin, max rel " + _fmt(_get(p, "float64_twin", "max_rel")) + ")" if p.get("kink")
+            else _RESULT[p.get("passed")]]
+
+
+def training_headline(t: dict) -> str:
+    """One line: what the training check compared and what it found."""
+    image = t.get("input") or {}
+    size = "x".join(str(v) for v in image.get("size") or [])
+    judged = [p for p in t.get("parameters") or [] if p.get("passed") is not None]
+    line = (f"training check {t.get('verdict')}: gradients of {len(t.get('parameters') or [])} trainable weights "
+            f"(bn={t.get('bn')}) vs the original with frozen BatchNorm (use_global_stats=True), autograd train mode, "
+            f"batch 1 ({image.get('name')}, {size}), float64 truth")
+    if judged:
+        line += f"; worst max rel {_fmt(t.get('worst_max_rel'))} over {len(judged)} judged"
+    if t.get("conclusive") is False:
+        line += "; INCONCLUSIVE where the original's own float32 gradient is chaotic (see Training notes)"
+    scale = t.get("gradient_scale") or {}
+    if scale:
+        line += f"; largest per-channel gradient-scale ratio {_fmt(scale.get('ratio'), '.3g')}"
+    return line
+
+
+def _training_markdown(t: dict) -> list[str]:
+    out = ["", "## Training (gradients)", "", training_headline(t), "",
+           "| " + " | ".join(_TRAINING_COLUMNS) + " |", "|" + "|".join("---" for _ in _TRAINING_COLUMNS) + "|"]
+    out += ["| " + " | ".join(_training_row(p)) + " |" for p in t.get("parameters") or []]
+    out += ["", "Columns:"] + [f"- {name}: {meaning}" for name, meaning in TRAINING_LEGEND.items()]
+    for title, items in (("Not compared", [f"{x.get('name')}: {x.get('reason')}" for x in t.get("excluded") or []]),
+                         ("Training notes", t.get("notes")), ("Training reasons", t.get("reasons"))):
+        if items:
+            out += ["", f"{title}:"] + [f"- {i}" for i in items]
+    return out
+
+
+def _training_html(t: dict) -> list[str]:
+    e = html.escape
+    kind = {True: "pass", False: "fail", None: "approx"}[t.get("passed")]
+    parts = ['<h2 id="training">Training (gradients)</h2>',
+             f'<div class="banner {kind}" id="training-verdict">{e(training_headline(t))}</div>',
+             "<table><tr>" + "".join(f'<th title="{e(TRAINING_LEGEND[c])}">{e(c)}</th>' for c in _TRAINING_COLUMNS)
+             + "</tr>"]
+    for p in t.get("parameters") or []:
+        cls = {True: "pass", False: "fail", None: "info"}[p.get("passed")]
+        parts.append(f'<tr class="{cls}">' + "".join(f"<td>{e(c)}</td>" for c in _training_row(p)) + "</tr>")
+    parts.append("</table>")
+    parts.append("<dl>" + "".join(f"<dt>{e(n)}</dt><dd>{e(m)}</dd>" for n, m in TRAINING_LEGEND.items()) + "</dl>")
+    for title, items in (("Not compared", [f"{x.get('name')}: {x.get('reason')}" for x in t.get("excluded") or []]),
+                         ("Training notes", t.get("notes")), ("Training reasons", t.get("reasons"))):
+        if items:
+            parts.append(f"<h3>{title}</h3><ul>" + "".join(f"<li>{e(str(i))}</li>" for i in items) + "</ul>")
+    return parts
 
 
 def _png(fig: Any) -> str:
@@ -325,6 +408,8 @@ def render_html(report: dict, manifest: dict | None = None) -> str:
                          ("Reasons", None if report.get("passed") else report.get("reasons"))):
         if items:
             parts.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{e(str(i))}</li>" for i in items) + "</ul>")
+    if report.get("training"):
+        parts += _training_html(report["training"])
     for title, lines in _context(manifest):
         body = "<ul>" + "".join(f'<li class="mono">{e(line)}</li>' for line in lines) + "</ul>"
         if title.startswith("Plan"):

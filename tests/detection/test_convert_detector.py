@@ -37,6 +37,11 @@ def test_convert_with_detector_writes_a_checked_backbone_and_a_detector(detector
     assert section["input"] == manifest["target"]  # the detector takes the bundle's target spec (rgb255)
     assert (root / "frcnn" / section["params_file"]).is_file()
     assert "Faster R-CNN" in result.stdout
+    training = json.loads((root / "frcnn" / "report.json").read_text())["training"]  # the bundle will train
+    assert training["passed"] is True and training["bn"] == "affine" and not training["excluded"]
+    assert training["worst_max_rel"] < 1e-5
+    assert "training check PASSED" in result.stdout
+    assert "## Training (gradients)" in (root / "frcnn" / "report.md").read_text()
 
 
 def test_the_detector_bundle_loads_and_detects_on_a_raw_photo(detector_bundle):
@@ -62,6 +67,8 @@ def test_check_reruns_on_a_detector_bundle(detector_bundle):
     again = run_cli("check", "frcnn", "--sizes", "64x64", cwd=root, mxnet_home=home)
     assert again.returncode == 0, again.stderr
     assert "check PASSED" in again.stdout
+    assert "training check PASSED" in again.stdout  # the rewritten report keeps its training section
+    assert json.loads((root / "frcnn" / "report.json").read_text())["training"]["passed"] is True
 
 
 def test_cifar_backbones_are_refused_for_detection_before_any_work(tmp_path):
