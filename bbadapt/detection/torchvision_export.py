@@ -598,7 +598,8 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
         try:
             model = import_runtime(stage).load(stage, "cpu")
         except RuntimeError as exc:  # strict load_state_dict: the description does not build this network
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__
             raise ModelError(f"the torchvision body described from {gluon.model or 'the backbone'} does not take its "
                              f"tensors (a pruned variant?): {reason}") from None
         check = run_check(gluon, model, CheckOptions(sizes=options.sizes, input_range=options.input_range), say)

@@ -104,46 +104,49 @@ def test_the_export_holds_weights_config_runtime_and_a_passed_four_level_check(w
     assert body_keys and body_keys <= set(reference)
 
 
-# model -> (input spec, the body description the export must derive from the network)
+RESNET18_V2 = {"stem": {"data_bn": True, "convs": [[64, 7, 2]]}, "block": "basic", "layers": [2, 2, 2, 2],
+               "preact": True, "stride_on": "conv1", "downsample": "conv", "tail_bn": True}
+# (model, layout) -> (input spec, the body description the export must derive from the network)
 BODIES = {
-    "resnet18_v1": (None, {"stem": {"data_bn": False, "convs": [[64, 7, 2]]}, "block": "basic", "layers": [2, 2, 2, 2],
-                           "preact": False, "stride_on": "conv1", "downsample": "conv", "tail_bn": False}),
-    "resnet18_v2": ("caffe", {"stem": {"data_bn": True, "convs": [[64, 7, 2]]}, "block": "basic", "layers": [2, 2, 2, 2],
-                              "preact": True, "stride_on": "conv1", "downsample": "conv", "tail_bn": True}),
-    "resnet50_v1d": (None, {"stem": {"data_bn": False, "convs": [[32, 3, 2], [32, 3, 1], [64, 3, 1]]},
-                            "block": "bottleneck", "layers": [3, 4, 6, 3], "preact": False, "stride_on": "conv2",
-                            "downsample": "avg_conv", "tail_bn": False}),
-    "resnet50_v2": (None, {"stem": {"data_bn": True, "convs": [[64, 7, 2]]}, "block": "bottleneck",
-                           "layers": [3, 4, 6, 3], "preact": True, "stride_on": "conv2", "downsample": "conv",
-                           "tail_bn": True}),
+    ("resnet18_v1", "c4"): (None, {"stem": {"data_bn": False, "convs": [[64, 7, 2]]}, "block": "basic",
+                                   "layers": [2, 2, 2, 2], "preact": False, "stride_on": "conv1", "downsample": "conv",
+                                   "tail_bn": False}),
+    ("resnet18_v2", "c4"): ("caffe", RESNET18_V2),
+    ("resnet18_v2", "fpn"): (None, RESNET18_V2),  # the final BN + ReLU must reach the FPN's C5
+    ("resnet50_v1d", "c4"): (None, {"stem": {"data_bn": False, "convs": [[32, 3, 2], [32, 3, 1], [64, 3, 1]]},
+                                    "block": "bottleneck", "layers": [3, 4, 6, 3], "preact": False,
+                                    "stride_on": "conv2", "downsample": "avg_conv", "tail_bn": False}),
+    ("resnet50_v2", "c4"): (None, {"stem": {"data_bn": True, "convs": [[64, 7, 2]]}, "block": "bottleneck",
+                                   "layers": [3, 4, 6, 3], "preact": True, "stride_on": "conv2", "downsample": "conv",
+                                   "tail_bn": True}),
 }
 BODY_SIZES = [(101, 135)]  # odd: stride-2 convs and v1d's ceil-mode average pools meet odd maps (51x68 ... 13x17)
 BODY_SETTINGS = {"rpn_test_post_nms": 64}  # C4 runs stage 4 once per proposal
 
 
-@pytest.fixture(scope="module", params=list(BODIES))
+@pytest.fixture(scope="module", params=list(BODIES), ids=lambda key: "-".join(key))
 def body(request, tmp_path_factory):
-    model = request.param
-    source, _ = BODIES[model]
-    root = tmp_path_factory.mktemp(f"tv-{model}")
-    bundle = _bundle(root, "c4", source=source, model=model, overrides=BODY_SETTINGS)
+    model, layout = request.param
+    source, _ = BODIES[request.param]
+    root = tmp_path_factory.mktemp(f"tv-{model}-{layout}")
+    bundle = _bundle(root, layout, source=source, model=model, overrides=BODY_SETTINGS)
     from bbadapt.detection.torchvision_export import export as export_bundle
 
-    return model, root / "export", export_bundle(bundle, root / "export", sizes=BODY_SIZES)
+    return request.param, root / "export", export_bundle(bundle, root / "export", sizes=BODY_SIZES)
 
 
 def test_other_resnet_bodies_export_with_their_own_description_and_pass_the_four_level_check(body):
-    model, export, summary = body
-    source, description = BODIES[model]
-    assert summary["check_passed"] and summary["layout"] == "c4"
+    (model, layout), export, summary = body
+    source, description = BODIES[(model, layout)]
+    assert summary["check_passed"] and summary["layout"] == layout
     _assert_four_levels_passed(_check(export), BODY_SIZES)
     config = json.loads((export / "config.json").read_text())
     assert config["backbone"]["body"] == description and config["backbone"]["gluon_model"] == model
     net = _load(export)
-    stem = net.backbone.body  # C4: the IntermediateLayerGetter over the body, up to layer3
+    stem = net.backbone.body  # the IntermediateLayerGetter over the body
     assert hasattr(stem, "data_bn") == description["stem"]["data_bn"]
-    head = net.roi_heads.box_head.layer4
-    assert hasattr(head, "post_bn") == description["tail_bn"]  # v2's final BN + ReLU run with stage 4, in the box head
+    stage4 = net.roi_heads.box_head.layer4 if layout == "c4" else stem.layer4  # C4: in the box head; FPN: C5
+    assert hasattr(stage4, "post_bn") == description["tail_bn"]  # v2's final BN + ReLU run with stage 4
     if source == "caffe":  # BGR weights: the data BN (holding the undone input fold) reads RGB like conv1
         assert np.allclose(config["input"]["image_mean"], [123.68 / 255, 116.779 / 255, 103.939 / 255])
 
@@ -166,6 +169,15 @@ def test_config_records_classes_settings_input_convention_and_frozen_bn(c4, fpn)
     assert np.allclose(fpn_config["input"]["image_mean"], [0.485 * 255, 0.456 * 255, 0.406 * 255])
     assert fpn_config["rpn"]["bbox_xform_clip"] == 4.14 and fpn_config["rpn"]["strides"] == [4, 8, 16, 32, 64]
     assert fpn_config["provenance"]["kind"] == "detector" and fpn_config["provenance"]["detector_params_sha256"]
+
+
+def test_a_body_the_description_does_not_build_is_refused_and_nothing_is_written(tmp_path):
+    from bbadapt.core.errors import ModelError
+
+    bundle = _bundle(tmp_path, "c4", source=None, model="resnet18_v1b_0.89")  # pruned: its own channel counts
+    with pytest.raises(ModelError, match=r"does not take its tensors \(a pruned variant\?\): Error\(s\) in loading state_dict"):
+        _export(bundle, tmp_path / "export", "01")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frcnn-c4"]
 
 
 def test_bgr_weights_get_conv1_channels_reversed_and_the_caffe_mean_in_rgb_order():
