@@ -207,7 +207,7 @@ class BodyReader:
             weight, bias = _first_conv(self.bundle, block)
         else:
             weight, bias = param_value(block.weight), _bias(block)
-        conv = block if not hasattr(block, "_children") or "weight" in block._reg_params else block[len(block) - 1]
+        conv = block if "weight" in block._reg_params else block[len(block) - 1]  # the input affine's sequence: its conv
         kw = conv._kwargs
         if tuple(kw.get("dilate", (1, 1))) != (1, 1) or int(kw.get("num_group", 1)) != 1 \
                 or tuple(kw["pad"]) != (weight.shape[2] // 2,) * 2 or weight.shape[2] != weight.shape[3]:
@@ -243,7 +243,7 @@ class BodyReader:
         body = kinds[1:] if data_bn else kinds
         n = body.count("conv")
         if n < 1 or body != ["conv", "bn"] * n + ["maxpool"]:
-            raise ModelError(f"the backbone's stem ({', '.join(kinds)}) is not [data BN] conv-BN (x1 or x3) + max pool")
+            raise ModelError(f"the backbone's stem ({', '.join(kinds)}) is not [data BN] conv-BN (once or more) + max pool")
         if data_bn:
             self._data_bn(leaves[0][2], leaves[1])
             leaves = leaves[1:]
@@ -258,7 +258,6 @@ class BodyReader:
         pool = leaves[-1][2]._kwargs
         if tuple(pool["kernel"]) != (3, 3) or tuple(pool["stride"]) != (2, 2) or tuple(pool["pad"]) != (1, 1):
             raise ModelError("the backbone's stem max pool is not 3x3, stride 2, padding 1")
-        self.first_conv = "conv1" if n == 1 else "conv1.0"
         self.body["stem"] = {"data_bn": data_bn, "convs": convs}
 
     def _data_bn(self, block, conv_leaf) -> None:
