@@ -12,6 +12,9 @@ The model is torchvision's ``FasterRCNN`` (``GeneralizedRCNN``: transform, backb
 RoI heads) built from ``config.json``; a few parts are subclassed so that inference
 computes what the GluonCV detector computed (``check.json`` beside this file is the proof):
 
+* backbone: :class:`ResNetBody`, built from ``config["backbone"]["body"]`` (stem, block kind,
+  pre-activation, stride position, shortcut kind, final BN); for GluonCV ``resnetN_v1b`` it
+  is torchvision's own ``resnetN`` layer for layer and name for name;
 * anchors: GluonCV's cell anchors (py-faster-rcnn enumeration, stored in the config)
   shifted by a *fixed* stride per level (torchvision derives the stride from the padded
   image size, which moves anchors by up to a stride on odd sizes);
@@ -64,7 +67,6 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "bbadapt-torchvision-faster-rcnn"
 _DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-_BLOCKS = {"basic": tv_resnet.BasicBlock, "bottleneck": tv_resnet.Bottleneck}
 _STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # freezable units, as torchvision counts them
 
 
@@ -107,14 +109,154 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> GluonFast
 # ---------------------------------------------------------------- backbone
 
 
+V1B_BODY = {"stem": {"data_bn": False, "convs": [[64, 7, 2]]}, "preact": False, "stride_on": "conv2",
+            "downsample": "conv", "tail_bn": False}  # exports before the body was described: resnetN_v1b
+
+
+def body_of(spec: dict) -> dict:
+    """The body description of ``config["backbone"]`` (see :class:`ResNetBody`)."""
+    return {**V1B_BODY, **spec.get("body", {})}
+
+
+def _frozen_bn(spec: dict):
+    return lambda c: FrozenBatchNorm2d(c, eps=spec["bn_eps"])
+
+
+class PreActBasic(nn.Module):
+    """GluonCV/Gluon ``BasicBlockV2``: BN-ReLU first; the shortcut conv reads the pre-activated input."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, norm) -> None:
+        super().__init__()
+        self.bn1 = norm(inplanes)
+        self.conv1 = tv_resnet.conv3x3(inplanes, planes, stride)
+        self.bn2 = norm(planes)
+        self.conv2 = tv_resnet.conv3x3(planes, planes)
+        self.relu = nn.ReLU(inplace=False)
+        self.downsample = downsample
+
+    def residual(self, x: Tensor) -> Tensor:
+        return self.conv2(self.relu(self.bn2(self.conv1(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.relu(self.bn1(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        return self.residual(x) + shortcut
+
+
+class PreActBottleneck(PreActBasic):
+    """Gluon ``BottleneckV2``: BN-ReLU-1x1, BN-ReLU-3x3 (the stride), BN-ReLU-1x1 to 4x the width."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, norm) -> None:
+        nn.Module.__init__(self)
+        self.bn1 = norm(inplanes)
+        self.conv1 = tv_resnet.conv1x1(inplanes, planes)
+        self.bn2 = norm(planes)
+        self.conv2 = tv_resnet.conv3x3(planes, planes, stride)
+        self.bn3 = norm(planes)
+        self.conv3 = tv_resnet.conv1x1(planes, planes * 4)
+        self.relu = nn.ReLU(inplace=False)
+        self.downsample = downsample
+
+    def residual(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn2(self.conv1(x)))
+        return self.conv3(self.relu(self.bn3(self.conv2(x))))
+
+
+class ResNetBody(nn.Module):
+    """The ResNets GluonCV/Gluon detectors sit on, from a description (``config["backbone"]["body"]``).
+
+    * ``stem``: ``data_bn`` (a BN on the normalized input, Gluon v2), ``convs`` ``[out, kernel,
+      stride]`` (one 7x7, or GluonCV's deep 3x3 stem as ``conv1.0/.3/.6`` with BNs ``.1/.4``),
+      then ``bn1``, ReLU, 3x3/2 max pool;
+    * ``block`` basic or bottleneck, ``layers`` blocks per stage, stage widths 64..512;
+      ``preact``: pre-activation blocks (:class:`PreActBasic`, :class:`PreActBottleneck`),
+      else torchvision's ``BasicBlock``/``Bottleneck`` with the stride on ``stride_on``
+      (``conv2``: torchvision, GluonCV v1b; ``conv1``: Gluon ``BottleneckV1``);
+    * ``downsample``: ``conv`` (1x1 with the stride) or ``avg_conv`` (GluonCV v1d: average
+      pool with the stride, ceil mode, padding not counted, then a 1x1), a BN after it unless
+      ``preact``;
+    * ``tail_bn``: BN + ReLU after the last block (Gluon v2), kept inside ``layer4`` as
+      ``layer4.post_bn`` so that whatever takes stage 4 takes it too.
+
+    ``resnetN_v1b`` is torchvision's own ``resnetN``, name for name.
+    """
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        body, norm = body_of(spec), _frozen_bn(spec)
+        stem = body["stem"]
+        if stem["data_bn"]:
+            self.data_bn = norm(3)
+        convs, in_c = [], 3
+        for out_c, k, stride in stem["convs"]:
+            convs.append(nn.Conv2d(in_c, out_c, k, stride=stride, padding=k // 2, bias=False))
+            in_c = out_c
+        if len(convs) == 1:
+            self.conv1 = convs[0]
+        else:
+            parts: list[nn.Module] = []
+            for conv in convs[:-1]:
+                parts += [conv, norm(conv.out_channels), nn.ReLU(inplace=True)]
+            self.conv1 = nn.Sequential(*parts, convs[-1])
+        self.bn1 = norm(in_c)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.widths = []
+        for index, (count, planes) in enumerate(zip(spec["layers"], (64, 128, 256, 512), strict=True)):
+            layer, in_c = self._stage(body, spec["block"], in_c, planes, count, 1 if index == 0 else 2, norm)
+            if index == 3 and body["tail_bn"]:
+                layer.add_module("post_bn", norm(in_c))
+                layer.add_module("post_relu", nn.ReLU(inplace=True))
+            setattr(self, f"layer{index + 1}", layer)
+            self.widths.append(in_c)
+
+    @staticmethod
+    def _stage(body: dict, block: str, in_c: int, planes: int, count: int, stride: int, norm):
+        bottleneck = block == "bottleneck"
+        out_c = planes * (4 if bottleneck else 1)
+        blocks = []
+        for i in range(count):
+            s = stride if i == 0 else 1
+            downsample = None
+            if i == 0 and (s != 1 or in_c != out_c):
+                if body["downsample"] == "avg_conv":
+                    pool = nn.AvgPool2d(s, s, ceil_mode=True, count_include_pad=False) if s > 1 else nn.Identity()
+                    parts = [pool, tv_resnet.conv1x1(in_c, out_c)]
+                else:
+                    parts = [tv_resnet.conv1x1(in_c, out_c, s)]
+                downsample = parts[0] if body["preact"] and len(parts) == 1 else nn.Sequential(
+                    *parts, *([] if body["preact"] else [norm(out_c)]))
+            if body["preact"]:
+                kind = PreActBottleneck if bottleneck else PreActBasic
+                blocks.append(kind(in_c, planes, s, downsample, norm))
+            else:
+                unit = (tv_resnet.Bottleneck if bottleneck else tv_resnet.BasicBlock)(
+                    in_c, planes, s, downsample, norm_layer=norm)
+                if bottleneck and body["stride_on"] == "conv1" and s != 1:
+                    unit.conv1.stride, unit.conv2.stride = (s, s), (1, 1)
+                blocks.append(unit)
+            in_c = out_c
+        return nn.Sequential(*blocks), out_c
+
+    def forward(self, x: Tensor) -> Tensor:  # the features up to stage 4 (detectors take them by name)
+        for module in self.children():
+            x = module(x)
+        return x
+
+
 def stage_width(layer: nn.Sequential) -> int:
-    last = layer[-1]
-    return last.conv3.out_channels if isinstance(last, tv_resnet.Bottleneck) else last.conv2.out_channels
+    last = [m for m in layer if not isinstance(m, (FrozenBatchNorm2d, nn.ReLU))][-1]
+    return last.conv3.out_channels if hasattr(last, "conv3") else last.conv2.out_channels
 
 
-def _resnet(spec: dict) -> tv_resnet.ResNet:
-    return tv_resnet.ResNet(_BLOCKS[spec["block"]], list(spec["layers"]),
-                            norm_layer=lambda c: FrozenBatchNorm2d(c, eps=spec["bn_eps"]))
+def _resnet(spec: dict) -> ResNetBody:
+    return ResNetBody(spec)
 
 
 class C4Backbone(nn.Module):

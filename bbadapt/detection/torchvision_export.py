@@ -17,7 +17,12 @@ Input convention: the bundle's input fold is undone (conv1 gets the weights that
 SOURCE spec, as the backbone export does) and the source normalization moves into the
 transform's ``image_mean``/``image_std``: by default the model takes RGB 0..1 floats like
 every torchvision reference script (``input_range="255"``: RGB 0..255). A BGR source is
-served by permuting conv1's input channels. Phase 1: ``resnetN_v1b`` backbones.
+served by permuting conv1's input channels (and Gluon v2's data BN's).
+
+Bodies: every GluonCV/Gluon ImageNet ResNet the detector builds on (v1b; v1c/v1d/v1e/v1s:
+deep 3x3 stem, v1d/v1e with average-pool shortcuts; Gluon v1; Gluon v2: data BN,
+pre-activation blocks, final BN + ReLU), read off the network by :class:`BodyReader` into a
+description (``config["backbone"]["body"]``) from which the runtime's ``ResNetBody`` is built.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from types import ModuleType
 
 import numpy as np
 
-from bbadapt.core import atomic
+from bbadapt.core import atomic, foldmath
 from bbadapt.core.errors import ModelError, OptionError, OutputError
 from bbadapt.detection.torchvision_export_check import INPUT_RANGES
 from converters.readers import safetensors_io
@@ -117,21 +122,272 @@ def _value(param) -> np.ndarray:
     return param.data().asnumpy().astype(np.float32)
 
 
-def backbone_tensors(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], int]:
-    """torchvision ResNet tensors of the backbone, conv1 taking the SOURCE spec; and the depth."""
+def backbone_tensors(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], dict, int]:
+    """The backbone as :class:`frcnn_runtime.ResNetBody` tensors (conv1 taking the SOURCE spec), its body
+    description and depth: read off the detector's own stem/stage/tail cut (see :class:`BodyReader`)."""
     from bbadapt.bundle.backbone import load_adapted
-    from converters.readers.torchvision import IGNORED_SUFFIX
     from converters.writers.bundle_io import Bundle
-    from converters.writers.torchvision import _v1b_depth, torchvision_state
 
-    try:
-        depth = _v1b_depth(gluon.model)
-    except ModelError:
-        raise ModelError(f"the detector's backbone {gluon.model} cannot be exported to torchvision yet: "
-                         "phase 1 takes resnet{18,34,50,101,152}_v1b bodies") from None
     adapted = load_adapted(gluon.directory, gluon.manifest, net=gluon.backbone)
-    state = torchvision_state(Bundle(gluon.directory, gluon.manifest, adapted, gluon.model))
-    return {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIX) and not k.startswith("fc.")}, depth
+    reader = BodyReader(Bundle(gluon.directory, gluon.manifest, adapted, gluon.model), _cut(gluon))
+    return reader.read()
+
+
+def _cut(gluon: GluonDetector) -> dict:
+    """Stem, stage and tail paths of the backbone, as the detector was built on them."""
+    stored = gluon.section.get("backbone_layout")
+    if isinstance(stored, dict) and stored.get("stages"):
+        return stored
+    from bbadapt.detection.build import discover_layout
+
+    return discover_layout(gluon.backbone).to_dict()
+
+
+class BodyReader:
+    """Walks an adapted GluonCV/Gluon ResNet and writes it as ``ResNetBody`` tensors plus its description.
+
+    Nothing is looked up per model name: the stem is the convs and BatchNorm slots of the
+    detector's stem paths (a BN before the first conv is Gluon v2's data BN; one 7x7 conv, or
+    GluonCV's deep 3x3 stem); every block is its convs and BN slots in order (a BN first means
+    pre-activation, Gluon v2; a BN after conv ``k`` is ``bn{k}`` and takes the conv's bias, a BN
+    before conv ``k`` in a pre-activation block is ``bn{k}``); the shortcut is a 1x1 conv, or an
+    average pool then a 1x1 (GluonCV v1d); the stride sits on whichever conv has it; the tail
+    (Gluon v2's final BN + ReLU) becomes ``layer4.post_bn``. The description must be the same
+    in every stage, and the runtime's strict ``load_state_dict`` and the four-level check then
+    prove that it is the network.
+    """
+
+    def __init__(self, bundle, cut: dict) -> None:
+        from bbadapt.core.plan import FoldIntoConv, input_step
+
+        self.bundle, self.cut = bundle, cut
+        self.net = bundle.adapted.net
+        self.step = input_step(bundle.adapted.steps)
+        if isinstance(self.step, FoldIntoConv) and self.step.absorb_bn:
+            raise ModelError("the bundle folded its input and data BatchNorm into conv1 (input fold 'conv' through a "
+                             "data BN); export a bundle made with the default input fold")
+        self.state: dict[str, np.ndarray] = {}
+        self.body: dict = {}
+
+    # ------------------------------------------------------------ leaves
+
+    def _leaves(self, path: str, skip: tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
+        """(kind, path, block) of the convs ("conv"), BN slots ("bn") and pools ("avgpool", "maxpool") under ``path``."""
+        from mxnet.gluon import nn
+
+        from bbadapt.core.blocks import FrozenAffine, Identity, get_block
+
+        block = get_block(self.net, path)
+        if self.step is not None and path == self.step.conv:
+            return [("conv", path, block)]  # the input conv (its input affine, if any, is undone by _first_conv)
+        if isinstance(block, nn.Conv2D):
+            return [("conv", path, block)]
+        if isinstance(block, (nn.BatchNorm, FrozenAffine, Identity)):
+            return [("bn", path, block)]
+        if isinstance(block, nn.AvgPool2D):
+            return [("avgpool", path, block)]
+        if isinstance(block, nn.MaxPool2D):
+            return [("maxpool", path, block)]
+        out = []
+        for name in block._children:
+            if name not in skip:
+                out += self._leaves(f"{path}.{name}" if path else name, skip)
+        return out
+
+    def _conv(self, path: str, block) -> tuple[np.ndarray, np.ndarray, dict]:
+        from bbadapt.core.blocks import param_value
+        from bbadapt.core.plan import FoldIntoBN
+        from bbadapt.core.spec import affine_map
+        from converters.writers.torchvision import _bias, _first_conv
+
+        if isinstance(self.step, FoldIntoBN) and path == self.step.conv:  # reads target order: back to source order
+            perm = affine_map(self.bundle.source, self.bundle.target)[0]
+            weight, bias = foldmath.unpermute_conv_input(param_value(block.weight), perm), _bias(block)
+        elif self.step is not None and path == self.step.conv:
+            weight, bias = _first_conv(self.bundle, block)
+        else:
+            weight, bias = param_value(block.weight), _bias(block)
+        conv = block if "weight" in block._reg_params else block[len(block) - 1]  # the input affine's sequence: its conv
+        kw = conv._kwargs
+        if tuple(kw.get("dilate", (1, 1))) != (1, 1) or int(kw.get("num_group", 1)) != 1 \
+                or tuple(kw["pad"]) != (weight.shape[2] // 2,) * 2 or weight.shape[2] != weight.shape[3]:
+            raise ModelError(f"{path} is not a plain square conv with 'same' padding (dilated or grouped?): "
+                             "the torchvision export does not describe it")
+        return weight, bias, {"stride": int(kw["stride"][0]), "out": int(weight.shape[0]), "k": int(weight.shape[2])}
+
+    def _put_conv(self, name: str, weight: np.ndarray) -> None:
+        self.state[f"{name}.weight"] = weight
+
+    def _put_bn(self, name: str, block, bias: np.ndarray | None, channels: int) -> None:
+        from converters.readers.torchvision import VAR_ONE
+        from converters.writers.torchvision import _affine_of
+
+        s, t = (block.s, block.t) if isinstance(block, _Slot) else _affine_of(block)
+        s, t = np.broadcast_to(s, (channels,)), np.broadcast_to(t, (channels,))
+        self.state[f"{name}.weight"] = s
+        self.state[f"{name}.bias"] = foldmath.fused_bias(np.zeros(channels) if bias is None else bias, s, t)
+        self.state[f"{name}.running_mean"] = np.zeros(channels)
+        self.state[f"{name}.running_var"] = np.full(channels, VAR_ONE)
+
+    @staticmethod
+    def _no_bias(path: str, bias: np.ndarray) -> None:
+        if np.any(bias != 0):
+            raise ModelError(f"{path} has a bias and no BatchNorm after it: the torchvision body has no place for it")
+
+    # ------------------------------------------------------------ stem, blocks, tail
+
+    def stem(self) -> None:
+        leaves = [leaf for path in self.cut["stem"] for leaf in self._leaves(path)]
+        kinds = [k for k, _, _ in leaves]
+        data_bn = bool(kinds) and kinds[0] == "bn"
+        body = kinds[1:] if data_bn else kinds
+        n = body.count("conv")
+        if n < 1 or body != ["conv", "bn"] * n + ["maxpool"]:
+            raise ModelError(f"the backbone's stem ({', '.join(kinds)}) is not [data BN] conv-BN (once or more) + max pool")
+        if data_bn:
+            self._data_bn(leaves[0][2], leaves[1])
+            leaves = leaves[1:]
+        convs = []
+        for i in range(n):
+            (_, cpath, cblock), (_, _bpath, bblock) = leaves[2 * i], leaves[2 * i + 1]
+            weight, bias, info = self._conv(cpath, cblock)
+            conv_name, bn_name = ("conv1", "bn1") if n == 1 else (f"conv1.{3 * i}", "bn1" if i == n - 1 else f"conv1.{3 * i + 1}")
+            self._put_conv(conv_name, weight)
+            self._put_bn(bn_name, bblock, bias, info["out"])
+            convs.append([info["out"], info["k"], info["stride"]])
+        pool = leaves[-1][2]._kwargs
+        if tuple(pool["kernel"]) != (3, 3) or tuple(pool["stride"]) != (2, 2) or tuple(pool["pad"]) != (1, 1):
+            raise ModelError("the backbone's stem max pool is not 3x3, stride 2, padding 1")
+        self.body["stem"] = {"data_bn": data_bn, "convs": convs}
+
+    def _data_bn(self, block, conv_leaf) -> None:
+        """Gluon v2's data BN on the SOURCE-normalized input: the input fold into it (if any) undone."""
+        from bbadapt.core.plan import FoldIntoBN
+        from bbadapt.core.spec import affine_map
+        from converters.writers.torchvision import _affine_of
+
+        s, t = (np.broadcast_to(v, (3,)) for v in _affine_of(block))
+        if isinstance(self.step, FoldIntoBN):  # x_t -> affine -> conv reading target order
+            perm, a, b = affine_map(self.bundle.source, self.bundle.target)
+            s_src = s[list(perm)] / a  # FrozenAffine values are in target order: out[perm[c]] = values[c]
+            s, t = s_src, t[list(perm)] - s_src * b
+        elif self.step is not None and self.step.conv == conv_leaf[1]:
+            raise ModelError("the bundle folded its input into conv1 behind the data BN; cannot undo it exactly")
+        self._put_bn("data_bn", _Slot(s, t), None, 3)
+
+    def stages(self) -> None:
+        from bbadapt.core.blocks import get_block
+
+        counts = []
+        for index, stage_path in enumerate(self.cut["stages"], start=1):
+            stage = get_block(self.net, stage_path)
+            names = list(stage._children)
+            counts.append(len(names))
+            for i, name in enumerate(names):
+                self._block(f"{stage_path}.{name}", f"layer{index}.{i}", first=i == 0, stage=index)
+        self.body["layers"] = counts
+
+    def _block(self, path: str, name: str, first: bool, stage: int) -> None:
+        from bbadapt.core.blocks import get_block
+
+        block = get_block(self.net, path)
+        leaves = self._leaves(path, skip=("downsample",))
+        kinds = [k for k, _, _ in leaves]
+        preact = kinds[:1] == ["bn"]
+        n = kinds.count("conv")
+        want = ["bn", "conv"] * n if preact else ["conv", "bn"] * n
+        if n not in (2, 3) or kinds != want:
+            raise ModelError(f"{path} ({', '.join(kinds)}) is neither a conv-BN block nor a pre-activation BN-conv block")
+        strides, prev_bias = [], None
+        for k in range(n):  # conv k's bias lands in the BN right after it (pre-activation: the one before conv k+1)
+            bn_leaf, conv_leaf = (leaves[2 * k], leaves[2 * k + 1]) if preact else (leaves[2 * k + 1], leaves[2 * k])
+            weight, bias, info = self._conv(conv_leaf[1], conv_leaf[2])
+            self._put_conv(f"{name}.conv{k + 1}", weight)
+            if preact:
+                self._put_bn(f"{name}.bn{k + 1}", bn_leaf[2], prev_bias, int(weight.shape[1]))
+                prev_bias = bias
+            else:
+                self._put_bn(f"{name}.bn{k + 1}", bn_leaf[2], bias, info["out"])
+            strides.append(info["stride"])
+            self.width = info["out"]
+        if preact:
+            self._no_bias(leaves[-1][1], prev_bias)
+        self._describe(path, "block", "bottleneck" if n == 3 else "basic")
+        self._describe(path, "preact", preact)
+        stride_on = [f"conv{k + 1}" for k, s in enumerate(strides) if s != 1]
+        if len(stride_on) > 1 or (stride_on and not first) or (first and stage > 1 and not stride_on):
+            raise ModelError(f"{path}: strides {strides} are not one stride-2 conv in each stage's first block")
+        if stride_on and n == 3:
+            self._describe(path, "stride_on", stride_on[0])
+        elif stride_on and stride_on[0] != "conv1":
+            raise ModelError(f"{path}: a basic block with its stride on {stride_on[0]}")
+        if "downsample" in block._children:  # where one is expected: the runtime's strict load says
+            self._downsample(f"{path}.downsample", f"{name}.downsample", preact, strides)
+
+    def _downsample(self, path: str, name: str, preact: bool, strides: list[int]) -> None:
+        leaves = self._leaves(path)
+        kinds = [k for k, _, _ in leaves]
+        stride = max(strides)
+        if kinds == ["conv", "bn"] or kinds == ["conv"] and preact:
+            kind = "conv"
+        elif kinds == ["avgpool", "conv", "bn"]:
+            kind = "avg_conv"
+            pool = leaves[0][2]._kwargs
+            if tuple(pool["kernel"]) != (stride,) * 2 or tuple(pool["stride"]) != (stride,) * 2 \
+                    or pool.get("pooling_convention") != "full" or pool.get("count_include_pad", True):
+                raise ModelError(f"{path}: the average pool is not {stride}x{stride}/{stride}, ceil mode, "
+                                 "padding not counted")
+        else:
+            raise ModelError(f"{path} ({', '.join(kinds)}) is not a 1x1 conv(-BN) or avg pool + 1x1 conv-BN shortcut")
+        self._describe(path, "downsample", kind)
+        offset = len(kinds) - (2 if kinds[-1] == "bn" else 1)
+        conv_path, conv = leaves[offset][1], leaves[offset][2]
+        weight, bias, info = self._conv(conv_path, conv)
+        if info["stride"] != (1 if kind == "avg_conv" else stride):
+            raise ModelError(f"{conv_path}: the shortcut conv's stride {info['stride']} does not match its block")
+        local = lambda p: p[len(path) + 1:]  # noqa: E731 - the gluon index inside the shortcut is the torch index
+        if kinds[-1] == "bn":
+            self._put_conv(f"{name}.{local(conv_path)}", weight)
+            self._put_bn(f"{name}.{local(leaves[-1][1])}", leaves[-1][2], bias, info["out"])
+        else:
+            self._no_bias(conv_path, bias)
+            self._put_conv(name if conv_path == path else f"{name}.{local(conv_path)}", weight)
+
+    def tail(self) -> None:
+        leaves = [leaf for path in self.cut.get("tail", []) for leaf in self._leaves(path)]
+        if [k for k, _, _ in leaves] not in ([], ["bn"]):
+            raise ModelError(f"the backbone's tail after stage 4 ({', '.join(k for k, _, _ in leaves)}) is not one BN + ReLU")
+        self.body["tail_bn"] = bool(leaves)
+        if leaves:
+            self._put_bn("layer4.post_bn", leaves[0][2], None, self.width)
+
+    def _describe(self, path: str, key: str, value) -> None:
+        if self.body.setdefault(key, value) != value:
+            raise ModelError(f"{path}: {key} {value!r} differs from the other blocks' {self.body[key]!r}; "
+                             "the torchvision body describes one kind of block")
+
+    def read(self) -> tuple[dict[str, np.ndarray], dict, int]:
+        from bbadapt.core.zoo import resnet_depth
+
+        self.stem()
+        self.stages()
+        self.tail()
+        self.body.setdefault("stride_on", "conv1" if self.body["block"] == "basic" else "conv2")
+        self.body.setdefault("downsample", "conv")
+        depth = resnet_depth(tuple(self.body["layers"]), self.body["block"] == "bottleneck")
+        if depth is None:
+            raise ModelError(f"a ResNet with {self.body['layers']} {self.body['block']} blocks per stage is not one "
+                             "of the ResNet paper's depths (18, 34, 50, 101, 152)")
+        order = ("stem", "block", "layers", "preact", "stride_on", "downsample", "tail_bn")
+        body = {k: self.body[k] for k in order}
+        return {k: np.asarray(v, np.float32) for k, v in self.state.items()}, body, depth
+
+
+class _Slot:
+    """A BN slot given by its affine (the data BN once the input fold is undone)."""
+
+    def __init__(self, s: np.ndarray, t: np.ndarray) -> None:
+        self.s, self.t = s, t
 
 
 def rgb_first_conv(weight: np.ndarray, source) -> np.ndarray:
@@ -181,16 +437,21 @@ def head_tensors(gluon: GluonDetector) -> dict[str, np.ndarray]:
     return tensors
 
 
-def state_dict(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], int]:
-    """The whole torchvision state dict (float32) and the backbone depth."""
-    body, depth = backbone_tensors(gluon)
-    body["conv1.weight"] = rgb_first_conv(body["conv1.weight"], gluon.source)
+def state_dict(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], dict, int]:
+    """The whole torchvision state dict (float32), the body description and the backbone depth."""
+    body, description, depth = backbone_tensors(gluon)
+    first = "conv1.weight" if len(description["stem"]["convs"]) == 1 else "conv1.0.weight"
+    body[first] = rgb_first_conv(body[first], gluon.source)
+    if description["stem"]["data_bn"]:  # Gluon v2: the data BN reads the same channels as conv1
+        order = list(np.argsort(gluon.source.perm))
+        for leaf in ("weight", "bias"):
+            body[f"data_bn.{leaf}"] = body[f"data_bn.{leaf}"][order]
     state = {}
     for name, value in body.items():
         in_head = gluon.layout == "c4" and name.startswith("layer4.")
         state[f"roi_heads.box_head.{name}" if in_head else f"backbone.body.{name}"] = value.astype(np.float32)
     state.update(head_tensors(gluon))
-    return state, depth
+    return state, description, depth
 
 
 # ---------------------------------------------------------------- config
@@ -207,16 +468,14 @@ def _box_clip(settings: dict):
     return None if settings.get("clip") in (None, -1) else float(settings["clip"])
 
 
-def make_config(gluon: GluonDetector, depth: int, input_range: str) -> dict:
+def make_config(gluon: GluonDetector, body: dict, depth: int, input_range: str) -> dict:
     """``config.json``: everything the runtime needs, and what a reader needs to trust it."""
     from bbadapt.bundle.manifest import versions
     from bbadapt.core.foldmath import unit_variance
-    from bbadapt.core.zoo import RESNET_LAYOUTS
     from converters.readers.torchvision import BN_EPS
 
     s = gluon.settings
     fpn = gluon.layout == "fpn"
-    counts, bottleneck = RESNET_LAYOUTS[depth]
     strides = [int(v) for v in s["strides"]] if fpn else [int(s["strides"])]
     mean, std = image_normalization(gluon.source, input_range)
     freeze_at = int(gluon.section["freeze_at"])
@@ -225,8 +484,8 @@ def make_config(gluon: GluonDetector, depth: int, input_range: str) -> dict:
         "classes": list(gluon.section["classes"]),
         "labels": "torchvision label k is classes[k-1]; 0 is the background (gluoncv class id = k-1)",
         "layout": gluon.layout,
-        "backbone": {"arch": f"resnet{depth}", "gluon_model": gluon.model, "block": "bottleneck" if bottleneck else "basic",
-                     "layers": list(counts), "freeze_at": freeze_at, "trainable_layers": 5 - freeze_at,
+        "backbone": {"arch": f"resnet{depth}", "gluon_model": gluon.model, "block": body["block"],
+                     "layers": list(body["layers"]), "body": body, "freeze_at": freeze_at, "trainable_layers": 5 - freeze_at,
                      "bn": "FrozenBatchNorm2d", "bn_eps": BN_EPS, "bn_running_var": float(unit_variance(BN_EPS)),
                      "bn_note": "frozen constants (weight s, bias t, mean 0, var 1-eps): never overwrite_eps(model, 0.0)"},
         "fpn_channels": 256 if fpn else None,
@@ -327,15 +586,21 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
     _require_torch()
     say(f"loading the detector from {directory}")
     gluon = load_gluon(directory)
-    state, depth = state_dict(gluon)
-    config = make_config(gluon, depth, options.input_range)
+    state, body, depth = state_dict(gluon)
+    config = make_config(gluon, body, depth, options.input_range)
     with atomic.staged_directory(out, force, export_ownership_problem, what="torchvision export") as stage:
         metadata = {"format": "pt", "bbadapt.format": FORMAT, "bbadapt.layout": gluon.layout}
         (stage / "model.safetensors").write_bytes(safetensors_io.dumps(state, metadata))
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(RUNTIME_SOURCE, stage / RUNTIME_FILE)
         say("loading the export with its own runtime and checking it against the GluonCV detector")
-        model = import_runtime(stage).load(stage, "cpu")
+        try:
+            model = import_runtime(stage).load(stage, "cpu")
+        except RuntimeError as exc:  # strict load_state_dict: the description does not build this network
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__
+            raise ModelError(f"the torchvision body described from {gluon.model or 'the backbone'} does not take its "
+                             f"tensors (a pruned variant?): {reason}") from None
         check = run_check(gluon, model, CheckOptions(sizes=options.sizes, input_range=options.input_range), say)
         (stage / "check.json").write_text(json.dumps(check, indent=2) + "\n")
         if not check["passed"]:

@@ -5,7 +5,12 @@ dog): a C4 detector exported for RGB 0..1 input, and an FPN detector exported fr
 checkpoint-like directory (manifest + detector.params only) for RGB 0..255 input. The check
 sizes are small (an odd one and a tiny one) to keep the run short; the tiny one makes GluonCV
 pad its proposals with -1 rows, which the check must drop. A BGR (Caffe) source is covered by
-the arithmetic that serves it: conv1's channel permutation and the transform's mean/std.
+the arithmetic that serves it: conv1's channel permutation and the transform's mean/std, and
+end to end by the resnet18_v2 body (its input fold sits in the data BN, which is undone).
+
+The other bodies (``BODIES``: Gluon v1 and v2, GluonCV's deep stem with average-pool
+shortcuts) are exported as C4 detectors at one odd size, with fewer test-time proposals
+(each RoI runs stage 4), and must pass the same four-level check.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ SIZES = [(101, 135), (64, 80)]
 CLASSES = ["raccoon", "dog"]
 
 
-def _bundle(root: Path, layout: str, source: str | None) -> Path:
+def _bundle(root: Path, layout: str, source: str | None, model: str = "resnet18_v1b",
+            overrides: dict | None = None) -> Path:
     from bbadapt.pipeline import ConvertOptions, DetectorOptions, convert
 
     out = root / f"frcnn-{layout}"
-    convert("resnet18_v1b", out, ConvertOptions(weights="random", source=source, sizes=[(64, 64)]),
-            DetectorOptions(classes=CLASSES, layout=layout, freeze_at=2))
+    convert(model, out, ConvertOptions(weights="random", source=source, sizes=[(64, 64)]),
+            DetectorOptions(classes=CLASSES, layout=layout, freeze_at=2, overrides=overrides))
     return out
 
 
@@ -69,20 +75,80 @@ def _load(export: Path):
     return import_runtime(export).load(export, "cpu")
 
 
-@pytest.mark.parametrize("which", ["c4", "fpn"])
-def test_the_export_holds_weights_config_runtime_and_a_passed_four_level_check(which, request):
-    _, export, summary = request.getfixturevalue(which)
-    assert sorted(p.name for p in export.iterdir()) == ["check.json", "config.json", "frcnn_runtime.py", "model.safetensors"]
-    assert summary["check_passed"] and summary["layout"] == which
-    check = _check(export)
-    assert check["passed"] and [r["size"] for r in check["images"]] == [list(s) for s in SIZES]
+def _assert_four_levels_passed(check: dict, sizes: list[tuple[int, int]]) -> None:
+    assert check["passed"] and [r["size"] for r in check["images"]] == [list(s) for s in sizes]
     for image in check["images"]:
         assert image["backbone"]["max_rel"] <= 1e-4
         assert image["rpn"]["max_rel"] <= 1e-4 and image["rpn"]["anchors_max_abs_px"] == 0.0
         assert image["roi_heads"]["max_rel"] <= 1e-4 and image["roi_heads"]["proposals"] > 0
         found = image["detections"]
         assert found["count_a"] > 0 and found["count_a"] == found["count_b"] and found["unmatched"] == 0
+
+
+@pytest.mark.parametrize("which", ["c4", "fpn"])
+def test_the_export_holds_weights_config_runtime_and_a_passed_four_level_check(which, request):
+    _, export, summary = request.getfixturevalue(which)
+    assert sorted(p.name for p in export.iterdir()) == ["check.json", "config.json", "frcnn_runtime.py", "model.safetensors"]
+    assert summary["check_passed"] and summary["layout"] == which
+    check = _check(export)
+    _assert_four_levels_passed(check, SIZES)
     assert check["images"][1]["detections"]["gluoncv_padding_rows_dropped"] > 0  # 64x80: fewer proposals than post_nms
+    body = json.loads((export / "config.json").read_text())["backbone"]["body"]
+    assert body == {"stem": {"data_bn": False, "convs": [[64, 7, 2]]}, "block": "basic", "layers": [2, 2, 2, 2],
+                    "preact": False, "stride_on": "conv1", "downsample": "conv", "tail_bn": False}
+    model = _load(export)  # v1b is torchvision's own resnet18, name for name
+    import torchvision
+
+    reference = torchvision.models.resnet18().state_dict()
+    body_keys = {k[len("backbone.body."):] for k in model.state_dict() if k.startswith("backbone.body.")}
+    assert body_keys and body_keys <= set(reference)
+
+
+RESNET18_V2 = {"stem": {"data_bn": True, "convs": [[64, 7, 2]]}, "block": "basic", "layers": [2, 2, 2, 2],
+               "preact": True, "stride_on": "conv1", "downsample": "conv", "tail_bn": True}
+# (model, layout) -> (input spec, the body description the export must derive from the network)
+BODIES = {
+    ("resnet18_v1", "c4"): (None, {"stem": {"data_bn": False, "convs": [[64, 7, 2]]}, "block": "basic",
+                                   "layers": [2, 2, 2, 2], "preact": False, "stride_on": "conv1", "downsample": "conv",
+                                   "tail_bn": False}),
+    ("resnet18_v2", "c4"): ("caffe", RESNET18_V2),
+    ("resnet18_v2", "fpn"): (None, RESNET18_V2),  # the final BN + ReLU must reach the FPN's C5
+    ("resnet50_v1d", "c4"): (None, {"stem": {"data_bn": False, "convs": [[32, 3, 2], [32, 3, 1], [64, 3, 1]]},
+                                    "block": "bottleneck", "layers": [3, 4, 6, 3], "preact": False,
+                                    "stride_on": "conv2", "downsample": "avg_conv", "tail_bn": False}),
+    ("resnet50_v2", "c4"): (None, {"stem": {"data_bn": True, "convs": [[64, 7, 2]]}, "block": "bottleneck",
+                                   "layers": [3, 4, 6, 3], "preact": True, "stride_on": "conv2", "downsample": "conv",
+                                   "tail_bn": True}),
+}
+BODY_SIZES = [(101, 135)]  # odd: stride-2 convs and v1d's ceil-mode average pools meet odd maps (51x68 ... 13x17)
+BODY_SETTINGS = {"rpn_test_post_nms": 64}  # C4 runs stage 4 once per proposal
+
+
+@pytest.fixture(scope="module", params=list(BODIES), ids=lambda key: "-".join(key))
+def body(request, tmp_path_factory):
+    model, layout = request.param
+    source, _ = BODIES[request.param]
+    root = tmp_path_factory.mktemp(f"tv-{model}-{layout}")
+    bundle = _bundle(root, layout, source=source, model=model, overrides=BODY_SETTINGS)
+    from bbadapt.detection.torchvision_export import export as export_bundle
+
+    return request.param, root / "export", export_bundle(bundle, root / "export", sizes=BODY_SIZES)
+
+
+def test_other_resnet_bodies_export_with_their_own_description_and_pass_the_four_level_check(body):
+    (model, layout), export, summary = body
+    source, description = BODIES[(model, layout)]
+    assert summary["check_passed"] and summary["layout"] == layout
+    _assert_four_levels_passed(_check(export), BODY_SIZES)
+    config = json.loads((export / "config.json").read_text())
+    assert config["backbone"]["body"] == description and config["backbone"]["gluon_model"] == model
+    net = _load(export)
+    stem = net.backbone.body  # the IntermediateLayerGetter over the body
+    assert hasattr(stem, "data_bn") == description["stem"]["data_bn"]
+    stage4 = net.roi_heads.box_head.layer4 if layout == "c4" else stem.layer4  # C4: in the box head; FPN: C5
+    assert hasattr(stage4, "post_bn") == description["tail_bn"]  # v2's final BN + ReLU run with stage 4
+    if source == "caffe":  # BGR weights: the data BN (holding the undone input fold) reads RGB like conv1
+        assert np.allclose(config["input"]["image_mean"], [123.68 / 255, 116.779 / 255, 103.939 / 255])
 
 
 def test_config_records_classes_settings_input_convention_and_frozen_bn(c4, fpn):
@@ -103,6 +169,15 @@ def test_config_records_classes_settings_input_convention_and_frozen_bn(c4, fpn)
     assert np.allclose(fpn_config["input"]["image_mean"], [0.485 * 255, 0.456 * 255, 0.406 * 255])
     assert fpn_config["rpn"]["bbox_xform_clip"] == 4.14 and fpn_config["rpn"]["strides"] == [4, 8, 16, 32, 64]
     assert fpn_config["provenance"]["kind"] == "detector" and fpn_config["provenance"]["detector_params_sha256"]
+
+
+def test_a_body_the_description_does_not_build_is_refused_and_nothing_is_written(tmp_path):
+    from bbadapt.core.errors import ModelError
+
+    bundle = _bundle(tmp_path, "c4", source=None, model="resnet18_v1b_0.89")  # pruned: its own channel counts
+    with pytest.raises(ModelError, match=r"does not take its tensors \(a pruned variant\?\): Error\(s\) in loading state_dict"):
+        _export(bundle, tmp_path / "export", "01")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frcnn-c4"]
 
 
 def test_bgr_weights_get_conv1_channels_reversed_and_the_caffe_mean_in_rgb_order():
