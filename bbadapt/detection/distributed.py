@@ -116,6 +116,34 @@ class Workers:
                              "error); this one stops too. The checkpoints written so far are intact "
                              "(continue with --resume)") from None
 
+    @contextlib.contextmanager
+    def root_work(self, epoch: int) -> Iterator[None]:
+        """Rank 0's end-of-epoch work (validation, checkpoint), then every worker learns how it went.
+
+        Without this, a rank 0 that fails there (a full disk, a file in the way) exits while the
+        others wait in the next epoch's asynchronous allreduce; Horovod's shutdown then reaches
+        them inside MXNet's engine, which was seen to crash a worker with a segfault instead of
+        raising. Here every worker meets in one synchronous allgather after that work, with no
+        operation queued, and a worker whose peer failed stops with one line naming it.
+        """
+        failure: Optional[Exception] = None
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - told to the others, then re-raised
+            failure = exc
+        if self.hvd is not None:
+            import mxnet as mx
+
+            mx.nd.waitall()  # no allreduce of this epoch is still queued
+            said = self.hvd.allgather_object(None if failure is None else str(failure), name=f"bbadapt.epoch{epoch}")
+            failed = [(rank, text) for rank, text in enumerate(said) if text is not None and rank != self.rank]
+            if failure is None and failed:
+                rank, text = failed[0]
+                raise WorkerLost(f"worker {self.rank}: another worker of this Horovod job failed at the end of epoch "
+                                 f"{epoch} (worker {rank}: {text})")
+        if failure is not None:
+            raise failure
+
     def finish(self, net) -> list[str]:
         """Drain MXNet's engine, then meet every worker; returns each worker's parameter digest.
 

@@ -384,9 +384,10 @@ class _Run:
             self._seed(epoch)
             self._epoch(epoch, loader, task)
             self.epoch = epoch + 1
-            val_map = self._validate() if self.epoch % self.config.val_interval == 0 else None
-            if self.rank0:
-                self._save(val_map)
+            with self.workers.root_work(self.epoch):  # a failure here reaches every worker as one line
+                val_map = self._validate() if self.epoch % self.config.val_interval == 0 else None
+                if self.rank0:
+                    self._save(val_map)
         digests = self.workers.finish(self.net)  # no worker returns before all are done (see distributed.py)
         self.log({"event": "finish", "epoch": self.epoch, "iteration": self.iteration, "workers": self.workers.size,
                   "param_digests": digests})
