@@ -132,10 +132,7 @@ class Workers:
         except Exception as exc:  # noqa: BLE001 - told to the others, then re-raised
             failure = exc
         if self.hvd is not None:
-            import mxnet as mx
-
-            mx.nd.waitall()  # no allreduce of this epoch is still queued
-            said = self.hvd.allgather_object(None if failure is None else str(failure), name=f"bbadapt.epoch{epoch}")
+            said = self.meet(None if failure is None else str(failure), f"bbadapt.epoch{epoch}")
             failed = [(rank, text) for rank, text in enumerate(said) if text is not None and rank != self.rank]
             if failure is None and failed:
                 rank, text = failed[0]
@@ -143,6 +140,20 @@ class Workers:
                                  f"{epoch} (worker {rank}: {text})")
         if failure is not None:
             raise failure
+
+    def meet(self, value, name: str) -> list:
+        """Every worker's ``value`` (rank order), exchanged in one synchronous allgather.
+
+        MXNet's engine is drained before (no allreduce of this worker is still queued to
+        interleave with the allgather) and after (the allgather's own work is done when this
+        returns). Horovod jobs only: the caller checks ``self.hvd``.
+        """
+        import mxnet as mx
+
+        mx.nd.waitall()
+        said = self.hvd.allgather_object(value, name=name)
+        mx.nd.waitall()
+        return said
 
     def finish(self, net) -> list[str]:
         """Drain MXNet's engine, then meet every worker; returns each worker's parameter digest.
@@ -155,8 +166,7 @@ class Workers:
         mine = parameter_digest(net)
         if self.hvd is None:
             return [mine]
-        digests = self.hvd.allgather_object(mine, name="bbadapt.finish")  # every worker gets here, or none returns
-        mx.nd.waitall()
+        digests = self.meet(mine, "bbadapt.finish")  # every worker gets here, or none returns
         if len(set(digests)) != 1:
             raise WorkersDisagree("the workers ended with different parameters (digests "
                                   + ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests)) + ")")
