@@ -330,7 +330,7 @@ def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     matched = sum(r["detections"]["count_a"] - r["detections"]["unmatched"] for r in results)
     total = sum(r["detections"]["count_a"] for r in results)
     summary = (f"backbone max rel {worst['backbone']:.2g}, RPN {worst['rpn']:.2g}, RoI heads {worst['roi_heads']:.2g} "
-               f"(RMS error vs GluonCV float64 at most {ratio:.2g}x GluonCV float32's); "
+               f"(RMS error vs GluonCV float64 at most {ratio:.3g}x GluonCV float32's); "
                f"detections {matched}/{total} matched"
                f" (score <= {max(r['detections']['max_abs_score_diff'] for r in results):.2g}, "
                f"box <= {max(r['detections']['max_abs_box_diff_px'] for r in results):.2g} px)")
