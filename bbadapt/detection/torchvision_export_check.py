@@ -314,7 +314,10 @@ def check_image(gluon, model, raw: np.ndarray, options: CheckOptions, twin: Floa
 
 def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     """The four-level comparison on one photo per size; ``passed`` only if every image passes."""
+    from mxnet.base import MXNetError
+
     from bbadapt.core import images
+    from bbadapt.core.errors import OptionError
 
     say = progress or (lambda _m: None)
     sizes = options.sizes or default_sizes(gluon.settings)
@@ -323,7 +326,12 @@ def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     for i, size in enumerate(sizes):
         say(f"checking {size[0]}x{size[1]} ({files[i % len(files)].name})")
         raw, names = images.photos(size, limit=i % len(files) + 1)
-        result = check_image(gluon, model, raw[-1:], options, twin)
+        try:
+            result = check_image(gluon, model, raw[-1:], options, twin)
+        except MXNetError as exc:  # a size too small for the detector: fewer anchors than rpn_test_post_nms
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise OptionError(f"GluonCV's detector cannot run at the check size {size[0]}x{size[1]} "
+                              f"({lines[-1] if lines else type(exc).__name__}); choose a larger size") from None
         results.append({"photo": names[-1], **result})
     worst = {level: max(r[level]["max_rel"] for r in results) for level in LEVELS}
     ratio = max(r[level]["float64"]["worst_rms_ratio"] for r in results for level in LEVELS)

@@ -229,6 +229,17 @@ def test_missing_detection_partners_are_judged_against_the_export_run_in_float64
     assert not check["passed"] and "detections judged against the float64 export: 64x80 failed" in check["summary"]
 
 
+def test_a_check_size_too_small_for_the_detector_is_one_line_and_nothing_is_written(c4, tmp_path):
+    from bbadapt.core.errors import OptionError
+    from bbadapt.detection.torchvision_export import export as export_bundle
+
+    bundle, _, _ = c4
+    with pytest.raises(OptionError, match=r"^GluonCV's detector cannot run at the check size 48x64 \(.*axis_size is 180\); "
+                                          r"choose a larger size$"):  # 3x4 positions x 15 anchors < 300 proposals
+        export_bundle(bundle, tmp_path / "tv", sizes=[(48, 64)])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_body_the_description_does_not_build_is_refused_and_nothing_is_written(tmp_path):
     from bbadapt.core.errors import ModelError
 
