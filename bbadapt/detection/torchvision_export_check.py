@@ -165,7 +165,9 @@ class ImageCheck:
     """One photo through both detectors, level by level.
 
     Each level's values are computed by one method per side (``_gluon_levels``,
-    ``_torch_levels``) so that the float64 second opinion reruns exactly the same pieces.
+    ``_torch_levels``, ``gluon_detections``, ``torch_detections``), so that the float64 runs
+    (GluonCV's for levels 1-3, the export's for missing detection partners) repeat exactly
+    the pieces that were compared in float32.
     """
 
     def __init__(self, gluon, model, raw: np.ndarray, options: CheckOptions, twin: Float64Twin) -> None:
