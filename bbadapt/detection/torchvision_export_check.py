@@ -257,6 +257,8 @@ class ImageCheck:
     def levels(self) -> dict:
         """Levels 1-3: differences from GluonCV float32, judged against GluonCV in float64 (:func:`float64_rule`)."""
         feats_gl = self._gluon_features(self.x_gl)
+        anchors_gl = self._gluon_anchors(feats_gl)
+        self._refuse_too_few_anchors(len(anchors_gl))
         proposals = self._gluon_proposals(feats_gl)
         gl = self._gluon_levels(feats_gl, proposals)
         feats_tv, tv = self._torch_levels(self.model, self.images, proposals)
@@ -269,7 +271,7 @@ class ImageCheck:
         anchors_tv = _np(self.model.rpn.anchor_generator(self.images, list(feats_tv.values()))[0])
         proposals_tv = _np(self.model.rpn(self.images, feats_tv)[0][0])
         same = proposals.shape == proposals_tv.shape
-        anchors = difference(self._gluon_anchors(feats_gl), anchors_tv)
+        anchors = difference(anchors_gl, anchors_tv)
         result["rpn"] |= {"anchors": anchors, "anchors_max_abs_px": anchors["max_abs"],
                           "proposals": {"gluoncv": len(proposals), "torchvision": len(proposals_tv),
                                         "max_abs_px_same_rank": float(np.max(np.abs(proposals - proposals_tv), initial=0.0))
@@ -278,6 +280,17 @@ class ImageCheck:
         result["roi_heads"] |= {"proposals": len(proposals),
                                 "background_rows_zero": bool(np.all(_np(self.model.roi_heads.box_predictor.bbox_pred.weight)[:4] == 0))}
         return result
+
+    def _refuse_too_few_anchors(self, anchors: int) -> None:
+        """GluonCV's RPN keeps its first ``rpn_test_post_nms`` boxes of all anchors, and fails inside
+        MXNet at a size with fewer anchors than that (C4, 300 proposals: 48x64 has 180)."""
+        from bbadapt.core.errors import OptionError
+
+        keep = self.det.rpn.get_test_post_nms()
+        if anchors < keep:
+            h, w = self.raw.shape[2:]
+            raise OptionError(f"GluonCV's detector cannot run at the check size {h}x{w} ({anchors} anchors, fewer than "
+                              f"the {keep} proposals its RPN keeps); choose a larger size")
 
     def _gluon_float64(self, proposals: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         import mxnet as mx
@@ -316,10 +329,7 @@ def check_image(gluon, model, raw: np.ndarray, options: CheckOptions, twin: Floa
 
 def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     """The four-level comparison on one photo per size; ``passed`` only if every image passes."""
-    from mxnet.base import MXNetError
-
     from bbadapt.core import images
-    from bbadapt.core.errors import OptionError
 
     say = progress or (lambda _m: None)
     sizes = options.sizes or default_sizes(gluon.settings)
@@ -328,12 +338,7 @@ def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     for i, size in enumerate(sizes):
         say(f"checking {size[0]}x{size[1]} ({files[i % len(files)].name})")
         raw, names = images.photos(size, limit=i % len(files) + 1)
-        try:
-            result = check_image(gluon, model, raw[-1:], options, twin)
-        except MXNetError as exc:  # a size too small for the detector: fewer anchors than rpn_test_post_nms
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise OptionError(f"GluonCV's detector cannot run at the check size {size[0]}x{size[1]} "
-                              f"({lines[-1] if lines else type(exc).__name__}); choose a larger size") from None
+        result = check_image(gluon, model, raw[-1:], options, twin)
         results.append({"photo": names[-1], **result})
     worst = {level: max(r[level]["max_rel"] for r in results) for level in LEVELS}
     ratio = max(r[level]["float64"]["worst_rms_ratio"] for r in results for level in LEVELS)

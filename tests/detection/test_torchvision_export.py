@@ -234,8 +234,8 @@ def test_a_check_size_too_small_for_the_detector_is_one_line_and_nothing_is_writ
     from bbadapt.detection.torchvision_export import export as export_bundle
 
     bundle, _, _ = c4
-    with pytest.raises(OptionError, match=r"^GluonCV's detector cannot run at the check size 48x64 \(.*axis_size is 180\); "
-                                          r"choose a larger size$"):  # 3x4 positions x 15 anchors < 300 proposals
+    with pytest.raises(OptionError, match=r"^GluonCV's detector cannot run at the check size 48x64 \(180 anchors, fewer "
+                                          r"than the 300 proposals its RPN keeps\); choose a larger size$"):  # 3x4 x 15
         export_bundle(bundle, tmp_path / "tv", sizes=[(48, 64)])
     assert list(tmp_path.iterdir()) == []
 
