@@ -105,7 +105,8 @@ class Float64Twin:
 
 @contextmanager
 def in_float64(detector):
-    """GluonCV's detector in float64 for a second opinion, then back (float32 -> float64 -> float32 is exact)."""
+    """GluonCV's detector in float64 for the truth levels 1-3 are judged by, then back (float32 -> float64 ->
+    float32 is exact)."""
     detector.cast("float64")
     try:
         yield detector
@@ -183,6 +184,9 @@ class ImageCheck:
 
     # ---------------------------------------------------------------- the GluonCV side
 
+    def _feature_names(self) -> list[str]:
+        return FPN_LEVELS if self.gluon.layout == "fpn" else ["C4"]
+
     def _gluon_features(self, x) -> list:
         feats = self.det.features(x)
         return list(feats) if isinstance(feats, (list, tuple)) else [feats]
@@ -192,10 +196,9 @@ class ImageCheck:
         import mxnet as mx
 
         fpn, s = self.gluon.layout == "fpn", self.gluon.settings
-        names = FPN_LEVELS if fpn else ["C4"]
         head = self.det.rpn.rpn_head if fpn else self.det.rpn
         rpn = {}
-        for i, feat in enumerate(feats[:5] if fpn else feats):
+        for i, feat in enumerate(feats):  # the RPN reads every feature map (P2..P6, or C4)
             mid = head.conv1(feat)
             rpn[f"objectness_{i}"], rpn[f"deltas_{i}"] = _np(head.score(mid)), _np(head.loc(mid))
         rois = np.concatenate([np.zeros((len(proposals), 1)), proposals], axis=1)
@@ -208,7 +211,8 @@ class ImageCheck:
             pooled = mx.nd.contrib.ROIAlign(feats[0], rois, tuple(s["roi_size"]), 1.0 / s["strides"], sample_ratio=2)
             box_feat = mx.nd.contrib.AdaptiveAvgPooling2D(self.det.top_features(pooled), output_size=1)
         roi = {"class_logits": _np(self.det.class_predictor(box_feat)), "box_deltas": _np(self.det.box_predictor(box_feat))}
-        return {"backbone": {n: _np(f) for n, f in zip(names, feats, strict=True)}, "rpn": rpn, "roi_heads": roi}
+        return {"backbone": {n: _np(f) for n, f in zip(self._feature_names(), feats, strict=True)}, "rpn": rpn,
+                "roi_heads": roi}
 
     def _gluon_proposals(self, feats: list) -> np.ndarray:
         import mxnet as mx
@@ -219,7 +223,7 @@ class ImageCheck:
     def _gluon_anchors(self, feats: list) -> np.ndarray:
         fpn = self.gluon.layout == "fpn"
         generators = list(self.det.rpn.anchor_generator) if fpn else [self.det.rpn.anchor_generator]
-        return np.concatenate([_np(g(f))[0] for g, f in zip(generators, feats[:5] if fpn else feats)])
+        return np.concatenate([_np(g(f))[0] for g, f in zip(generators, feats, strict=True)])
 
     def gluon_detections(self) -> tuple[list, int]:
         ids, scores, boxes = (_np(o)[0] for o in self.det(self.x_gl))
@@ -228,10 +232,10 @@ class ImageCheck:
 
     # ---------------------------------------------------------------- the torchvision side
 
-    @staticmethod
-    def _torch_levels(model, images, proposals: np.ndarray) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    def _torch_levels(self, proposals: np.ndarray) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
         import torch
 
+        model, images = self.model, self.images
         feats = model.backbone(images.tensors)
         logits, deltas = model.rpn.head(list(feats.values()))
         rpn = {}
@@ -241,8 +245,7 @@ class ImageCheck:
         boxes = torch.from_numpy(proposals).to(images.tensors)
         pooled = heads.box_roi_pool(feats, [boxes], images.image_sizes)
         logits, deltas = heads.box_predictor(heads.box_head(pooled))
-        names = FPN_LEVELS if len(feats) > 1 else ["C4"]
-        levels = {"backbone": {n: _np(f) for n, f in zip(names, feats.values(), strict=True)}, "rpn": rpn,
+        levels = {"backbone": {n: _np(f) for n, f in zip(self._feature_names(), feats.values(), strict=True)}, "rpn": rpn,
                   "roi_heads": {"class_logits": _np(logits), "box_deltas": _np(deltas)[:, 4:]}}  # no background rows
         return feats, levels
 
@@ -261,7 +264,7 @@ class ImageCheck:
         self._refuse_too_few_anchors(len(anchors_gl))
         proposals = self._gluon_proposals(feats_gl)
         gl = self._gluon_levels(feats_gl, proposals)
-        feats_tv, tv = self._torch_levels(self.model, self.images, proposals)
+        feats_tv, tv = self._torch_levels(proposals)
         gl64 = self._gluon_float64(proposals)
         result = {}
         for level in LEVELS:
