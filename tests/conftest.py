@@ -7,6 +7,7 @@ Random weights are seeded He-normal with BatchNorm statistics measured on real p
 from __future__ import annotations
 
 import functools
+import shutil
 
 import pytest
 
@@ -45,3 +46,24 @@ def net18v2():
 @pytest.fixture
 def net18v1():
     return calibrated("resnet18_v1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_outputs_are_removed(request, tmp_path_factory):
+    """Remove what a test module wrote under the session's temporary root once the module ends.
+
+    pytest keeps every ``tmp_path_factory`` directory until the session ends: one run of the
+    suite held 13 GB of bundles, checkpoints and exports at its end, and filled CI's disk.
+    A module's outputs are kept when one of its tests failed, to be looked at.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)

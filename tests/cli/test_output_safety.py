@@ -127,14 +127,26 @@ def test_ctrl_c_leaves_either_nothing_or_a_complete_output(tmp_path, when):
         json.loads((out / "manifest.json").read_text())
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+DETECTOR = ["convert", "resnet18_v1b", "--weights", "random", "--detector", "faster-rcnn", "--classes", "raccoon",
+            "--sizes", "64x64"]
+
+
+@pytest.mark.parametrize("convert, size", [(CONVERT, "300k"), (DETECTOR, "80m")],
+                         ids=["the first file does not fit", "mxnet's save of detector.params runs short"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, convert, size):
+    """A full disk, however the writer reports it, is one line, exit 1, and an empty disk after.
+
+    At 80 MB the detector's backbone.params (47 MB) fits and its detector.params (58 MB) does
+    not: MXNet reports only "FileStream.Write incomplete". Here the tmpfs is left with no free
+    block, which also tells; tests/core/test_atomic.py covers the short write with room left.
+    """
     disk = tmp_path / "disk"
     disk.mkdir()
-    script = (f"mount -t tmpfs -o size=300k tmpfs {disk} && "
-              f"{sys.executable} -m bbadapt.cli {' '.join(CONVERT)} --out {disk}/out; code=$?; "
+    script = (f"mount -t tmpfs -o size={size} tmpfs {disk} && "
+              f"{sys.executable} -m bbadapt.cli {' '.join(convert)} --out {disk}/out; code=$?; "
               f"ls -A {disk}; exit $code")
     result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
                             text=True, cwd=REPO)
     assert result.returncode == 1, result.stderr
     assert "No space left on device" in one_error_line(result)
-    assert result.stdout.split() == [] or all(".partial" not in name for name in result.stdout.split()), result.stdout
+    assert result.stdout.split() == [], result.stdout
