@@ -106,12 +106,21 @@ def test_two_runs_racing_for_one_output_exactly_one_wins(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def ctrl_c_delivered() -> None:
+    """Run in the child: SIGINT back to its default, as in a foreground process a user presses Ctrl-C in.
+
+    A suite started as a shell's background job (``make test &``) inherits SIGINT ignored,
+    and an ignored SIGINT is inherited through exec: the conversion would finish, exit 0.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("when", ["... running the adapted net", "... writing"])
 def test_ctrl_c_leaves_either_nothing_or_a_complete_output(tmp_path, when):
     """Before the final rename an interrupt removes the stage; once the rename started it finishes."""
     out = tmp_path / "interrupted"
     run = subprocess.Popen([sys.executable, "-u", "-m", "bbadapt.cli", *CONVERT, "--out", str(out)], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_delivered)
     seen = []
     for line in run.stderr:
         seen.append(line)
