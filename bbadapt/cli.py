@@ -103,13 +103,15 @@ def _summary(report: dict, out: Path) -> None:
     if lab:
         agree += (f"; accuracy on {lab['n']} labelled tiles: original {lab['accuracy_original']:.0%}, "
                   f"adapted {lab['accuracy_adapted']:.0%}")
-    from bbadapt.verify.report import tolerance_text
+    from bbadapt.verify.report import tolerance_text, yardstick_text
 
     n_sizes = len({tuple(i["size"]) for i in report["inputs"]})
+    decided = yardstick_text(report)
+    decided = f"; {decided}" if decided else ""
     if report["exact"]:
         out_console.print(f"check {report['verdict']}: worst max rel {report['worst_max_rel']:.2e} "
                           f"({tolerance_text(report)}) over {len(report['probes'])} probes, "
-                          f"{len(report['inputs'])} images at {n_sizes} sizes{agree}", markup=False)
+                          f"{len(report['inputs'])} images at {n_sizes} sizes{agree}{decided}", markup=False)
     else:
         err_console.print("bbadapt: warning: this fold is APPROXIMATE (fold=conv with a non-zero shift): "
                           "results differ near the image border; see the report", markup=False)

@@ -21,8 +21,10 @@ PROBE_SIDE = 64  # the size the activation shapes are read at; they scale with t
 # 3.5-3.6 bytes on resnet18_v1 at 448x448 and 896x896 (float64 run dominates; not every
 # intermediate is alive at once), but 5.5 in one full `make test` run (resident growth 852 MB at
 # 384x384, 6 images, beside another busy test worker; 648 MB alone). 7 keeps a margin above
-# both, so a refusal errs on the safe side.
-BYTES_PER_ACTIVATION = 7.0
+# both, so a refusal errs on the safe side. The exact-aware verdict added two float64 runs of the adapted net
+# (its twin and the one-ulp yardstick) whose probes are kept: 7.5 measured by tests/verify/test_budget.py
+# (1.14 GB at 384x384, 6 images, beside a busy worker), so 9.
+BYTES_PER_ACTIVATION = 9.0
 
 
 def activation_elements_per_pixel(net) -> float:

@@ -24,23 +24,26 @@ from typing import Any
 FLOOR = 1e-12  # smallest value drawn on a log axis
 
 _COLUMNS = ["probe", "shape", "max abs", "max rel", "mean abs", "median abs", "p99 abs",
-            "cosine", "border max abs", "interior max abs", "fp64 ratio", "result"]
+            "cosine", "border max abs", "interior max abs", "fp64 ratio", "yardstick", "result"]
 # What each column means; shown under the table in both renderings (every column has a legend).
 LEGEND = {
     "probe": "where the two networks are compared: stem = input of the first stage, stageN = output of stage N, "
              "output = the final output",
     "shape": "per-image shape of the probed tensor at the first check size",
     "max abs": "largest |adapted - original| (both in float32, each fed its own input spec)",
-    "max rel": "max abs divided by the largest |original| at this probe; judged against the tolerance",
+    "max rel": "max abs divided by the largest |original| at this probe; compared with the tolerance",
     "mean abs": "mean |adapted - original|",
     "median abs": "median |adapted - original|",
     "p99 abs": "99th percentile of |adapted - original|",
     "cosine": "smallest per-image cosine similarity of adapted and original (1 = same direction)",
     "border max abs": "max abs error in the ring of cells whose receptive field reaches the zero padding",
     "interior max abs": "max abs error in the cells the padding cannot reach",
-    "fp64 ratio": "RMS error of the adapted net against the float64 original, divided by the original float32 "
-                  "net's own RMS error against it; at most the fp64 factor (2) means plain float32 rounding",
-    "result": "PASS/FAIL against this probe's tolerance; info = not judged (the padding reaches all of it after an "
+    "fp64 ratio": "RMS error of the adapted net in float32 against the float64 original, divided by the original "
+                  "float32 net's own RMS error against it (information: float32 rounding moves with the CPU's kernels)",
+    "yardstick": "the adapted net's float64 twin's error against the float64 original, as a share of the one-ulp "
+                 "yardstick (the twin with every number the adaptation wrote moved by one float32 ulp), by RMS; at most "
+                 "1 = the same function, decided independently of the CPU",
+    "result": "PASS/FAIL: the yardstick ratio at most 1; info = not judged (the padding reaches all of it after an "
               "approximate fold)",
 }
 
@@ -67,7 +70,7 @@ def _row(p: dict) -> list[str]:
             _fmt(p.get("max_abs")), _fmt(p.get("max_rel")), _fmt(p.get("mean_abs")),
             _fmt(p.get("median_abs")), _fmt(p.get("p99_abs")), _fmt(p.get("cosine"), ".8f"),
             _fmt(_get(p, "border", "max_abs")), _fmt(_get(p, "interior", "max_abs")),
-            _fmt(_get(p, "fp64", "ratio")), _RESULT[p.get("passed")]]
+            _fmt(_get(p, "fp64", "ratio")), _fmt(_get(p, "float64_twin", "ratio"), ".2f"), _RESULT[p.get("passed")]]
 
 
 # None: not judged (after an approximate fold, padding differences reach these by design)
@@ -101,12 +104,18 @@ def tolerance_text(r: dict) -> str:
         return f"tolerance {_fmt(tol)}"
     values = [v for v in raised.values() if isinstance(v, numbers.Real)]
     top = _fmt(max(values)) if values else "n/a"
-    factor = _get(r, "tolerance", "fp64_factor")
-    return (f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: the original net's own float32 "
-            "error there is larger, and equivalence cannot be shown finer than that (see notes); "
-            f"judged relative to the original ({factor:g}x)" if isinstance(factor, numbers.Real) else
-            f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: the original net's own float32 "
-            "error there is larger, and equivalence cannot be shown finer than that (see notes)")
+    return (f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: float32 cannot show agreement finer "
+            "than the two nets' own float32 rounding there (see notes)")
+
+
+def yardstick_text(r: dict) -> str | None:
+    """What decided the verdict, and by how much: the float64 twin's worst ratio to the one-ulp yardstick."""
+    ratio = r.get("worst_yardstick_ratio")
+    if not isinstance(ratio, numbers.Real):
+        return None
+    limit = _get(r, "tolerance", "yardstick_limit") or 1.0
+    word = "within" if ratio <= limit else "ABOVE"
+    return f"decided in float64: the adapted net's float64 twin is {word} the one-ulp yardstick (worst {ratio:.2f}x)"
 
 
 def _judged(r: dict) -> tuple[list[str], list[str]]:
@@ -152,10 +161,12 @@ def _verdict_line(r: dict) -> str:
                 f"worst max rel incl. border {_fmt(r.get('worst_max_rel'))}, final output max rel "
                 f"{_fmt(out.get('max_rel'))}, cosine {_fmt(out.get('cosine'), '.3f')}: not the same function "
                 "near the image border)")
-    op = "<=" if passed else ">"
+    decided = yardstick_text(r)
+    decided = f"; {decided}" if decided else ""
     if _get(r, "tolerance", "raised"):
-        return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} ({tolerance_text(r)})"
-    return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {_fmt(_get(r, 'tolerance', 'max_rel'))}"
+        return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} ({tolerance_text(r)}){decided}"
+    op = "<=" if r.get("worst_max_rel", 0) <= (_get(r, "tolerance", "max_rel") or 0) else ">"
+    return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {_fmt(_get(r, 'tolerance', 'max_rel'))}{decided}"
 
 
 def weights_text(manifest: dict | None) -> str | None:

@@ -43,13 +43,15 @@ def test_a_stricter_tolerance_than_fp32_can_show_is_explained_not_silently_met(t
     result = bbadapt("convert", "cifar_resnet20_v1", "--weights", WEIGHTS, "--tolerance", "1e-12", "-o", "out", cwd=tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["tolerance"]["raised"]
-    # At a raised tolerance the adapted net's max error sits at about 2x the original's (2.09x on an AVX2 EPYC,
-    # below 2x elsewhere): whichever way it falls, the verdict must say it was judged against the original.
-    assert result.returncode == 0 or (result.returncode == 3 and all("2x" in r or "above 2.0x" in r or "tolerance" in r
-                                                                     for r in report["reasons"])), result.stderr
-    assert "the original net's own float32 error there is larger" in result.stdout
-    assert "judged relative to the original (2x)" in result.stdout
-    assert any("cannot be shown finer than the original network's own float32 error" in n for n in report["notes"])
+    # Float32 cannot agree finer than both runs' own rounding; the verdict rests on the float64 twin, which does not
+    # depend on the CPU's kernels: an exact fold passes on every CPU.
+    assert result.returncode == 0, result.stderr
+    for p in report["probes"]:
+        assert p["tolerance"] == report["tolerance"]["raised"][p["name"]] == p["float32_floor"] >= p["max_rel"]
+        assert p["float64_twin"]["within"]
+    assert "float32 cannot show agreement finer than the two nets' own float32 rounding there" in result.stdout
+    assert "decided in float64: the adapted net's float64 twin is within the one-ulp yardstick" in result.stdout
+    assert any("cannot be shown finer than float32 rounding" in n for n in report["notes"])
 
 
 def test_the_approximate_fold_is_announced_on_stderr_and_in_the_report(tmp_path):
