@@ -252,11 +252,10 @@ def test_extra_and_missing_tensors_are_named(private, r18):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float64"])
-def test_half_and_double_precision_tensors_are_refused(private, r18, dtype):
+def test_one_half_or_double_precision_tensor_among_float32_ones_converts_and_the_note_counts_it(private, r18, dtype):
     json_path, params_path = private
     _rewrite_params(r18[1], params_path, lambda a: a.update({"arg:fc1_weight": a["arg:fc1_weight"].astype(dtype)}))
-    with pytest.raises(WeightsError, match=f"{dtype} tensors.*fc1_weight"):
-        readers.read(json_path)
+    assert f"stored as {dtype} (1 tensors)" in readers.read(json_path).provenance["dtype_note"]
 
 
 def test_non_finite_values_are_refused(private, r18):
