@@ -125,7 +125,7 @@ def _summary(report: dict, out: Path) -> None:
 
         out_console.print(training_headline(report["training"]), markup=False)
     for note in report["notes"]:
-        if note.startswith(("BatchNorm ", "INCONCLUSIVE")):
+        if note.startswith(("BatchNorm ", "INCONCLUSIVE", "weights stored as ")):
             err_console.print(f"bbadapt: note: {note}", markup=False)
     for reason in report["reasons"]:
         out_console.print(f"  - {reason}", markup=False)

@@ -254,6 +254,9 @@ def _sniff_export(path: Path, head: bytes) -> bool:
         names = ndarray_file.names_if_ndarray(path, head)
         if not names or naming_style(names) != "export":
             return False
+        graph = ndarray_file.graph_partner(path)
+        if graph is not None and os.path.lexists(graph) and not graph.is_file():
+            return True  # export names and a graph beside that is no file (a FIFO, a dangling link): read() says so
         json_path, _, _ = ndarray_file.pair(path)
         return not mxnet_symbol.is_symbolic_zoo_graph(ndarray_file.symbol_json(json_path))
     except (WeightsError, OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -262,6 +262,12 @@ def node_attrs(node: dict) -> dict:
     return {}
 
 
+def graph_partner(path: Path) -> Path | None:
+    """Where the graph of the checkpoint parameters ``path`` would be (``X-0000.params`` -> ``X-symbol.json``)."""
+    match = _PARAMS_RE.match(path.name)
+    return path.with_name(f"{match['stem']}-symbol.json") if match else None
+
+
 def pair(path: Path) -> tuple[Path, Path, str]:
     """(symbol json, params file, note) of the checkpoint ``path`` belongs to.
 
@@ -279,9 +285,8 @@ def pair(path: Path) -> tuple[Path, Path, str]:
         note = f"took {found[-1].name}" + (f", the highest of {len(found)} epochs" if len(found) > 1 else "")
         require_file(found[-1], "the parameters beside the graph")  # a FIFO, directory or dangling link: one line
         return path, found[-1], note
-    match = _PARAMS_RE.match(name)
-    if match:
-        graph = path.with_name(f"{match['stem']}-symbol.json")
+    graph = graph_partner(path)
+    if graph is not None:
         if not os.path.lexists(graph):
             raise WeightsError(f"no graph next to {path}: expected {graph.name} in the same directory")
         require_file(graph, "the graph beside the parameters", MAX_GRAPH_BYTES)
