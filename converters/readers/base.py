@@ -108,6 +108,13 @@ def bfloat16_bits(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bits).view(np.uint16).astype("<u2", copy=False).view(BFLOAT16)
 
 
+def numeric(array: np.ndarray) -> np.ndarray:
+    """``array`` as numbers numpy can compute with: :data:`BFLOAT16` bit patterns widened to float32 (exact)."""
+    if array.dtype == BFLOAT16:
+        return (array.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
 @dataclass(frozen=True)
 class Float32Tensors:
     """A reader's tensors as float32, and the one note saying how they were stored (None: float32 already)."""
@@ -140,7 +147,7 @@ def float32_tensors(arrays: dict[str, np.ndarray], origin: str) -> Float32Tensor
         kind = dtype_name(value)
         stored.setdefault(kind, []).append(name)
         if value.dtype == BFLOAT16:
-            wide = (value.view("<u2").astype(np.uint32) << 16).view(np.float32)
+            wide = numeric(value)
         elif value.dtype.itemsize > 4:
             wide64 = value.astype(np.float64, copy=False)
             if not np.all(np.isfinite(wide64)) or (wide64.size and np.abs(wide64).max() > np.finfo(np.float32).max):

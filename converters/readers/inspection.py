@@ -17,7 +17,7 @@ import numpy as np
 
 from bbadapt.core.errors import BbadaptError, WeightsError
 from converters.readers import ndarray_file, safe_pickle, safetensors_io
-from converters.readers.base import HEAD_BYTES, dtype_name, file_digest, open_regular
+from converters.readers.base import HEAD_BYTES, dtype_name, file_digest, numeric, open_regular
 
 FP16_MAX = 65504.0
 # bbadapt.rewrite.TINY_VAR (a test keeps them equal); importing rewrite would import mxnet
@@ -126,7 +126,7 @@ def _describe(path: Path, fmt: str, arrays: dict, architecture: dict, naming: st
 
 def _status(info: dict, arrays: dict) -> str:
     """ok, problems (worth a look; a conversion may still be exact) or damaged (NaN/Inf values, negative variances)."""
-    broken = any(a.dtype.kind == "f" and not np.all(np.isfinite(a)) for a in arrays.values()) \
+    broken = any(numeric(a).dtype.kind == "f" and not np.all(np.isfinite(numeric(a))) for a in arrays.values()) \
         or info["batchnorm"]["negative_var"]
     return "damaged" if broken else "problems" if info["problems"] else "ok"
 
@@ -303,7 +303,7 @@ def _bn_health(arrays: dict, graph: dict | None) -> dict:
     report = {"count": len(variances), "tiny_var": [], "fp16_overflow_var": [], "negative_var": [],
               "fix_gamma": [], "fix_gamma_ignored_values": [], "eps": None, "tiny_var_threshold": tiny}
     for name, var in sorted(variances.items()):
-        var = np.asarray(var, dtype=np.float64)
+        var = np.asarray(numeric(var), dtype=np.float64)
         for key, hits in (("tiny_var", (var >= 0) & (var < tiny)), ("fp16_overflow_var", var > FP16_MAX),
                           ("negative_var", var < 0)):
             if hits.any():
@@ -314,7 +314,7 @@ def _bn_health(arrays: dict, graph: dict | None) -> dict:
         for stem, bn in sorted(graph_bns.items()):
             if bn["fix_gamma"]:
                 report["fix_gamma"].append(bn["node"])
-                gamma = plain.get(stem + "gamma")
+                gamma = numeric(plain[stem + "gamma"]) if stem + "gamma" in plain else None
                 if gamma is not None and not np.all(gamma == 1):
                     report["fix_gamma_ignored_values"].append(bn["node"])
     return report
@@ -332,7 +332,7 @@ def _problems(info: dict, arrays: dict) -> list[str]:
     odd = sorted(k for k in info["tensors"]["dtypes"] if not k.startswith(("float", "bfloat")))
     if odd:
         problems.append(f"{', '.join(odd)} tensors: weights must be floating point (convert refuses the file)")
-    bad = sorted(k for k, a in arrays.items() if a.dtype.kind == "f" and not np.all(np.isfinite(a)))
+    bad = sorted(k for k, a in arrays.items() if numeric(a).dtype.kind == "f" and not np.all(np.isfinite(numeric(a))))
     if bad:
         problems.append(f"NaN/Inf values in {len(bad)} tensors (e.g. {bad[0]})")
     if info["format"] is None:

@@ -253,3 +253,15 @@ def test_float64_beyond_float32_range_and_nan_are_refused_without_a_numpy_warnin
 def test_float32_weights_get_no_note():
     assert float32_tensors({"w": np.ones(3, np.float32)}, "w.params").note is None
 
+
+
+def test_inspect_names_bfloat16_and_judges_its_values_but_flags_integer_files(tmp_path):
+    from converters.readers.inspection import inspect_file
+
+    (tmp_path / "bf16").mkdir()
+    bf16 = inspect_file(cifar_files(tmp_path / "bf16", "bfloat16", pair=False))
+    assert bf16["tensors"]["dtypes"] == {"bfloat16": 107} and bf16["status"] == "ok", bf16.get("problems")
+    assert bf16["batchnorm"]["count"] == 21 and not bf16["batchnorm"]["negative_var"]
+    (tmp_path / "int").mkdir()
+    integer = inspect_file(cifar_files(tmp_path / "int", "int32", pair=False))
+    assert any("int32 tensors: weights must be floating point" in p for p in integer["problems"])
