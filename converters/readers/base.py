@@ -95,7 +95,6 @@ def require_file(path: str | os.PathLike, what: str = "weights file", max_bytes:
 # bfloat16 as numpy holds it: numpy has no bfloat16, so readers keep the raw 16-bit patterns under this
 # one named structured dtype and :func:`float32_tensors` widens them (exactly: bfloat16 is float32's top half).
 BFLOAT16 = np.dtype([("bfloat16", "<u2")])
-WIDENED = ("float16", "bfloat16")  # every value of these is a float32 value: converted exactly
 
 
 def dtype_name(array: np.ndarray) -> str:
