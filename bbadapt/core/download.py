@@ -14,9 +14,10 @@ default ``~/.mxnet/models``), so files either of them downloaded are reused and 
 
 What it adds: connect/read timeouts (``BBADAPT_DOWNLOAD_TIMEOUT``: ``SECONDS`` or
 ``CONNECT,READ``), bounded retries of transient failures only
-(``BBADAPT_DOWNLOAD_RETRIES``), a bound on the whole download's silence (``BBADAPT_DOWNLOAD_STALL``,
-60 s: the seconds without a byte, summed over every attempt; a server that accepts the connection and
-never answers is not retried, so it costs one stall, not three), a progress line while waiting, streaming into a temp file in the cache, a zip that must hold
+(``BBADAPT_DOWNLOAD_RETRIES``), a bound on the whole download's silence
+(``BBADAPT_DOWNLOAD_STALL``, 60 s: the seconds without a byte, summed over every attempt; a
+server that accepts the connection and never answers is not retried, so it costs one stall, not
+three), a progress line while waiting, streaming into a temp file in the cache, a zip that must hold
 exactly the expected member (sizes checked before inflating), the sha1 verified before an
 atomic rename, and nothing new left in the cache after any failure. A cached file is
 verified by its sha1 and used without writing anything, so a read-only cache works.
