@@ -211,15 +211,24 @@ def test_keras_integer_tensors_are_refused_naming_the_layer(tmp_path):
 # ------------------------------------------------------------------ Detectron pickles
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float64"])  # numpy pickles have no bfloat16
-def test_detectron_pickles_in_float16_and_float64_convert_with_one_note(tmp_path, dtype):
+@pytest.fixture(scope="module")
+def r18_blobs(tmp_path_factory):
+    """Detectron blobs of a calibrated ResNet-18, and the network a float32 pickle of them converts to."""
     from tests import py2pickle
     from tests.conftest import calibrated
     from tests.converters.test_detectron import blobs_from_gluon
 
     blobs = blobs_from_gluon(calibrated("resnet18_v1"), 18)
-    (tmp_path / "R-18.pkl").write_bytes(py2pickle.dumps({"blobs": blobs}))
-    reference = readers.read(tmp_path / "R-18.pkl").net
+    path = tmp_path_factory.mktemp("detectron") / "R-18.pkl"
+    path.write_bytes(py2pickle.dumps({"blobs": blobs}))
+    return blobs, readers.read(path).net
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])  # numpy pickles have no bfloat16
+def test_detectron_pickles_in_float16_and_float64_convert_with_one_note(tmp_path, r18_blobs, dtype):
+    from tests import py2pickle
+
+    blobs, reference = dict(r18_blobs[0]), r18_blobs[1]
     cast = off_float32 if dtype == "float64" else (lambda t: t.astype(dtype))
     path = tmp_path / f"R-18-{dtype}.pkl"
     path.write_bytes(py2pickle.dumps({"blobs": {k: cast(v) for k, v in blobs.items()}}))
