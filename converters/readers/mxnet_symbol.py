@@ -209,6 +209,9 @@ def graph_shapes(graph: dict, origin: str) -> dict[str, tuple[int, ...]]:
     """
     import mxnet as mx
 
+    problem = _attribute_problem(graph)
+    if problem:
+        raise WeightsError(f"{origin}: damaged MXNet graph: {problem}")
     trimmed = head_trimmed(graph, origin)
     nodes = [{**n, "name": original["name"]}  # the names the user's file uses (head_trimmed renames the classifier)
              for n, original in zip(trimmed["nodes"], graph["nodes"], strict=True)]
@@ -223,6 +226,28 @@ def graph_shapes(graph: dict, origin: str) -> dict[str, tuple[int, ...]]:
     if arg_shapes is None or aux_shapes is None:
         raise WeightsError(f"{origin}: damaged MXNet graph: the shapes of its weights cannot be inferred")
     return {n: tuple(s) for n, s in zip(names, arg_shapes + aux_shapes, strict=True) if n not in ("data", "softmax_label")}
+
+
+# attributes MXNet divides by or loops over without checking them all (num_group 0 kills the process with
+# SIGFPE in 1.9.1; a Pooling stride of 0 or a negative pad passes shape inference): (smallest value, ops)
+CHECKED_ATTRS = {"num_group": (1, ("Convolution", "Deconvolution")), "num_filter": (1, ("Convolution", "Deconvolution")),
+                 "num_hidden": (1, ("FullyConnected",)), "stride": (1, ("Convolution", "Deconvolution", "Pooling")),
+                 "dilate": (1, ("Convolution", "Deconvolution")), "kernel": (1, ("Convolution", "Deconvolution", "Pooling")),
+                 "pad": (0, ("Convolution", "Deconvolution", "Pooling"))}
+
+
+def _attribute_problem(graph: dict) -> str | None:
+    """A layer attribute out of range, named with its node, before MXNet sees it (some values crash MXNet)."""
+    for node in graph["nodes"]:
+        attrs = ndarray_file.node_attrs(node)
+        global_pool = _bool(attrs.get("global_pool"), False)
+        for key, (least, ops) in CHECKED_ATTRS.items():
+            if node["op"] not in ops or key not in attrs or (global_pool and key in ("kernel", "stride", "pad")):
+                continue
+            values = re.findall(r"-?\d+", str(attrs[key]))
+            if any(int(v) < least for v in values):
+                return f"node {node['name']!r} has {key} {attrs[key]} (each value must be at least {least})"
+    return None
 
 
 def _rejection(message: str) -> str:

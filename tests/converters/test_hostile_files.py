@@ -241,9 +241,11 @@ def zoo_graph_with(tmp_path: Path, layer: str, **attrs) -> Path:
 @pytest.mark.parametrize("layer, attrs, reason", [
     ("conv0", {"num_filter": str(2**40)}, "num_filter"),
     ("conv0", {"kernel": "(100000, 100000)"}, "kernel size exceed input"),
-    ("conv0", {"kernel": "(0, 0)"}, "incorrect kernel size"),
-    ("fc1", {"num_hidden": "0"}, "num_hidden should be greater equal to 1"),
-], ids=["absurd-num-filter", "absurd-kernel", "zero-kernel", "zero-num-hidden"])
+    ("conv0", {"kernel": "(0, 0)"}, "has kernel (0, 0) (each value must be at least 1)"),
+    ("fc1", {"num_hidden": "0"}, "has num_hidden 0"),
+    ("conv0", {"num_group": "0"}, "has num_group 0 (each value must be at least 1)"),  # SIGFPE inside MXNet
+    ("pooling0", {"stride": "(0, 0)"}, "has stride (0, 0)"),  # passes MXNet's shape inference
+], ids=["absurd-num-filter", "absurd-kernel", "zero-kernel", "zero-num-hidden", "zero-groups", "zero-pool-stride"])
 def test_a_graph_mxnet_rejects_at_shape_inference_is_one_damaged_graph_line_naming_the_node(tmp_path, layer, attrs,
                                                                                            reason):
     graph = zoo_graph_with(tmp_path, layer, **attrs)
