@@ -479,6 +479,18 @@ def gluon_twin(kwargs: dict) -> str | None:
     return f"resnet{depth(kwargs)}_v2" if same else None
 
 
+def _build(kwargs: dict, origin: str):
+    """The network the graph describes; MXNet's refusal to build it (a stem that a 64x64 probe image cannot pass,
+    where shapes were inferred at 224x224) is one 'damaged graph' line, not an internal error."""
+    import mxnet as mx
+
+    try:
+        with quiet_native_output():
+            return symbolic_resnet(**kwargs)
+    except (mx.base.MXNetError, ValueError) as exc:
+        raise WeightsError(f"{origin}: damaged MXNet graph: {_rejection(str(exc))}") from None
+
+
 def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     """Convert a symbolic-zoo checkpoint (either file of the pair) into a Gluon network."""
     say = progress or (lambda _m: None)
@@ -494,7 +506,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     say(f"reading {params_path.name} ({note})")
     tensors = float32_tensors(ndarray_file.load(params_path), str(params_path))
     arrays = tensors.arrays
-    net = symbolic_resnet(**kwargs)
+    net = _build(kwargs, str(json_path))
     verify_layers(net, graph, kwargs, str(json_path))
     verify_wiring(net, graph, kwargs, str(json_path))
     from bbadapt.core.weights import assign
