@@ -203,9 +203,9 @@ def graph_shapes(graph: dict, origin: str) -> dict[str, tuple[int, ...]]:
 
     Why: a graph can parse and still be one MXNet rejects (an absurd ``num_filter`` or kernel, a
     ``FullyConnected`` with ``num_hidden`` 0); building a network from it would fail deep inside
-    MXNet, or allocate whatever a hostile file declares. Asking MXNet's own shape inference first,
-    gives one "damaged graph" line naming the node,
-    and the shapes, whose total size :func:`check_weights_fit` compares with the parameters file.
+    MXNet, or allocate whatever a hostile file declares. Checking the attributes MXNet trusts, then
+    asking MXNet's own shape inference, gives one "damaged graph" line naming the node, and the
+    shapes, whose total size :func:`check_weights_fit` compares with the parameters file.
     """
     import mxnet as mx
 
@@ -246,7 +246,8 @@ def _attribute_problem(graph: dict) -> str | None:
                 continue
             values = re.findall(r"-?\d+", str(attrs[key]))
             if any(int(v) < least for v in values):
-                return f"node {node['name']!r} has {key} {attrs[key]} (each value must be at least {least})"
+                shown = " ".join(str(attrs[key]).split())[:40]  # one line, whatever the file holds
+                return f"node {node['name']!r} has {key} {shown} (each value must be at least {least})"
     return None
 
 
