@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -54,9 +55,33 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Python warnings (numpy's, MXNet's, gluoncv's) as one note line each, duplicates once: never raw on stderr."""
+    notes: dict[str, None] = {}
+    for w in caught:
+        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
+        notes[f"{w.category.__name__}: {text} (at {Path(w.filename).name}:{w.lineno})"] = None
+    return list(notes)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn bbadapt's errors into one stderr line and an exit code."""
+    """Turn bbadapt's errors into one stderr line and an exit code, and warnings into notes.
+
+    A warning a library emits while a command runs (numpy's ``RuntimeWarning: invalid value
+    encountered ...``) would otherwise reach stderr raw, with a source line; it becomes a
+    ``bbadapt: note:`` line after a command that succeeds, and after an error the one error line
+    is all that is printed (it is what the user must act on).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        with _errors_as_lines():
+            yield
+    for note in warning_notes(caught):
+        err_console.print(f"bbadapt: note: {note}", markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _errors_as_lines() -> Iterator[None]:
     try:
         yield
     except BbadaptError as exc:
@@ -127,7 +152,7 @@ def _summary(report: dict, out: Path) -> None:
 
         out_console.print(training_headline(report["training"]), markup=False)
     for note in report["notes"]:
-        if note.startswith(("BatchNorm ", "INCONCLUSIVE")):
+        if note.startswith(("BatchNorm ", "INCONCLUSIVE", "weights stored as ")):
             err_console.print(f"bbadapt: note: {note}", markup=False)
     for reason in report["reasons"]:
         out_console.print(f"  - {reason}", markup=False)

@@ -269,10 +269,14 @@ def health_notes(health: list[dict]) -> list[str]:
 
 
 def output_notes(provenance: dict) -> list[str]:
-    """What an original graph computed after its classifier (softmax, a loss): output-only, not converted."""
+    """How the weights were stored when not float32 (the reader's one dtype note), and what an original graph
+    computed after its classifier (softmax, a loss): output-only, not converted."""
+    notes = [provenance["dtype_note"]] if provenance.get("dtype_note") else []
     ops = provenance.get("output_activations") or []
-    return [f"the original graph applies {', '.join(ops)} after its classifier; output-only, not part of the "
-            "converted network, which outputs the classifier's logits (apply it yourself where needed)"] if ops else []
+    if ops:
+        notes.append(f"the original graph applies {', '.join(ops)} after its classifier; output-only, not part of the "
+                     "converted network, which outputs the classifier's logits (apply it yourself where needed)")
+    return notes
 
 
 def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,

@@ -60,8 +60,55 @@ def disk_full(where: Path, exc: BaseException) -> bool:
         return False
 
 
+STAGE_EXTRA = len(".") + len(".partial-") + 8  # what a stage's name adds to the target's (8: tempfile's random part)
+INNER_NAME_BYTES = 64  # room for the files an output directory holds (report.html, detector/..., checkpoints)
+
+
+def check_name(out: str | os.PathLike, suffix: str = "") -> None:
+    """Refuse, in one OutputError line, a target name the file system or the writing libraries would refuse.
+
+    Why here: the name is only used at the very end, after minutes of work, and then fails inside
+    whichever library writes first (ENAMETOOLONG from ``mkdtemp``, MXNet's C++ writer refusing a
+    name that is not valid UTF-8). Checked against the file system's own limits (``pathconf`` of the
+    nearest existing ancestor), with room for the hidden stage name (``.NAME.partial-XXXXXXXX``).
+    """
+    text = os.fspath(out)
+    shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(f"output name '{shown}' is not valid UTF-8 (MXNet writes UTF-8 names only); "
+                          "choose another --out") from None
+    absolute = Path(os.path.abspath(text))
+    ancestor = next((p for p in (absolute, *absolute.parents) if os.path.isdir(p)), Path("/"))
+    name_max, path_max = _limit(ancestor, "PC_NAME_MAX", 255), _limit(ancestor, "PC_PATH_MAX", 4096)
+    for part in absolute.parts[1:]:
+        size = len(part.encode("utf-8"))
+        room = STAGE_EXTRA + len(suffix.encode("utf-8")) if part == absolute.name else 0
+        if size + room > name_max:
+            raise OutputError(f"output name {shorten_middle(part)!r} is {size} bytes; this file system allows "
+                              f"{name_max}{f' (less {room} for the staging name)' if room else ''}; choose a shorter --out")
+    if len(str(absolute).encode("utf-8")) + STAGE_EXTRA + INNER_NAME_BYTES > path_max:
+        raise OutputError(f"output path {shorten_middle(str(absolute))!r} is too long for this file system "
+                          f"(paths up to {path_max} bytes, with room for the files inside); choose a shorter --out")
+
+
+def _limit(directory: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(directory, name)
+    except (OSError, ValueError):
+        return default
+
+
+def shorten_middle(text: str, limit: int = 60) -> str:
+    """``text`` at most ``limit`` characters, its middle replaced by an ellipsis (long names stay recognisable)."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-(limit // 2 - 1):]}"
+
+
 def resolve_target(out: str | os.PathLike) -> Path:
-    """``out`` with a symbolic link at its last component followed (the link is kept, its target replaced)."""
+    """``out`` with a symbolic link at its last component followed (the link is kept, its target replaced);
+    a name the file system would refuse is one OutputError (:func:`check_name`)."""
+    check_name(out)
     out = Path(out)
     if out.is_symlink():
         return Path(os.path.realpath(out))
@@ -191,6 +238,7 @@ def _commit_directory(stage: Path, out: Path, force: bool, replaceable: Replacea
 def write_file(out: str | os.PathLike, write: Callable[[Path], None], force: bool = False,
                replaceable: Replaceable | None = None) -> None:
     """Call ``write(tmp)`` for a hidden sibling file, then move it to ``out`` (never half a file)."""
+    check_name(out, Path(out).suffix)  # the staging file keeps the suffix
     out = resolve_target(out)
     check_target(out, force, replaceable, kind="file")
     _mkparent(out, "file")

@@ -14,7 +14,10 @@ default ``~/.mxnet/models``), so files either of them downloaded are reused and 
 
 What it adds: connect/read timeouts (``BBADAPT_DOWNLOAD_TIMEOUT``: ``SECONDS`` or
 ``CONNECT,READ``), bounded retries of transient failures only
-(``BBADAPT_DOWNLOAD_RETRIES``), streaming into a temp file in the cache, a zip that must hold
+(``BBADAPT_DOWNLOAD_RETRIES``), a bound on the whole download's silence
+(``BBADAPT_DOWNLOAD_STALL``, 60 s: the seconds without a byte, summed over every attempt; a
+server that accepts the connection and never answers is not retried, so it costs one stall, not
+three), a progress line while waiting, streaming into a temp file in the cache, a zip that must hold
 exactly the expected member (sizes checked before inflating), the sha1 verified before an
 atomic rename, and nothing new left in the cache after any failure. A cached file is
 verified by its sha1 and used without writing anything, so a read-only cache works.
@@ -38,6 +41,8 @@ from bbadapt.core.errors import WeightsError
 
 ENV_TIMEOUT = "BBADAPT_DOWNLOAD_TIMEOUT"
 ENV_RETRIES = "BBADAPT_DOWNLOAD_RETRIES"
+ENV_STALL = "BBADAPT_DOWNLOAD_STALL"
+DEFAULT_STALL = 60.0  # seconds without data a whole download may spend, all attempts together
 DEFAULT_TIMEOUT = (15.0, 60.0)  # seconds to connect, seconds without a byte while reading
 DEFAULT_RETRIES = 2  # further attempts after a transient failure (3 in all)
 MAX_PARAMS_BYTES = 2 << 30  # the largest zoo .params is ~0.4 GB; a zip declaring more is refused
@@ -101,6 +106,7 @@ class DownloadOptions:
     read_timeout: float = DEFAULT_TIMEOUT[1]
     retries: int = DEFAULT_RETRIES
     backoff: float = 0.5  # seconds before the first retry, doubled each time
+    stall_limit: float = DEFAULT_STALL  # seconds without data, summed over all attempts, before giving up
 
     @classmethod
     def from_env(cls) -> DownloadOptions:
@@ -121,7 +127,16 @@ class DownloadOptions:
             if not retries_text.isdecimal() or int(retries_text) > 20:
                 raise WeightsError(f"{ENV_RETRIES}={retries_text!r}: give a number of retries from 0 to 20")
             retries = int(retries_text)
-        return cls(connect, read, retries)
+        stall_text = os.environ.get(ENV_STALL, "").strip()
+        stall = DEFAULT_STALL
+        if stall_text:
+            try:
+                stall = float(stall_text)
+            except ValueError:
+                stall = -1.0
+            if not 0 < stall < 1e6:
+                raise WeightsError(f"{ENV_STALL}={stall_text!r}: give the seconds a download may go without data (e.g. 60)")
+        return cls(connect, read, retries, stall_limit=stall)
 
 
 def cache_dir() -> Path:
@@ -160,7 +175,12 @@ def zoo_file(library: str, name: str) -> ZooFile:
 
 
 class _Transient(Exception):
-    """A failure worth another attempt (timeouts, dropped connections, 5xx)."""
+    """A failure worth another attempt (timeouts, dropped connections, 5xx); ``stalled``: the seconds it spent
+    waiting for data; ``silent``: the server accepted the connection and never answered (not worth another)."""
+
+    def __init__(self, message: str, stalled: float = 0.0, silent: bool = False):
+        super().__init__(message)
+        self.stalled, self.silent = stalled, silent
 
 
 def fetch(zf: ZooFile, options: DownloadOptions | None = None, say: Say | None = None) -> Fetched:
@@ -190,13 +210,23 @@ def fetch(zf: ZooFile, options: DownloadOptions | None = None, say: Say | None =
 
 
 def _download(url: str, dest: Path, options: DownloadOptions, say: Say) -> None:
-    """Stream ``url`` into ``dest``, retrying transient failures with backoff."""
+    """Stream ``url`` into ``dest``, retrying transient failures with backoff, within the stall budget.
+
+    Every attempt may wait for data only as long as the budget (``stall_limit``) has left; a server
+    that never answered is not asked again, and a spent budget ends the download."""
     attempts = options.retries + 1
+    stalled = 0.0
     for attempt in range(1, attempts + 1):
         try:
-            _transfer(url, dest, options, say)
+            _transfer(url, dest, options, say, options.stall_limit - stalled)
             return
         except _Transient as exc:
+            stalled += exc.stalled
+            if exc.silent:
+                raise WeightsError(f"could not download {url}: {exc}; {HINT}") from None
+            if stalled >= options.stall_limit:
+                raise WeightsError(f"could not download {url}: no data for {stalled:g} s from {_host(url)} in all "
+                                   f"({attempt} attempts; the limit, set {ENV_STALL} to wait longer); {HINT}") from None
             if attempt == attempts:
                 tries = f" (after {attempts} attempts)" if attempts > 1 else ""
                 raise WeightsError(f"could not download {url}: {exc}{tries}; {HINT}") from None
@@ -205,12 +235,23 @@ def _download(url: str, dest: Path, options: DownloadOptions, say: Say) -> None:
             time.sleep(delay)
 
 
-def _transfer(url: str, dest: Path, options: DownloadOptions, say: Say) -> None:
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc or url
+
+
+def _transfer(url: str, dest: Path, options: DownloadOptions, say: Say, budget: float) -> None:
+    """One attempt; it waits for data at most ``budget`` seconds at a time (what the stall budget has left)."""
     import requests
 
-    timeout = (options.connect_timeout, options.read_timeout)
+    timeout = (min(options.connect_timeout, budget), min(options.read_timeout, budget))
+    waiting = Waiting(_host(url), timeout[1], say)
+    answered = False
     try:
-        with requests.get(url, stream=True, timeout=timeout) as response:
+        with waiting, requests.get(url, stream=True, timeout=timeout) as response:
+            answered = True
+            waiting.data()
             _check_status(url, response)
             total = _content_length(response)
             if total is not None and total > MAX_PARAMS_BYTES:
@@ -220,6 +261,7 @@ def _transfer(url: str, dest: Path, options: DownloadOptions, say: Say) -> None:
             say(status)
             with open(dest, "wb") as out:
                 for chunk in response.iter_content(CHUNK):
+                    waiting.data()
                     if status.done == 0:
                         _check_start(url, chunk, response.headers.get("Content-Type", ""))
                     out.write(chunk)
@@ -233,11 +275,15 @@ def _transfer(url: str, dest: Path, options: DownloadOptions, say: Say) -> None:
             status.finish()
             say(status)
     except requests.exceptions.ConnectTimeout:
-        raise _Transient(f"no connection within {options.connect_timeout:g} s (connect timeout)") from None
+        raise _Transient(f"no connection within {timeout[0]:g} s (connect timeout)", stalled=timeout[0]) from None
     except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+        if _is_read_timeout(exc) and not answered:
+            raise _Transient(f"no data for {timeout[1]:g} s from {_host(url)}: it accepted the connection and never "
+                             f"answered (read timeout; set {ENV_STALL} to wait longer)", stalled=timeout[1],
+                             silent=True) from None
         if _is_read_timeout(exc):
-            raise _Transient(f"no data for {options.read_timeout:g} s (read timeout; set {ENV_TIMEOUT} "
-                             "to wait longer)") from None
+            raise _Transient(f"no data for {timeout[1]:g} s (read timeout; set {ENV_TIMEOUT} "
+                             "to wait longer)", stalled=timeout[1]) from None
         raise _Transient(f"connection failed ({_root_cause(exc)}); offline or a wrong MXNET_GLUON_REPO?") from None
     except requests.exceptions.ChunkedEncodingError as exc:
         raise _Transient(f"the transfer broke off ({_root_cause(exc)})") from None
@@ -401,6 +447,45 @@ def _umask() -> int:
 
 
 # --------------------------------------------------------------------------- progress
+
+
+class Waiting:
+    """While a transfer waits for data, a progress line every few seconds: "waiting for HOST: no data for N s".
+
+    Why a thread: the wait happens inside a blocking socket read (requests), which says nothing until it
+    times out; without these lines a silent server looks like a hung bbadapt. The lines come no more
+    often than every :data:`WAIT_INTERVAL` seconds, and at least three times before ``limit``.
+    """
+
+    WAIT_INTERVAL = 5.0
+
+    def __init__(self, host: str, limit: float, say: Say):
+        import threading
+
+        self.host, self.limit, self.say = host, limit, say
+        self.interval = max(min(self.WAIT_INTERVAL, limit / 3), 0.5)
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bbadapt-download-wait", daemon=True)
+
+    def data(self) -> None:
+        """Data (or an answer) arrived: the silence starts again from now."""
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            silent = time.monotonic() - self.last
+            if silent >= self.interval:
+                self.say(f"waiting for {self.host}: no data for {silent:.0f} s (gives up after {self.limit:g} s)")
+
+    def __enter__(self) -> Waiting:
+        self.last = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class TransferStatus:

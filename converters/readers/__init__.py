@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from bbadapt.core.registry import Converted, rebuild
-from converters.readers.base import HEAD_BYTES, Format, require_file
+from converters.readers.base import HEAD_BYTES, Format, open_regular, require_file
 
 # Order matters only for sniffing: the most specific signatures first.
 FORMAT_MODULES = ("mxnet_symbol", "gluon_params", "torchvision", "keras", "detectron")
@@ -48,9 +48,9 @@ def detect(path: str | os.PathLike) -> Format:
     """The format of ``path``, from its content (magic bytes, JSON, HDF5, zip, pickle)."""
     from bbadapt.core.errors import WeightsError
 
-    path = require_file(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(HEAD_BYTES)
+    path = Path(path)
     for fmt in formats():
         if fmt.sniff(path, head):
             return fmt
@@ -64,7 +64,7 @@ def read(path: str | os.PathLike, fmt: str | None = None, arch: str | None = Non
     path = require_file(path)
     chosen = by_name(fmt) if fmt else detect(path)
     if fmt:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(HEAD_BYTES)
         if not chosen.sniff(path, head):
             raise WeightsError(f"{path} does not look like {chosen.name} ({chosen.description}); "

@@ -43,8 +43,8 @@ from converters.readers import safe_pickle
 from converters.readers.base import (
     Format,
     ResNetNaming,
-    check_tensors,
     file_digest,
+    float32_tensors,
     read_layout,
     require_file,
     unmatched_error,
@@ -172,7 +172,8 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     say = progress or (lambda _m: None)
     path = require_file(path)
     blobs = blobs_of(safe_pickle.load(path), path)
-    check_tensors(blobs, str(path))
+    tensors = float32_tensors(blobs, str(path))
+    blobs = tensors.arrays
     depth, bottleneck, counts = layout(set(blobs))
     if arch is not None and arch not in (f"resnet{depth}_v1", f"R-{depth}", f"resnet{depth}"):
         raise ModelError(f"--arch {arch} contradicts the file, which holds a Detectron R-{depth} "
@@ -195,7 +196,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
                   "layout": {"depth": depth, "bottleneck": bottleneck, "blocks": list(counts)},
                   "naming": "Caffe2/Detectron blobs (conv1_w, res_conv1_bn_s, res2_0_branch2a_w ...)",
                   "bn": f"AffineChannel as BatchNorm(mean 0, var+eps == 1 in float32, eps {BN_EPS})",
-                  "head": head, "input_spec_note": "Detectron PIXEL_MEANS (BGR); detectron2 uses 103.53/116.28/123.675"}
+                  "head": head, "dtype_note": tensors.note, "input_spec_note": "Detectron PIXEL_MEANS (BGR); detectron2 uses 103.53/116.28/123.675"}
     info = custom_info(f"detectron_R-{depth}", "gluon-v1", SOURCE_SPEC)
     return Converted(net=net, arch={"builder": BUILDER, "kwargs": {"depth": depth, "classes": classes}},
                      info=info, provenance=provenance)

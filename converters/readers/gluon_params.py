@@ -23,7 +23,7 @@ from pathlib import Path
 from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted
 from converters.readers import mxnet_symbol, ndarray_file
-from converters.readers.base import Format, check_tensors, file_digest, require_file
+from converters.readers.base import Float32Tensors, Format, file_digest, float32_tensors, require_file
 
 LAYER_ATTRS = {  # attribute (default) pairs that define what a layer computes
     "Convolution": (("kernel", ""), ("stride", "(1,1)"), ("pad", "(0,0)"), ("dilate", "(1,1)"),
@@ -122,15 +122,16 @@ def _provenance(path: Path, files: list[Path], fmt: str, arch: str | None, **fac
             "files": {str(f.resolve()): file_digest(f) for f in files}, "arch_arg": arch, **facts}
 
 
-def _fill(name: str, arrays: dict, origin: str):
+def _fill(name: str, arrays: dict, origin: str) -> tuple[object, Float32Tensors]:
     """Build zoo model ``name`` and fill it; dtype/NaN/missing/extra/shape errors name structural keys."""
     from bbadapt.core import zoo
     from bbadapt.core.weights import assign, to_structural
 
     net = zoo.build(name)
     untagged = {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v for k, v in arrays.items()}
-    assign(net, check_tensors(to_structural(untagged, net), origin), origin)
-    return net
+    tensors = float32_tensors(to_structural(untagged, net), origin)
+    assign(net, tensors.arrays, origin)
+    return net, tensors
 
 
 def read_export(path: Path, arch: str | None = None, progress=None) -> Converted:
@@ -146,13 +147,13 @@ def read_export(path: Path, arch: str | None = None, progress=None) -> Converted
     name = _choose(found, arch, str(json_path))
     arrays = ndarray_file.load(params_path)
     say(f"filling {name} from {params_path.name}")
-    net = _fill(name, arrays, str(params_path))
+    net, tensors = _fill(name, arrays, str(params_path))
     fix_gamma_notes = check_fix_gamma(graph, net, arrays, str(json_path))
     version = graph.get("attrs", {}).get("mxnet_version")
     provenance = _provenance(path, [json_path, params_path], FORMAT_EXPORT.name, arch, pairing=note,
                              naming="gluon export() (arg:/aux: + instance prefix)",
                              prefix=os.path.commonprefix(graph_variables(graph)), candidates=found,
-                             fix_gamma_notes=fix_gamma_notes,
+                             fix_gamma_notes=fix_gamma_notes, dtype_note=tensors.note,
                              mxnet_version=version[1] if isinstance(version, list) and len(version) == 2 else None)
     return Converted(net=net, arch={"zoo": name}, info=zoo.model_info(name), provenance=provenance)
 
@@ -195,7 +196,7 @@ def check_fix_gamma(graph: dict, net, arrays: dict, origin: str) -> list[str]:
         ours = bool(blocks[key.rsplit(".", 1)[0]]._kwargs["fix_gamma"])
         if ours == fixed:
             continue
-        if (untagged[var] == 1).all():
+        if (params[key].data().asnumpy() == 1).all():  # the stored gamma, as converted to float32
             notes.append(f"{key}: graph fix_gamma={fixed}, zoo model fix_gamma={ours}; same function (gamma is 1)")
         else:
             conflicts.append(key)
@@ -239,8 +240,8 @@ def read_bare(path: Path, arch: str | None = None, progress=None) -> Converted:
     info = zoo.model_info(arch)
     arrays = ndarray_file.load(path)
     (progress or (lambda _m: None))(f"filling {arch} from {path.name}")
-    net = _fill(arch, arrays, str(path))
-    provenance = _provenance(path, [path], FORMAT_PARAMS.name, arch, naming=naming_style(names))
+    net, tensors = _fill(arch, arrays, str(path))
+    provenance = _provenance(path, [path], FORMAT_PARAMS.name, arch, naming=naming_style(names), dtype_note=tensors.note)
     return Converted(net=net, arch={"zoo": arch}, info=info, provenance=provenance)
 
 
@@ -253,6 +254,9 @@ def _sniff_export(path: Path, head: bytes) -> bool:
         names = ndarray_file.names_if_ndarray(path, head)
         if not names or naming_style(names) != "export":
             return False
+        graph = ndarray_file.graph_partner(path)
+        if graph is not None and os.path.lexists(graph) and not graph.is_file():
+            return True  # export names and a graph beside that is no file (a FIFO, a dangling link): read() says so
         json_path, _, _ = ndarray_file.pair(path)
         return not mxnet_symbol.is_symbolic_zoo_graph(ndarray_file.symbol_json(json_path))
     except (WeightsError, OSError, ValueError, TypeError, KeyError, AttributeError):

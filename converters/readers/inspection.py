@@ -17,7 +17,7 @@ import numpy as np
 
 from bbadapt.core.errors import BbadaptError, WeightsError
 from converters.readers import ndarray_file, safe_pickle, safetensors_io
-from converters.readers.base import HEAD_BYTES, file_digest, require_file
+from converters.readers.base import HEAD_BYTES, dtype_name, file_digest, numeric, open_regular
 
 FP16_MAX = 65504.0
 # bbadapt.rewrite.TINY_VAR (a test keeps them equal); importing rewrite would import mxnet
@@ -28,9 +28,9 @@ WEIGHTED_OPS = ("Convolution", "FullyConnected")
 
 def inspect_file(path: str | os.PathLike) -> dict:
     """A JSON-able description of a weights file (see :func:`render` for the human form)."""
-    path = require_file(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(HEAD_BYTES)
+    path = Path(path)
     if ndarray_file.is_ndarray_file(head):
         return _inspect_params(path, head, _companion(path))
     if ndarray_file.looks_like_symbol_json(head):
@@ -40,7 +40,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         except WeightsError as exc:
             return {"path": str(path), "format": _graph_format(graph), "graph_summary": _graph_summary(graph),
                     "status": "problems", "problems": [str(exc)]}
-        with open(params, "rb") as f:
+        with open_regular(params) as f:
             info = _inspect_params(params, f.read(HEAD_BYTES), (path, graph))
         info["inspected_from"] = str(path)
         return info
@@ -88,7 +88,7 @@ def _inspect_other(path: Path) -> dict:
     if fmt in FOREIGN_READERS:
         arrays, architecture, naming = FOREIGN_READERS[fmt](path)
         return _describe(path, fmt, arrays, architecture, naming)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(HEAD_BYTES)
     if safetensors_io.looks_like(head):  # safetensors of some other network: still parsed and validated
         arrays, architecture, naming = _torchvision_tensors(path)
@@ -112,7 +112,7 @@ def _describe(path: Path, fmt: str, arrays: dict, architecture: dict, naming: st
     info = {
         "path": str(path), "format": fmt, "size_bytes": path.stat().st_size, "sha256": file_digest(path),
         "graph": None,
-        "tensors": {"count": len(arrays), "dtypes": dict(Counter(str(a.dtype) for a in arrays.values())),
+        "tensors": {"count": len(arrays), "dtypes": dict(Counter(dtype_name(a) for a in arrays.values())),
                     "parameters": int(sum(a.size for a in arrays.values())), "naming": naming, "prefix": None},
         "architecture": architecture,
         "batchnorm": _bn_health(arrays, None),
@@ -126,7 +126,7 @@ def _describe(path: Path, fmt: str, arrays: dict, architecture: dict, naming: st
 
 def _status(info: dict, arrays: dict) -> str:
     """ok, problems (worth a look; a conversion may still be exact) or damaged (NaN/Inf values, negative variances)."""
-    broken = any(a.dtype.kind == "f" and not np.all(np.isfinite(a)) for a in arrays.values()) \
+    broken = any(numeric(a).dtype.kind == "f" and not np.all(np.isfinite(numeric(a))) for a in arrays.values()) \
         or info["batchnorm"]["negative_var"]
     return "damaged" if broken else "problems" if info["problems"] else "ok"
 
@@ -203,7 +203,7 @@ def _inspect_params(path: Path, head: bytes, companion: tuple[Path, dict] | None
     info = {
         "path": str(path), "format": fmt, "size_bytes": path.stat().st_size, "sha256": file_digest(path),
         "graph": str(companion[0]) if companion else None,
-        "tensors": {"count": len(arrays), "dtypes": dict(Counter(str(a.dtype) for a in arrays.values())),
+        "tensors": {"count": len(arrays), "dtypes": dict(Counter(dtype_name(a) for a in arrays.values())),
                     "parameters": int(sum(a.size for a in arrays.values())), "naming": style,
                     "prefix": _prefix(names) if style in ("export", "prefixed") else None},
         "architecture": _architecture(arrays, style, graph),
@@ -303,7 +303,7 @@ def _bn_health(arrays: dict, graph: dict | None) -> dict:
     report = {"count": len(variances), "tiny_var": [], "fp16_overflow_var": [], "negative_var": [],
               "fix_gamma": [], "fix_gamma_ignored_values": [], "eps": None, "tiny_var_threshold": tiny}
     for name, var in sorted(variances.items()):
-        var = np.asarray(var, dtype=np.float64)
+        var = np.asarray(numeric(var), dtype=np.float64)
         for key, hits in (("tiny_var", (var >= 0) & (var < tiny)), ("fp16_overflow_var", var > FP16_MAX),
                           ("negative_var", var < 0)):
             if hits.any():
@@ -314,7 +314,7 @@ def _bn_health(arrays: dict, graph: dict | None) -> dict:
         for stem, bn in sorted(graph_bns.items()):
             if bn["fix_gamma"]:
                 report["fix_gamma"].append(bn["node"])
-                gamma = plain.get(stem + "gamma")
+                gamma = numeric(plain[stem + "gamma"]) if stem + "gamma" in plain else None
                 if gamma is not None and not np.all(gamma == 1):
                     report["fix_gamma_ignored_values"].append(bn["node"])
     return report
@@ -329,10 +329,10 @@ def _problems(info: dict, arrays: dict) -> list[str]:
         if bn[key]:
             channels = sum(h["channels"] for h in bn[key])
             problems.append(f"{channels} channels in {len(bn[key])} BatchNorms with {text} (e.g. {bn[key][0]['name']})")
-    odd = sorted(k for k, v in info["tensors"]["dtypes"].items() if k != "float32")
+    odd = sorted(k for k in info["tensors"]["dtypes"] if not k.startswith(("float", "bfloat")))
     if odd:
-        problems.append(f"{', '.join(odd)} tensors: bbadapt converts float32 weights only")
-    bad = sorted(k for k, a in arrays.items() if a.dtype.kind == "f" and not np.all(np.isfinite(a)))
+        problems.append(f"{', '.join(odd)} tensors: weights must be floating point (convert refuses the file)")
+    bad = sorted(k for k, a in arrays.items() if numeric(a).dtype.kind == "f" and not np.all(np.isfinite(numeric(a))))
     if bad:
         problems.append(f"NaN/Inf values in {len(bad)} tensors (e.g. {bad[0]})")
     if info["format"] is None:

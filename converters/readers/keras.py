@@ -40,7 +40,15 @@ from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.zoo import RESNET_LAYOUTS
 from converters.readers import limits
-from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
+from converters.readers.base import (
+    Format,
+    bfloat16_bits,
+    file_digest,
+    float32_tensors,
+    open_regular,
+    require_file,
+    unmatched_error,
+)
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -137,8 +145,10 @@ def _array(group, key: str, where: str) -> np.ndarray:
     if not hasattr(dataset, "shape"):
         raise WeightsError(f"{where}: {key!r} is not a tensor")
     limits.check_hdf5_dataset(dataset, where)
-    if _text(dataset.attrs.get("dtype", "")) == "bfloat16":  # how Keras 3 marks bfloat16 variables
-        raise WeightsError(f"{where} holds bfloat16 tensors (e.g. {key}); bbadapt converts float32 weights only")
+    if _text(dataset.attrs.get("dtype", "")) == "bfloat16":  # how Keras 3 stores bfloat16 variables: their bits
+        if dataset.dtype.itemsize != 2 or dataset.dtype.kind not in "iu":
+            raise WeightsError(f"{where}: {key!r} is marked bfloat16 but stores {dataset.dtype}; corrupt file")
+        return bfloat16_bits(np.asarray(dataset[()]))
     return np.asarray(dataset[()])
 
 
@@ -231,7 +241,7 @@ def keras3_layer_order(version: int, blocks: list[int], top: bool) -> list[str]:
 def _open_h5(path: Path):
     import h5py
 
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(len(HDF5_MAGIC))
     try:
         if head.startswith(ZIP_MAGIC):
@@ -270,7 +280,9 @@ def read_keras_file(path: Path) -> KerasWeights:
         raise WeightsError(f"{path} holds no layer weights (a nested model, or an empty Keras file?)")
     if facts.get("backend") == "theano":
         raise WeightsError(f"{path} was saved by the Theano backend (flipped kernels); use the tf_dim_ordering_tf_kernels file")
-    _check_dtypes(layers, origin)
+    tensors = float32_tensors({f"{name}/{i}": t for name, ts in layers.items() for i, t in enumerate(ts)}, origin)
+    layers = {name: [tensors.arrays[f"{name}/{i}"] for i in range(len(ts))] for name, ts in layers.items()}
+    facts["dtype_note"] = tensors.note
     return KerasWeights(layers, layout, facts)
 
 
@@ -286,15 +298,6 @@ def _archive_facts(path: Path) -> dict:
     except (*ZIP_DAMAGE, KeyError, ValueError, OSError, RecursionError):
         return {}
     return {k: str(meta[k]) for k in ("keras_version",) if k in meta}
-
-
-def _check_dtypes(layers: dict[str, list[np.ndarray]], origin: str) -> None:
-    flat = {f"{name}/{i}": t for name, tensors in layers.items() for i, t in enumerate(tensors)}
-    odd = sorted(k for k, v in flat.items() if v.dtype.kind != "f")
-    if odd:
-        raise WeightsError(f"{origin} holds {flat[odd[0]].dtype} tensors ({len(odd)}, e.g. {odd[0]}); "
-                           "bbadapt converts float32 weights only")
-    check_tensors(flat, origin)
 
 
 # -- names -> architecture ----------------------------------------------------------------

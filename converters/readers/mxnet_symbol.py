@@ -26,10 +26,11 @@ from pathlib import Path
 
 from bbadapt.core.architectures.symbolic_resnet import layer_paths, symbolic_resnet
 from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core.native import quiet_native_output
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.trace import block_paths
 from converters.readers import ndarray_file
-from converters.readers.base import Format, check_tensors, file_digest, require_file, unmatched_error
+from converters.readers.base import Format, file_digest, float32_tensors, require_file, unmatched_error
 
 BUILDER = "mxnet-symbolic-resnet"
 UNIT_RE = re.compile(r"^stage(\d+)_unit(\d+)_(bn[123]|conv[123]|sc)$")
@@ -190,6 +191,90 @@ def head_trimmed(graph: dict, origin: str = "graph") -> dict:
         nodes[i] = {"op": "null", "name": nodes[i]["name"], "inputs": []}
     nodes[fc]["name"] = "fc1"
     return {**graph, "nodes": nodes, "heads": [[fc, 0, 0]]}
+
+
+INFER_SIZE = 224  # the input side shapes are inferred for: what every symbolic-zoo ResNet was trained on
+_OPERATOR_NAME = re.compile(r'Error in operator ([^:\s]+):|in operator \w+\(name="([^"]*)"')
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: )?")
+
+
+def graph_shapes(graph: dict, origin: str) -> dict[str, tuple[int, ...]]:
+    """Every variable's shape (weights and statistics), as MXNet infers them for one 224x224 image.
+
+    Why: a graph can parse and still be one MXNet rejects (an absurd ``num_filter`` or kernel, a
+    ``FullyConnected`` with ``num_hidden`` 0); building a network from it would fail deep inside
+    MXNet, or allocate whatever a hostile file declares. Checking the attributes MXNet trusts, then
+    asking MXNet's own shape inference, gives one "damaged graph" line naming the node, and the
+    shapes, whose total size :func:`check_weights_fit` compares with the parameters file.
+    """
+    import mxnet as mx
+
+    problem = _attribute_problem(graph)
+    if problem:
+        raise WeightsError(f"{origin}: damaged MXNet graph: {problem}")
+    trimmed = head_trimmed(graph, origin)
+    nodes = [{**n, "name": original["name"]}  # the names the user's file uses (head_trimmed renames the classifier)
+             for n, original in zip(trimmed["nodes"], graph["nodes"], strict=True)]
+    document = {**trimmed, "nodes": nodes, "arg_nodes": [i for i, n in enumerate(nodes) if n["op"] == "null"]}
+    try:
+        with quiet_native_output():  # MXNet logs its upgrade of old graphs, and prints "infer_shape error. ..."
+            symbol = mx.sym.load_json(json.dumps(document))
+            arg_shapes, _, aux_shapes = symbol.infer_shape(data=(1, 3, INFER_SIZE, INFER_SIZE))
+            names = symbol.list_arguments() + symbol.list_auxiliary_states()
+    except mx.base.MXNetError as exc:
+        raise WeightsError(f"{origin}: damaged MXNet graph: {_rejection(str(exc))}") from None
+    if arg_shapes is None or aux_shapes is None:
+        raise WeightsError(f"{origin}: damaged MXNet graph: the shapes of its weights cannot be inferred")
+    return {n: tuple(s) for n, s in zip(names, arg_shapes + aux_shapes, strict=True) if n not in ("data", "softmax_label")}
+
+
+# attributes MXNet divides by or loops over without checking them all (num_group 0 kills the process with
+# SIGFPE in 1.9.1; a Pooling stride of 0 or a negative pad passes shape inference): (smallest value, ops)
+CHECKED_ATTRS = {"num_group": (1, ("Convolution", "Deconvolution")), "num_filter": (1, ("Convolution", "Deconvolution")),
+                 "num_hidden": (1, ("FullyConnected",)), "stride": (1, ("Convolution", "Deconvolution", "Pooling")),
+                 "dilate": (1, ("Convolution", "Deconvolution")), "kernel": (1, ("Convolution", "Deconvolution", "Pooling")),
+                 "pad": (0, ("Convolution", "Deconvolution", "Pooling"))}
+
+
+def _attribute_problem(graph: dict) -> str | None:
+    """A layer attribute out of range, named with its node, before MXNet sees it (some values crash MXNet)."""
+    for node in graph["nodes"]:
+        attrs = ndarray_file.node_attrs(node)
+        global_pool = _bool(attrs.get("global_pool"), False)
+        for key, (least, ops) in CHECKED_ATTRS.items():
+            if node["op"] not in ops or key not in attrs or (global_pool and key in ("kernel", "stride", "pad")):
+                continue
+            values = re.findall(r"-?\d+", str(attrs[key]))
+            if any(int(v) < least for v in values):
+                shown = " ".join(str(attrs[key]).split())[:40]  # one line, whatever the file holds
+                return f"node {node['name']!r} has {key} {shown} (each value must be at least {least})"
+    return None
+
+
+def _rejection(message: str) -> str:
+    """MXNet's complaint about a graph, in one line: the node it names and the reason, without log prefixes."""
+    text = message.split("MXNetError: ", 1)[-1] if "MXNetError: " in message else message
+    match = _OPERATOR_NAME.search(text)
+    node = next((g for g in match.groups() if g), None) if match else None
+    reason = re.sub(r"^Error in operator [^:\s]+: ", "", text.splitlines()[0])
+    reason = _LOG_PREFIX.sub("", reason)
+    reason = re.sub(r", in operator \w+\(.*$", "", reason)
+    reason = " ".join(reason.split())[:160]
+    return f"node {node!r} is rejected by MXNet ({reason})" if node else f"MXNet rejects it ({reason})"
+
+
+def check_weights_fit(shapes: dict[str, tuple[int, ...]], params_path: Path, origin: str) -> None:
+    """The graph may not declare more weights than the parameters file can hold (2 bytes a value at least).
+
+    Checked before any network is built: a graph with ``num_filter`` 10**6 is a valid MXNet graph of
+    terabytes, and its partner file, whatever it is, cannot fill it."""
+    from converters.readers.limits import nbytes
+
+    declared = sum(nbytes(s, 2) for s in shapes.values())
+    stored = params_path.stat().st_size
+    if declared > stored:
+        raise WeightsError(f"{origin}: the graph declares weights of {declared:,} bytes even in 16-bit floats, but "
+                           f"{params_path.name} holds {stored:,} bytes; a damaged graph, or parameters of another model")
 
 
 def read_graph(graph: dict, origin: str) -> dict:
@@ -395,6 +480,18 @@ def gluon_twin(kwargs: dict) -> str | None:
     return f"resnet{depth(kwargs)}_v2" if same else None
 
 
+def _build(kwargs: dict, origin: str):
+    """The network the graph describes; MXNet's refusal to build it (a stem that a 64x64 probe image cannot pass,
+    where shapes were inferred at 224x224) is one 'damaged graph' line, not an internal error."""
+    import mxnet as mx
+
+    try:
+        with quiet_native_output():
+            return symbolic_resnet(**kwargs)
+    except (mx.base.MXNetError, ValueError) as exc:
+        raise WeightsError(f"{origin}: damaged MXNet graph: {_rejection(str(exc))}") from None
+
+
 def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     """Convert a symbolic-zoo checkpoint (either file of the pair) into a Gluon network."""
     say = progress or (lambda _m: None)
@@ -406,9 +503,11 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
                            "(no bn_data/conv0/stageK_unitM_ layers); try --format gluon-export")
     kwargs = read_graph(graph, str(json_path))
     _check_arch(arch, kwargs, str(json_path))
+    check_weights_fit(graph_shapes(graph, str(json_path)), params_path, str(json_path))
     say(f"reading {params_path.name} ({note})")
-    arrays = check_tensors(ndarray_file.load(params_path), str(params_path))
-    net = symbolic_resnet(**kwargs)
+    tensors = float32_tensors(ndarray_file.load(params_path), str(params_path))
+    arrays = tensors.arrays
+    net = _build(kwargs, str(json_path))
     verify_layers(net, graph, kwargs, str(json_path))
     verify_wiring(net, graph, kwargs, str(json_path))
     from bbadapt.core.weights import assign
@@ -424,6 +523,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
         "gluon_twin": gluon_twin(kwargs),
         "output_activations": output_activations(graph, str(json_path)),
         "bn": {"eps": kwargs["eps"], "other_eps": kwargs["bn_eps"], "fix_gamma": kwargs["fix_gamma"]},
+        "dtype_note": tensors.note,
     }
     return Converted(net=net, arch={"builder": BUILDER, "kwargs": json.loads(json.dumps(kwargs))},
                      info=custom_info(name, "mxnet-symbolic-v2", "rgb255", 224), provenance=provenance)

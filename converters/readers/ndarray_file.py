@@ -34,13 +34,13 @@ import numpy as np
 
 from bbadapt.core.errors import WeightsError
 from converters.readers import limits
+from converters.readers.base import BFLOAT16, open_regular, require_file
 
 LIST_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC, V3_MAGIC = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
 # mshadow type flags (mshadow/base.h): the dtypes an NDArray file can hold.
 DTYPES = {0: "float32", 1: "float64", 2: "float16", 3: "uint8", 4: "int32", 5: "int8", 6: "int64",
-          7: "bool", 8: "int16", 9: "uint16", 10: "uint32", 11: "uint64"}
-UNREADABLE_DTYPES = {12: "bfloat16"}  # numpy has no such dtype
+          7: "bool", 8: "int16", 9: "uint16", 10: "uint32", 11: "uint64", 12: "bfloat16"}
 STORAGE = {0: "dense", 1: "row_sparse", 2: "csr"}
 MAX_NDIM = 32  # mxnet's own limit is far below; a larger ndim means garbage
 MAX_NAME = 1 << 16
@@ -114,8 +114,6 @@ def _array_header(r: _Reader, where: str) -> tuple[tuple[int, ...] | None, str]:
         return None, ""
     r.take("<ii")  # context: dev_type, dev_id
     (flag,) = r.take("<i")
-    if flag in UNREADABLE_DTYPES:
-        raise WeightsError(f"{where} holds {UNREADABLE_DTYPES[flag]} data, which numpy cannot represent")
     if flag not in DTYPES:
         raise WeightsError(f"{where}: unknown dtype code {flag} (corrupt file?)")
     return shape, DTYPES[flag]
@@ -124,9 +122,9 @@ def _array_header(r: _Reader, where: str) -> tuple[tuple[int, ...] | None, str]:
 def scan(path: str | os.PathLike) -> list[Entry]:
     """Locate every array of an NDArray file (headers only: cheap even for large files)."""
     path = Path(path)
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             r = _Reader(f, size)
             if r.take("<QQ") != (LIST_MAGIC, 0):
                 raise WeightsError(f"{path} is not an MXNet NDArray (.params) file: wrong magic number")
@@ -138,7 +136,7 @@ def scan(path: str | os.PathLike) -> list[Entry]:
                 shape, dtype = _array_header(r, f"{path} array #{i}")
                 if shape is None:
                     raise WeightsError(f"{path} array #{i} is an uninitialized NDArray (no data)")
-                nbytes = limits.nbytes(shape, np.dtype(dtype).itemsize)  # no int64 wrap-around; skip() bounds it
+                nbytes = limits.nbytes(shape, numpy_dtype(dtype).itemsize)  # no int64 wrap-around; skip() bounds it
                 located.append((shape, dtype, f.tell(), nbytes))
                 r.skip(nbytes)
             (n_names,) = r.take("<Q")
@@ -164,15 +162,22 @@ def scan(path: str | os.PathLike) -> list[Entry]:
     return [Entry(n, s, d, o, b) for n, (s, d, o, b) in zip(names, located, strict=True)]
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype an NDArray file's dtype is read as (bfloat16: its bit patterns, see :data:`base.BFLOAT16`)."""
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name).newbyteorder("<")
+
+
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every named array of an NDArray file, as numpy arrays (bit-identical to ``mx.nd.load``)."""
+    """Every named array of an NDArray file, as numpy arrays (bit-identical to ``mx.nd.load``; bfloat16 as
+    :data:`~converters.readers.base.BFLOAT16` bit patterns, which :func:`~converters.readers.base.float32_tensors` widens)."""
     entries = scan(path)
     arrays = {}
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for e in entries:
             f.seek(e.offset)
-            arrays[e.name] = np.frombuffer(f.read(e.nbytes), dtype=np.dtype(e.dtype).newbyteorder("<")) \
-                .astype(e.dtype, copy=False).reshape(e.shape)
+            dtype = numpy_dtype(e.dtype)
+            arrays[e.name] = np.frombuffer(f.read(e.nbytes), dtype=dtype) \
+                .astype(dtype if e.dtype == "bfloat16" else e.dtype, copy=False).reshape(e.shape)
     return arrays
 
 
@@ -194,11 +199,10 @@ _PARAMS_RE = re.compile(r"^(?P<stem>.+)-(?P<epoch>\d{4})\.params$")
 def symbol_json(path: str | os.PathLike) -> dict:
     """An MXNet symbol graph (``-symbol.json``) as a dict; one-line errors for bad files."""
     path = Path(path)
-    if path.stat().st_size > MAX_GRAPH_BYTES:
-        raise WeightsError(f"{path} is {path.stat().st_size:,} bytes, too large for an MXNet graph "
-                           f"(limit {MAX_GRAPH_BYTES:,}); refused")
+    with open_regular(path, "MXNet graph", MAX_GRAPH_BYTES) as f:
+        raw = f.read()
     try:
-        graph = json.loads(path.read_text(encoding="utf-8"))
+        graph = json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise WeightsError(f"{path} is JSON nested too deeply for an MXNet graph; corrupt or hostile file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -258,6 +262,12 @@ def node_attrs(node: dict) -> dict:
     return {}
 
 
+def graph_partner(path: Path) -> Path | None:
+    """Where the graph of the checkpoint parameters ``path`` would be (``X-0000.params`` -> ``X-symbol.json``)."""
+    match = _PARAMS_RE.match(path.name)
+    return path.with_name(f"{match['stem']}-symbol.json") if match else None
+
+
 def pair(path: Path) -> tuple[Path, Path, str]:
     """(symbol json, params file, note) of the checkpoint ``path`` belongs to.
 
@@ -273,12 +283,13 @@ def pair(path: Path) -> tuple[Path, Path, str]:
             raise WeightsError(f"no parameters next to {path}: expected {stem}-0000.params (or another epoch) "
                                "in the same directory")
         note = f"took {found[-1].name}" + (f", the highest of {len(found)} epochs" if len(found) > 1 else "")
+        require_file(found[-1], "the parameters beside the graph")  # a FIFO, directory or dangling link: one line
         return path, found[-1], note
-    match = _PARAMS_RE.match(name)
-    if match:
-        graph = path.with_name(f"{match['stem']}-symbol.json")
-        if not graph.is_file():
+    graph = graph_partner(path)
+    if graph is not None:
+        if not os.path.lexists(graph):
             raise WeightsError(f"no graph next to {path}: expected {graph.name} in the same directory")
+        require_file(graph, "the graph beside the parameters", MAX_GRAPH_BYTES)
         return graph, path, f"graph from {graph.name}"
     raise WeightsError(f"{path}: a checkpoint is NAME-symbol.json + NAME-NNNN.params; cannot tell the other file")
 

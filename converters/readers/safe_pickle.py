@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.errors import WeightsError
+from converters.readers.base import open_regular
 
 
 class UnsafePickle(WeightsError):
@@ -117,7 +118,9 @@ def loads(data: bytes, origin: str = "pickle", encoding: str = "latin1"):
 
 def load(path: str | os.PathLike, encoding: str = "latin1"):
     path = Path(path)
-    return loads(path.read_bytes(), origin=str(path), encoding=encoding)
+    with open_regular(path) as f:
+        data = f.read()
+    return loads(data, origin=str(path), encoding=encoding)
 
 
 def looks_like(head: bytes) -> bool:

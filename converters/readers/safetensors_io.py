@@ -23,13 +23,14 @@ import numpy as np
 
 from bbadapt.core.errors import WeightsError
 from converters.readers import limits
+from converters.readers.base import BFLOAT16, open_regular
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
+    "BOOL": np.dtype("?"), "BF16": BFLOAT16,
 }
 NAMES = {dt: name for name, dt in DTYPES.items()}
 
@@ -44,7 +45,7 @@ def looks_like(head: bytes) -> bool:
 
 def header_names(path: str | os.PathLike) -> set[str]:
     """Tensor names from the header alone (no size validation): for sniffing a possibly damaged file."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         raw = f.read(8)
         (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)
         text = f.read(min(n, MAX_HEADER))
@@ -58,8 +59,8 @@ def header_names(path: str | os.PathLike) -> set[str]:
 def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     """(tensor entries, metadata, data start offset), validated against the file size."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise WeightsError(f"{path}: truncated safetensors file (no header length)")
@@ -114,13 +115,14 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """Every tensor (native-endian numpy copies) and the string metadata."""
     header, metadata, start = read_header(path)
     arrays = {}
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for name, entry in header.items():
             begin, end = entry["data_offsets"]
             f.seek(start + begin)
             data = f.read(end - begin)
             dtype = DTYPES[entry["dtype"]]
-            arrays[name] = np.frombuffer(data, dtype=dtype).reshape(entry["shape"]).astype(dtype.newbyteorder("="))
+            native = dtype if dtype == BFLOAT16 else dtype.newbyteorder("=")  # bfloat16: bit patterns, widened later
+            arrays[name] = np.frombuffer(data, dtype=dtype).reshape(entry["shape"]).astype(native)
     return arrays, metadata
 
 

@@ -32,8 +32,9 @@ from converters.readers import limits, safetensors_io
 from converters.readers.base import (
     Format,
     ResNetNaming,
-    check_tensors,
+    bfloat16_bits,
     file_digest,
+    float32_tensors,
     read_layout,
     require_file,
     unmatched_error,
@@ -139,10 +140,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors (a whole pickled model?)")
-    odd = sorted(k for k, v in loaded.items() if v.dtype == torch.bfloat16)
-    if odd:
-        raise WeightsError(f"{path} holds bfloat16 tensors ({len(odd)}, e.g. {odd[0]}); bbadapt converts float32 weights only")
-    return {str(k): v.detach().cpu().numpy() for k, v in loaded.items()}
+    return {str(k): bfloat16_bits(v.detach().cpu().contiguous().view(torch.int16).numpy()) if v.dtype == torch.bfloat16
+            else v.detach().cpu().numpy() for k, v in loaded.items()}
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -194,7 +193,8 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     arrays, facts = read_state_dict(path)
     ignored = sorted(k for k in arrays if k.endswith(IGNORED_SUFFIX))
     arrays = {k: v for k, v in arrays.items() if not k.endswith(IGNORED_SUFFIX)}
-    check_tensors(arrays, str(path))
+    tensors = float32_tensors(arrays, str(path))
+    arrays = tensors.arrays
     depth, bottleneck, counts = layout(set(arrays))
     name = _zoo_name(arch, depth)
     say(f"torchvision resnet{depth} ({'bottleneck' if bottleneck else 'basic'} blocks {counts}) -> {name}")
@@ -212,7 +212,7 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
                   "files": {str(path.resolve()): digest}, "arch_arg": arch, **facts,
                   "layout": {"depth": depth, "bottleneck": bottleneck, "blocks": list(counts)},
                   "naming": "torchvision state_dict (conv1, bn1.weight, layerK.i.downsample.0 ...)",
-                  "ignored": {"num_batches_tracked": len(ignored)}}
+                  "ignored": {"num_batches_tracked": len(ignored)}, "dtype_note": tensors.note}
     return Converted(net=net, arch={"zoo": name}, info=zoo.model_info(name), provenance=provenance)
 
 

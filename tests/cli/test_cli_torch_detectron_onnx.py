@@ -119,9 +119,10 @@ def test_damaged_and_mismatched_files_are_one_line_refusals(files, cli, tmp_path
                    out=tmp_path / "o4", mentions=("truncated/corrupt",))
 
 
-def test_half_precision_nan_and_missing_tensors_are_named(cli, tmp_path):
+def test_integer_tensors_nan_and_missing_tensors_are_named(cli, tmp_path):
     state = torchvision_state(calibrated("resnet18_v1b"))
-    for name, change, mention in (("half", lambda s: s.update({"fc.weight": s["fc.weight"].astype(np.float16)}), "float16"),
+    for name, change, mention in (("int", lambda s: s.update({"fc.weight": s["fc.weight"].astype(np.int32)}),
+                                   "tensor fc.weight is int32"),
                                   ("nan", lambda s: s["layer3.0.bn1.running_var"].__setitem__(0, np.nan), "NaN/Inf"),
                                   ("missing", lambda s: s.pop("layer3.0.conv2.weight"), "layer3.0.conv2.weight")):
         copy = {k: v.copy() for k, v in state.items()}

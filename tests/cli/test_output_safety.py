@@ -159,3 +159,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, convert, size):
     assert result.returncode == 1, result.stderr
     assert "No space left on device" in one_error_line(result)
     assert result.stdout.split() == [], result.stdout
+
+
+@pytest.mark.parametrize("length", [300, 245], ids=["beyond-the-file-system", "too-long-for-the-staging-name"])
+def test_an_out_name_longer_than_the_file_system_allows_is_one_line_before_any_work(tmp_path, length):
+    result = bbadapt(*CONVERT, "--out", tmp_path / ("o" * length), timeout=120)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert f"is {length} bytes; this file system allows 255" in line and "choose a shorter --out" in line
+    assert "... adapting" not in result.stderr  # refused before the conversion, not after it
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_name_that_is_not_utf8_is_one_line_before_any_work(tmp_path):
+    out = bytes(tmp_path) + b"/out-\xff"
+    result = subprocess.run([sys.executable, "-m", "bbadapt.cli", *CONVERT, "--out", out], capture_output=True,
+                            cwd=REPO, timeout=120)
+    stderr = result.stderr.decode("utf-8", "replace")
+    lines = [line for line in stderr.splitlines() if line.startswith("bbadapt: error:")]
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "is not valid UTF-8" in lines[0] and "... adapting" not in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,11 @@ MXNet model-zoo graphs (``tests/data/mxnet-symbols``); formats with no file in t
 (safetensors, Keras HDF5 and ``.keras``, Detectron pickles) get small seeds written here in their
 real layouts from those same CIFAR weights. Each target runs in its own process (the test
 launches it), so a native crash in a library fails the test instead of the test session.
+
+Besides byte mutations, graphs are mutated as graphs (:data:`GRAPH_TARGETS`: attribute values MXNet
+must reject or must not allocate, ops, edges), and checkpoint pairs as pairs (``pair-partners``: the
+file named and its partner each real, mutated, empty, missing, a FIFO, a directory or a dangling
+link), so that what reaches MXNet's shape inference and every partner a reader opens is fuzzed too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import struct
 import sys
 import tempfile
@@ -116,7 +122,9 @@ def _inspect(path: Path) -> None:
 def _graph(path: Path) -> None:
     from converters.readers import mxnet_symbol, ndarray_file
 
-    mxnet_symbol.read_graph(ndarray_file.symbol_json(path), str(path))
+    graph = ndarray_file.symbol_json(path)
+    mxnet_symbol.read_graph(graph, str(path))
+    mxnet_symbol.graph_shapes(graph, str(path))  # MXNet's own shape inference: rejections are one line
 
 
 Target = tuple[str, Callable[[], bytes], tuple[Callable[[Path], None], ...], dict[str, Path]]
@@ -131,6 +139,103 @@ TARGETS: dict[str, Target] = {  # name: (file name, seed, calls on the mutated f
     "keras-zip": ("model.keras", keras_zip_seed, (_inspect, _read), {}),
     "detectron": ("R-50.pkl", detectron_seed, (_inspect, _read), {}),
 }
+
+
+# --------------------------------------------------------------------------- graph mutations
+
+GRAPH_KEYS = ("num_filter", "kernel", "stride", "pad", "dilate", "num_group", "num_hidden", "no_bias", "eps",
+              "fix_gamma", "pool_type", "global_pool", "pooling_convention", "act_type")
+GRAPH_VALUES = ("0", "-1", "1", "3", "(0, 0)", "(1,)", "(3, 3, 3)", "(100000, 100000)", "(-1, -1)", str(2**31),
+                str(2**40), "200000", "", "nan", "True", "False", "avg", "sum", "[]", "1e9", "relu", "full")
+GRAPH_OPS = ("Convolution", "FullyConnected", "Pooling", "BatchNorm", "Activation", "elemwise_add", "Flatten",
+             "null", "SoftmaxOutput", "NoSuchOp")
+
+
+@st.composite
+def graph_edits(draw) -> list[tuple]:
+    """A few edits of a graph's nodes, positions as fractions of the node list."""
+    where = st.floats(0, 1, allow_nan=False)
+    edit = st.one_of(
+        st.tuples(st.just("attr"), where, st.sampled_from(GRAPH_KEYS), st.sampled_from(GRAPH_VALUES)),
+        st.tuples(st.just("op"), where, st.sampled_from(GRAPH_OPS)),
+        st.tuples(st.just("input"), where, where, where),
+        st.tuples(st.just("drop-attrs"), where),
+    )
+    return draw(st.lists(edit, min_size=1, max_size=3))
+
+
+def edit_graph(data: bytes, edits: list[tuple]) -> bytes:
+    graph = json.loads(data)
+    nodes = graph["nodes"]
+    for kind, where, *args in edits:
+        node = nodes[min(int(where * len(nodes)), len(nodes) - 1)]
+        if kind == "attr":
+            node.setdefault("attrs", {})[args[0]] = args[1]
+        elif kind == "op":
+            node["op"] = args[0]
+        elif kind == "input" and node["inputs"]:
+            entry = node["inputs"][min(int(args[0] * len(node["inputs"])), len(node["inputs"]) - 1)]
+            entry[0] = min(int(args[1] * len(nodes)), len(nodes) - 1)  # may point forward: a damaged graph
+        elif kind == "drop-attrs":
+            node.pop("attrs", None)
+    return json.dumps(graph).encode()
+
+
+GRAPH_TARGETS: dict[str, Target] = {  # as TARGETS, but the seed is edited as a graph (edit_graph)
+    "zoo-graph-edits": ("resnet-18-symbol.json", ZOO_GRAPH.read_bytes, (_inspect, _graph, _read),
+                        {"resnet-18-0000.params": CIFAR_PARAMS}),  # a partner far too small: never built
+    "gluon-export-graph-edits": ("cifar_resnet20_v1-symbol.json", CIFAR_GRAPH.read_bytes, (_inspect, _read),
+                                 {"cifar_resnet20_v1-0000.params": CIFAR_PARAMS}),
+}
+
+
+# --------------------------------------------------------------------------- pair mutations
+
+PARTNER_KINDS = ("real", "mutated", "empty", "missing", "fifo", "directory", "dangling-link", "link-to-real")
+PAIR = {"symbol": ("cifar_resnet20_v1-symbol.json", CIFAR_GRAPH), "params": ("cifar_resnet20_v1-0000.params",
+                                                                              CIFAR_PARAMS)}
+
+
+def place(path: Path, kind: str, source: Path, edits: list[tuple]) -> None:
+    """Put at ``path`` the ``kind`` of thing a user might have there instead of ``source``."""
+    if kind in ("real", "mutated"):
+        path.write_bytes(source.read_bytes() if kind == "real" else mutate(source.read_bytes(), edits))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "dangling-link":
+        path.symlink_to(path.with_name("nowhere"))
+    elif kind == "link-to-real":
+        path.symlink_to(source)
+
+
+def run_pairs(examples: int, derandomize: bool) -> None:
+    """Either file of a checkpoint pair named, the other (and the named one) any kind of thing: read and inspect
+    end in success or one line, never a hang or an internal error."""
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="fuzz-pairs-") as tmp:
+        root = Path(tmp)
+
+        @settings(max_examples=examples, derandomize=derandomize, database=None, deadline=None,
+                  suppress_health_check=list(HealthCheck), print_blob=True)
+        @given(named=st.sampled_from(sorted(PAIR)), named_kind=st.sampled_from(("real", "mutated")),
+               partner_kind=st.sampled_from(PARTNER_KINDS), edits=mutations())
+        def fuzz(named, named_kind, partner_kind, edits):
+            directory = root / "pair"
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            partner = next(k for k in PAIR if k != named)
+            place(directory / PAIR[named][0], named_kind, PAIR[named][1], edits)
+            place(directory / PAIR[partner][0], partner_kind, PAIR[partner][1], edits)
+            for call in (_inspect, _read):
+                check_clean(call, directory / PAIR[named][0])
+
+        fuzz()
+    print(f"pair-partners: {examples} mutated files, every reader and inspect ended cleanly")
 
 
 # --------------------------------------------------------------------------- mutations
@@ -180,7 +285,11 @@ def check_clean(call: Callable[[Path], None], path: Path) -> None:
 
 
 def run(name: str, examples: int, derandomize: bool) -> None:
-    file_name, seed, calls, beside = TARGETS[name]
+    if name == "pair-partners":
+        run_pairs(examples, derandomize)
+        return
+    file_name, seed, calls, beside = TARGETS.get(name) or GRAPH_TARGETS[name]
+    change = edit_graph if name in GRAPH_TARGETS else mutate
     data = seed()
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as tmp:
         directory = Path(tmp)
@@ -193,9 +302,9 @@ def run(name: str, examples: int, derandomize: bool) -> None:
 
         @settings(max_examples=examples, derandomize=derandomize, database=None, deadline=None,
                   suppress_health_check=list(HealthCheck), print_blob=True)
-        @given(edits=mutations())
+        @given(edits=graph_edits() if name in GRAPH_TARGETS else mutations())
         def fuzz(edits):
-            path.write_bytes(mutate(data, edits))
+            path.write_bytes(change(data, edits))
             for call in calls:
                 check_clean(call, path)
 
@@ -203,13 +312,16 @@ def run(name: str, examples: int, derandomize: bool) -> None:
     print(f"{name}: {examples} mutated files, every reader and inspect ended cleanly")
 
 
+ALL_TARGETS = (*TARGETS, *GRAPH_TARGETS, "pair-partners")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=[*TARGETS, "all"])
+    parser.add_argument("target", choices=[*ALL_TARGETS, "all"])
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--derandomize", action="store_true", help="the same inputs every run (the test suite)")
     args = parser.parse_args()
-    for name in TARGETS if args.target == "all" else [args.target]:
+    for name in ALL_TARGETS if args.target == "all" else [args.target]:
         run(name, args.examples, args.derandomize)
 
 

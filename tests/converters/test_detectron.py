@@ -187,14 +187,11 @@ def test_missing_and_unknown_blobs_are_named(r50_blobs, tmp_path):
     assert "1 parameters get no value (res3_1_branch2b_bn_s)" in msg and "\n" not in msg
 
 
-def test_fp16_fp64_nan_and_truncated_files_are_refused(tmp_path):
+def test_nan_and_truncated_files_are_refused(tmp_path):
     small = {"conv1_w": np.ones((4, 3, 7, 7), np.float32), "res_conv1_bn_s": np.ones(4, np.float32)}
-    for change, message in (("float16", "float16"), ("float64", "float64"), ("nan", "NaN/Inf")):
-        blobs = dict(small)
-        s = blobs["res_conv1_bn_s"]
-        blobs["res_conv1_bn_s"] = s.astype(change) if change != "nan" else np.full_like(s, np.nan)
-        with pytest.raises(WeightsError, match=message):
-            readers.read(_pkl(tmp_path, blobs))
+    blobs = dict(small, res_conv1_bn_s=np.full(4, np.nan, np.float32))
+    with pytest.raises(WeightsError, match="NaN/Inf"):
+        readers.read(_pkl(tmp_path, blobs))
     data = py2pickle.dumps({"blobs": small})
     cut = tmp_path / "cut.pkl"
     cut.write_bytes(data[: len(data) // 3])

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from .fuzz_readers import TARGETS
+from .fuzz_readers import ALL_TARGETS
 
 EXAMPLES = 25  # per target: seconds each; the Makefile's fuzz target runs thousands
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("target", list(ALL_TARGETS))
 def test_mutated_files_end_in_success_or_a_clean_one_line_error(target, tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),

@@ -173,6 +173,99 @@ def test_a_symbol_json_nested_absurdly_deep_is_one_line(tmp_path):
                            mentions=("nested too deeply",))
 
 
+# --------------------------------------------------------------------------- partners and graphs
+
+DATA = Path(__file__).resolve().parents[2] / "bbadapt" / "data"
+ZOO_GRAPH = Path(__file__).resolve().parents[2] / "tests" / "data" / "mxnet-symbols" / "resnet-18-symbol.json"
+
+
+def assert_nothing_written(tmp_path: Path) -> None:
+    """No output, no staging directory: only what the test itself put there (and the measuring record)."""
+    assert not (tmp_path / "out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name or p.name.startswith(".out")]
+
+
+def make_partner(path: Path, kind: str) -> None:
+    """``path`` as something that is not a readable file: a FIFO (a plain open blocks forever), a directory,
+    a symbolic link to nothing."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(path.with_name("nowhere"))
+
+
+PARTNER_WORDS = {"fifo": "is not a regular file (a FIFO)", "directory": "is not a regular file (a directory)",
+                 "dangling-link": "is a symbolic link to nothing"}
+
+
+@pytest.mark.parametrize("kind", list(PARTNER_WORDS))
+def test_a_graphs_parameters_partner_that_is_no_file_is_one_line_and_never_blocks(tmp_path, kind):
+    graph = tmp_path / "net-symbol.json"
+    graph.write_bytes((DATA / "cifar_resnet20_v1-symbol.json").read_bytes())
+    make_partner(tmp_path / "net-0000.params", kind)
+    assert_refused_cheaply(tmp_path, graph, "convert", "--weights", graph, "-o", tmp_path / "out",
+                           mentions=("net-0000.params", PARTNER_WORDS[kind]))
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("kind", list(PARTNER_WORDS))
+def test_a_parameters_files_graph_partner_that_is_no_file_is_one_line_and_never_blocks(tmp_path, kind):
+    params = tmp_path / "net-0000.params"
+    params.write_bytes((DATA / "cifar_resnet20_v1-0000.params").read_bytes())
+    make_partner(tmp_path / "net-symbol.json", kind)
+    assert_refused_cheaply(tmp_path, params, "convert", "--weights", params, "-o", tmp_path / "out",
+                           mentions=("net-symbol.json", PARTNER_WORDS[kind]))
+    assert_nothing_written(tmp_path)
+
+
+def test_a_fifo_named_as_the_weights_is_one_line_and_never_blocks(tmp_path):
+    fifo = tmp_path / "weights.params"
+    os.mkfifo(fifo)
+    assert_refused_cheaply(tmp_path, fifo, "convert", "cifar_resnet20_v1", "--weights", fifo, "-o", tmp_path / "out",
+                           mentions=("a FIFO",))
+    assert_nothing_written(tmp_path)
+
+
+def zoo_graph_with(tmp_path: Path, layer: str, **attrs) -> Path:
+    """The real ResNet-18 symbolic-zoo graph with ``attrs`` changed on node ``layer``, and a parameters partner."""
+    graph = json.loads(ZOO_GRAPH.read_text())
+    next(n for n in graph["nodes"] if n["name"] == layer)["attrs"].update(attrs)
+    path = tmp_path / "resnet-18-symbol.json"
+    path.write_text(json.dumps(graph))
+    (tmp_path / "resnet-18-0000.params").write_bytes((DATA / "cifar_resnet20_v1-0000.params").read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("layer, attrs, reason", [
+    ("conv0", {"num_filter": str(2**40)}, "num_filter"),
+    ("conv0", {"kernel": "(100000, 100000)"}, "kernel size exceed input"),
+    ("conv0", {"kernel": "(0, 0)"}, "has kernel (0, 0) (each value must be at least 1)"),
+    ("fc1", {"num_hidden": "0"}, "has num_hidden 0"),
+    ("conv0", {"num_group": "0"}, "has num_group 0 (each value must be at least 1)"),  # SIGFPE inside MXNet
+    ("pooling0", {"stride": "(0, 0)"}, "has stride (0, 0)"),  # passes MXNet's shape inference
+], ids=["absurd-num-filter", "absurd-kernel", "zero-kernel", "zero-num-hidden", "zero-groups", "zero-pool-stride"])
+def test_a_graph_mxnet_rejects_at_shape_inference_is_one_damaged_graph_line_naming_the_node(tmp_path, layer, attrs,
+                                                                                           reason):
+    graph = zoo_graph_with(tmp_path, layer, **attrs)
+    assert_refused_cheaply(tmp_path, graph, "convert", "--weights", graph, "-o", tmp_path / "out",  # one line:
+                           mentions=("damaged MXNet graph", f"node {layer!r}", reason))  # no MXNet log or print
+    assert_nothing_written(tmp_path)
+
+
+def test_a_graph_declaring_far_more_weights_than_its_partner_holds_is_refused_before_building(tmp_path):
+    graph = zoo_graph_with(tmp_path, "stage4_unit1_conv1", num_filter="200000")
+    graph_dict = json.loads(graph.read_text())
+    for node in graph_dict["nodes"]:
+        if node["op"] == "Convolution" and node["name"].startswith("stage4_"):
+            node["attrs"]["num_filter"] = "200000"
+    graph.write_text(json.dumps(graph_dict))
+    assert_refused_cheaply(tmp_path, graph, "convert", "--weights", graph, "-o", tmp_path / "out",
+                           mentions=("the graph declares weights of", "resnet-18-0000.params holds 1,105,597 bytes"))
+    assert_nothing_written(tmp_path)
+
+
 # --------------------------------------------------------------------------- bundles
 
 

@@ -168,10 +168,8 @@ def test_missing_and_extra_tensors_are_named(r18, tmp_path):
     assert "layer2.0.conv9.weight" in msg and "layer2.0.downsample.1.running_var" in msg and "\n" not in msg
 
 
-def test_fp16_fp64_and_nan_are_refused(r18, tmp_path):
-    for change, message in ((lambda s: s.update({"fc.bias": s["fc.bias"].astype(np.float16)}), "float16"),
-                            (lambda s: s.update({"fc.bias": s["fc.bias"].astype(np.float64)}), "float64"),
-                            (lambda s: s["bn1.running_var"].__setitem__(3, np.nan), "NaN/Inf")):
+def test_nan_is_refused(r18, tmp_path):
+    for change, message in ((lambda s: s["bn1.running_var"].__setitem__(3, np.nan), "NaN/Inf"),):
         state = torchvision_state(r18)
         change(state)
         with pytest.raises(WeightsError, match=message):
@@ -245,7 +243,7 @@ def test_an_exported_pth_loads_in_torch_and_computes_the_bundle_function(bundles
     assert max_rel(torch_resnet.forward(state, PRESETS["imagenet"].normalize(raw)), want) < 1e-5
 
 
-def test_corrupt_pth_and_bfloat16_are_one_line_errors(r18, torch, tmp_path):
+def test_a_corrupt_pth_is_one_line(r18, torch, tmp_path):
     path = tmp_path / "r18.pth"
     torch.save({k: torch.from_numpy(v) for k, v in torchvision_state(r18).items()}, str(path))
     cut = tmp_path / "cut.pth"
@@ -253,11 +251,6 @@ def test_corrupt_pth_and_bfloat16_are_one_line_errors(r18, torch, tmp_path):
     with pytest.raises(WeightsError, match="cannot read .*weights_only") as err:
         readers.read(cut, fmt="torchvision")
     assert "\n" not in str(err.value)
-    half = tmp_path / "bf16.pth"
-    torch.save({k: torch.from_numpy(v).to(torch.bfloat16) if v.dtype == np.float32 else torch.from_numpy(v)
-                for k, v in torchvision_state(r18).items()}, str(half))
-    with pytest.raises(WeightsError, match="bfloat16"):
-        readers.read(half)
 
 
 def test_torchvisions_own_resnet50_agrees_both_ways(torch, tmp_path):

@@ -162,6 +162,76 @@ def test_a_server_that_accepts_and_never_answers_times_out(tmp_path):
     assert "read timeout" in message and "offline" not in message
 
 
+class SilentServer:
+    """Accepts every connection and never sends a byte (what a wedged mirror or a black-holing proxy does);
+    ``connections`` counts the connections it accepted."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.host = f"127.0.0.1:{self.socket.getsockname()[1]}"
+        self.url = f"http://{self.host}/"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.socket.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def silent():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_a_silent_server_is_asked_once_and_the_line_names_the_host_and_the_wait(silent, tmp_path):
+    zf = ZooFile("toy", "0" * 40, silent.url, Path("unused"))
+    said: list[str] = []
+    options = DownloadOptions(connect_timeout=2, read_timeout=60, retries=2, stall_limit=1.5)
+    with pytest.raises(WeightsError) as caught:
+        fetch(in_cache(zf, tmp_path / "mxnet-home"), options, say=lambda m: said.append(str(m)))
+    message = str(caught.value)
+    assert f"no data for 1.5 s from {silent.host}" in message and "never answered" in message
+    assert len(silent.accepted) == 1, "a server that never answered must not be asked again"
+    assert any(line.startswith(f"waiting for {silent.host}: no data for ") for line in said), said
+    assert not (tmp_path / "mxnet-home").exists()
+
+
+def test_a_server_that_answers_is_retried_but_the_silences_add_up_to_the_stall_limit(mirror, tmp_path):
+    zf = mirror.publish("toy", toy_params())
+    path = f"/gluon/models/{zf.file_name}.zip"
+    mirror.routes[path] = ("stall", mirror.routes[path][2])
+    options = DownloadOptions(connect_timeout=2, read_timeout=1, retries=5, backoff=0.05, stall_limit=1.5)
+    message = refused(zf, tmp_path / "mxnet-home", options)
+    assert f"no data for 1.5 s from {mirror.url[7:-1]} in all (2 attempts" in message
+    assert mirror.requests == [path, path]
+
+
+def test_by_default_a_whole_download_waits_60_s_for_data_at_most(monkeypatch):
+    for name in (download.ENV_TIMEOUT, download.ENV_RETRIES, download.ENV_STALL):
+        monkeypatch.delenv(name, raising=False)
+    options = DownloadOptions.from_env()
+    assert options.stall_limit == 60 and options.read_timeout <= options.stall_limit
+
+
+@pytest.mark.parametrize("value", ["never", "0", "-1"])
+def test_a_bad_stall_setting_is_one_line(monkeypatch, value):
+    monkeypatch.setenv(download.ENV_STALL, value)
+    with pytest.raises(WeightsError, match=download.ENV_STALL):
+        DownloadOptions.from_env()
+
+
 def test_a_refused_connection_retries_and_suggests_offline_or_a_wrong_mirror(tmp_path):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -342,4 +412,21 @@ def test_the_cli_reports_a_mirror_that_never_answers_in_one_line_and_leaves_no_c
     assert result.returncode == 1, result.stderr
     assert lines[-1].startswith("bbadapt: error: could not download http://127.0.0.1:")
     assert "read timeout" in lines[-1] and "Traceback" not in result.stderr
+    assert not home.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_cli_gives_up_on_a_silent_mirror_within_the_stall_limit_with_progress_while_waiting(silent, tmp_path):
+    import time
+
+    home = tmp_path / "mxnet-home"
+    started = time.monotonic()
+    result = run_zoo_cli("convert", "cifar_resnet20_v1", "-o", tmp_path / "out", home=home, repo=silent.url,
+                         extra_env={download.ENV_STALL: "3"})
+    elapsed = time.monotonic() - started
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bbadapt: error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert f"no data for 3 s from {silent.host}" in errors[0] and "Traceback" not in result.stderr
+    assert f"waiting for {silent.host}: no data for " in result.stderr
+    assert len(silent.accepted) == 1
+    assert elapsed < 60, f"a 3 s stall limit took {elapsed:.0f} s"  # the issue's bound, generous on 2 loaded cores
     assert not home.exists() and not (tmp_path / "out").exists()
