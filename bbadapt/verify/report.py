@@ -165,7 +165,9 @@ def _verdict_line(r: dict) -> str:
     decided = f"; {decided}" if decided else ""
     if _get(r, "tolerance", "raised"):
         return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} ({tolerance_text(r)}){decided}"
-    op = "<=" if r.get("worst_max_rel", 0) <= (_get(r, "tolerance", "max_rel") or 0) else ">"
+    worst, tol = r.get("worst_max_rel"), _get(r, "tolerance", "max_rel")
+    numbers_given = isinstance(worst, numbers.Real) and isinstance(tol, numbers.Real)
+    op = "<=" if not numbers_given or worst <= tol else ">"
     return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {_fmt(_get(r, 'tolerance', 'max_rel'))}{decided}"
 
 

@@ -214,7 +214,7 @@ def test_report_html_renders_cleanly_with_the_right_verdict(browser, pages, tmp_
     assert (weights is not None) == (kind == "random")
     if weights:
         assert "NOT pretrained" in weights
-    assert legend_terms == columns == 12  # every column explained
+    assert legend_terms == columns == 13  # every column explained (the yardstick's included)
     shot = browser.screenshot(tmp_path / f"report-{kind}.png")  # out of the repository
     assert _pixels(shot, BANNER_RGB[banner]) > 5000  # the banner is really painted in its colour
     assert (_pixels(shot, WEIGHTS_RGB) > 5000) == (kind == "random")
