@@ -263,11 +263,12 @@ def apply_plan(net, steps: list[PlanStep], source: InputSpec, target: InputSpec)
     return results
 
 
-def clone(net, trainable: bool = True):
+def clone(net, trainable: bool = True, dtype: str | None = None):
     """An independent copy (parameters included) that can be rewritten freely.
 
     ``trainable=False`` gives a copy without gradient buffers (for reference runs: half
-    the memory of a trainable copy). The copy is never hybridized, whatever ``net`` was.
+    the memory of a trainable copy). ``dtype``: the copy cast to it (``float64`` for the
+    checks' truth and twins). The copy is never hybridized, whatever ``net`` was.
 
     deepcopy would pickle every NDArray; seeding its memo with plain array copies makes
     cloning a ResNet-152 a memcpy instead of a serialization round trip.
@@ -291,6 +292,8 @@ def clone(net, trainable: bool = True):
             param.grad_req = "null"  # drops the copied gradient buffers
         elif param._data is not None and param.grad_req != "null":
             param._init_grad()  # copied arrays are not marked for autograd; without this backward() fails
+    if dtype is not None:
+        twin.cast(dtype)
     return twin
 
 

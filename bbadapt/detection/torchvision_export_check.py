@@ -156,16 +156,12 @@ def float64_rule(gl32: dict, gl64: dict, tv32: dict, tv64: dict, yards: list[dic
 
     parts = {}
     for name in gl32:
-        ref_max = float(np.max(np.abs(gl32[name]))) if gl32[name].size else 0.0
-        ref_max = ref_max or 1.0
         decision = against_yardstick([gl64[name]], [tv64[name]], [[y[name] for y in yards]])
-        parts[name] = {"max_rel": float(np.max(np.abs(np.asarray(tv32[name], np.float64) - gl32[name]), initial=0.0))
-                       / ref_max,
-                       "within_rel_tol": None, "rms_ratio": decision["rms_ratio"] if decision else 0.0,
-                       "gluoncv_fp32_max_rel_vs_fp64": float(np.max(np.abs(np.asarray(gl32[name], np.float64) - gl64[name]),
-                                                                   initial=0.0)) / ref_max,
+        max_rel = difference(gl32[name], tv32[name])["max_rel"]
+        parts[name] = {"max_rel": max_rel, "within_rel_tol": max_rel <= rel_tol,
+                       "rms_ratio": decision["rms_ratio"] if decision else 0.0,
+                       "gluoncv_fp32_max_rel_vs_fp64": difference(gl32[name], gl64[name])["max_rel"],
                        "float64_twin": decision, "within": decision is None or decision["within"]}
-        parts[name]["within_rel_tol"] = parts[name]["max_rel"] <= rel_tol
     return {"rule": "the export's float64 twin's RMS error against GluonCV float64 at most the one-ulp yardstick's (the "
                     "twin with every number of the export moved by one float32 ulp)", "parts": parts,
             "worst_rms_ratio": max(p["rms_ratio"] for p in parts.values()),

@@ -225,8 +225,7 @@ def reference(original, source: str | InputSpec, options: CheckOptions | None = 
     say("tracing the original network")
     probes = ProbeSet.from_graph(trace(original))
     ref32 = _eager(original)
-    ref64 = clone(original, trainable=False)
-    ref64.cast("float64")
+    ref64 = clone(original, trainable=False, dtype="float64")
     batches, inputs = _probe_batches(options, probes, interiors)
     fp32, fp64 = [], []
     for k, raw in enumerate(batches):
@@ -256,9 +255,7 @@ class _Candidate:
 
     def twin(self):
         """The float64 twin: the same (float32) weights, computed in float64."""
-        twin = clone(self.net, trainable=False)
-        twin.cast("float64")
-        return twin
+        return clone(self.net, trainable=False, dtype="float64")
 
 
 

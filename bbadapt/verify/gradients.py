@@ -161,9 +161,7 @@ def frozen_reference(original, wanted: set[str], dtype: str = "float32"):
     """
     from mxnet.gluon import nn
 
-    net = clone(original, trainable=False)
-    if dtype != "float32":
-        net.cast(dtype)
+    net = clone(original, trainable=False, dtype=None if dtype == "float32" else dtype)
     for block in block_paths(net).values():
         if isinstance(block, nn.BatchNorm):
             block._kwargs["use_global_stats"] = True  # see the module docstring: the predict-mode pitfall
@@ -325,8 +323,7 @@ def _float64_twin(records: list[dict], pairs: list[Pairing], adapted: Adapted, r
     """
     failed = {r["name"] for r in records if r["passed"] is False}
     say(f"re-running the adapted net in float64 for {len(failed | chaotic)} gradients float32 cannot settle")
-    twin = clone(adapted.net)
-    twin.cast("float64")
+    twin = clone(adapted.net, dtype="float64")
     a64 = gradients(twin, adapted.target.normalize(raw, "float64"), failed | chaotic, seed, "float64")
     by_name = {p.adapted: p for p in pairs}
     for r in records:

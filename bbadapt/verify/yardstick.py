@@ -63,8 +63,7 @@ def nudged_twin(adapted_net, original, seed: int = SEED):
     from bbadapt.core.rewrite import clone
 
     written = written_by_adaptation(adapted_net, original)
-    twin = clone(adapted_net, trainable=False)
-    twin.cast("float64")
+    twin = clone(adapted_net, trainable=False, dtype="float64")
     rng = np.random.RandomState(seed)
     for name, param in sorted(twin._collect_params_with_prefix().items()):
         if name in written:
