@@ -40,7 +40,7 @@ def backbone_structure(manifest: dict, net=None):
     Lets a caller that brings its own parameters (a detector checkpoint) rebuild the
     structure without the bundle's ``backbone.params``.
     """
-    from bbadapt.core.registry import rebuild
+    from bbadapt.core.architectures import rebuild
     from bbadapt.core.rewrite import apply_plan
     from bbadapt.core.spec import InputSpec
 

@@ -133,7 +133,7 @@ def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> 
         except (KeyError, TypeError, ValueError):  # SpecError is a ValueError
             raise OutputError(f"{path} has an invalid {key} spec") from None
     if "arch" in manifest:
-        from bbadapt.core.registry import arch_problem
+        from bbadapt.core.architectures import arch_problem
 
         problem = arch_problem(manifest["arch"])
         if problem:

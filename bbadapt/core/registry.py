@@ -9,6 +9,8 @@ format the weights came from.
 An ``arch`` record is either ``{"zoo": NAME}`` or ``{"builder": STABLE_NAME, "kwargs": {...}}``.
 Builders live in :mod:`bbadapt.core.architectures` and register under a *stable* name that
 does not depend on where the code sits: moving a module must never break a bundle on disk.
+The arrow points one way: that package imports this registry, never the reverse, so
+:func:`~bbadapt.core.architectures.rebuild` and ``arch_problem`` live there.
 bbadapt 0.1.0 wrote module paths (``"converters.mxnet_symbol:symbolic_resnet"``); those are
 mapped by :data:`ALIASES_0_1`.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bbadapt.core.errors import ModelError
 from bbadapt.core.zoo import ModelInfo
 
 
@@ -56,7 +57,7 @@ ALIASES_0_1 = {
 def architecture_builder(name: str) -> Callable[[Callable], Callable]:
     """Register the decorated function as the builder an ``arch`` record calls ``name``.
 
-    Only registered functions can be called through :func:`rebuild`: a crafted manifest must
+    Only registered functions can be called through ``architectures.rebuild``: a crafted manifest must
     not be able to make bbadapt import and call anything else (readers, writers, os.system).
     """
     def register(func: Callable) -> Callable:
@@ -67,42 +68,11 @@ def architecture_builder(name: str) -> Callable[[Callable], Callable]:
     return register
 
 
-def _known_builders() -> dict[str, Callable]:
-    import bbadapt.core.architectures  # noqa: F401 - importing registers every builder
-
-    return _BUILDERS
+def registered() -> dict[str, Callable]:
+    """The builders registered so far (importing :mod:`bbadapt.core.architectures` registers them all)."""
+    return dict(_BUILDERS)
 
 
 def stable_name(builder: str) -> str:
     """The current name of a builder as a manifest stores it (0.1.0 module paths are mapped)."""
     return ALIASES_0_1.get(builder, builder)
-
-
-def arch_problem(arch: object) -> str | None:
-    """Why ``arch`` is not a usable architecture record, or None when it is."""
-    if not isinstance(arch, dict):
-        return "is not a record"
-    if "zoo" in arch:
-        return None if isinstance(arch["zoo"], str) else "has a non-string zoo name"
-    builder = arch.get("builder")
-    if not isinstance(builder, str) or stable_name(builder) not in _known_builders():
-        return f"names no architecture builder of bbadapt ({builder!r})"
-    if not isinstance(arch.get("kwargs", {}), dict):
-        return "has non-keyword builder arguments"
-    return None
-
-
-def rebuild(arch: dict):
-    """Build (random init, shapes materialized) the architecture an ``arch`` record names."""
-    from bbadapt.core import zoo
-
-    problem = arch_problem(arch)
-    if problem:
-        raise ModelError(f"unknown architecture record: it {problem}")
-    if "zoo" in arch:
-        return zoo.build(arch["zoo"])
-    builder = _known_builders()[stable_name(arch["builder"])]
-    try:
-        return builder(**dict(arch.get("kwargs", {})))
-    except (TypeError, KeyError, ValueError, IndexError) as exc:  # arguments a tampered record got wrong
-        raise ModelError(f"architecture record for {arch['builder']} does not fit it: {type(exc).__name__}: {exc}") from None

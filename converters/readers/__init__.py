@@ -12,7 +12,8 @@ import importlib
 import os
 from pathlib import Path
 
-from bbadapt.core.registry import Converted, rebuild
+from bbadapt.core.architectures import rebuild
+from bbadapt.core.registry import Converted
 from converters.readers.base import HEAD_BYTES, Format, open_regular, require_file
 
 # Order matters only for sniffing: the most specific signatures first.

@@ -501,7 +501,7 @@ def arch_record(arch: Architecture) -> dict:
 
 def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     """A Keras ResNet weights file -> Gluon net (v1: resnetN_v1 layout, V2: Keras's own layout)."""
-    from bbadapt.core.registry import rebuild
+    from bbadapt.core.architectures import rebuild
     from bbadapt.core.weights import assign
 
     progress = progress or (lambda _m: None)

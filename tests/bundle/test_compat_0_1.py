@@ -18,7 +18,8 @@ import pytest
 
 from bbadapt.bundle.backbone import load_backbone
 from bbadapt.core import images
-from bbadapt.core.registry import ALIASES_0_1, arch_problem, rebuild, stable_name
+from bbadapt.core.architectures import arch_problem, rebuild
+from bbadapt.core.registry import ALIASES_0_1, stable_name
 from bbadapt.core.trace import block_paths
 
 BUNDLES = Path(__file__).resolve().parents[1] / "data" / "bundles"
