@@ -1,5 +1,7 @@
 """A failing v1 report: the adapted net fed the wrong spec (rgb01 instead of rgb255), as tests/verify/test_report_browser.py does."""
+# Run at main b5bd205 (the README says how); later bbadapt returns a CheckReport, not this dict.
 import sys
+
 from bbadapt.core.rewrite import adapt
 from bbadapt.verify.equivalence import CheckOptions, check
 from bbadapt.verify.report import write_reports
