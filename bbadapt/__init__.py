@@ -22,7 +22,7 @@ _PUBLIC = {
     "load_backbone": "bundle.backbone", "read_manifest": "bundle.manifest",
     "load_detector": "detection.detector_bundle",
     "convert": "pipeline", "recheck": "pipeline", "ConvertOptions": "pipeline", "DetectorOptions": "pipeline",
-    "check": "verify.equivalence", "CheckOptions": "verify.equivalence",
+    "check": "verify.equivalence", "CheckOptions": "verify.equivalence", "CheckReport": "verify.check_report",
     "BbadaptError": "core.errors",
     "PRESETS": "core.spec", "InputSpec": "core.spec", "affine_map": "core.spec", "parse_spec": "core.spec",
 }

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +29,9 @@ from bbadapt.detection.options import (
     EvaluateOptions,
     TrainConfig,
 )
+
+if TYPE_CHECKING:
+    from bbadapt.verify.check_report import CheckReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn model-zoo ResNets into verified, detection-ready backbones.")
@@ -121,40 +124,40 @@ def parse_sizes(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
     return sizes
 
 
-def _summary(report: dict, out: Path) -> None:
-    cls = report.get("classification") or {}
+def _summary(report: CheckReport, out: Path) -> None:
+    """The check's lines on the terminal: figures from the report, the verdict as decided (never judged again here)."""
+    from bbadapt.verify.check_report import judged, tolerance_text, yardstick_text
+    from bbadapt.verify.report import training_headline
+
+    verdict = report.verdict
+    cls = report.classification or {}
     agree = f"; top-1 agreement {cls['top1_agreement']:.0%}" if cls.get("top1_agreement") is not None else ""
     lab = cls.get("labelled")
     if lab:
         agree += (f"; accuracy on {lab['n']} labelled tiles: original {lab['accuracy_original']:.0%}, "
                   f"adapted {lab['accuracy_adapted']:.0%}")
-    from bbadapt.verify.report import tolerance_text, yardstick_text
-
-    n_sizes = len({tuple(i["size"]) for i in report["inputs"]})
+    n_sizes = len({tuple(i["size"]) for i in report.inputs})
     decided = yardstick_text(report)
     decided = f"; {decided}" if decided else ""
-    if report["exact"]:
-        out_console.print(f"check {report['verdict']}: worst max rel {report['worst_max_rel']:.2e} "
-                          f"({tolerance_text(report)}) over {len(report['probes'])} probes, "
-                          f"{len(report['inputs'])} images at {n_sizes} sizes{agree}{decided}", markup=False)
+    if report.exact:
+        out_console.print(f"check {verdict.word}: worst max rel {report.worst_max_rel:.2e} "
+                          f"({tolerance_text(report)}) over {len(report.probes)} probes, "
+                          f"{len(report.inputs)} images at {n_sizes} sizes{agree}{decided}", markup=False)
     else:
         err_console.print("bbadapt: warning: this fold is APPROXIMATE (fold=conv with a non-zero shift): "
                           "results differ near the image border; see the report", markup=False)
-        judged = [p["name"] for p in report["probes"] if p["passed"] is not None]
-        output = report["probes"][-1]
-        verdict = "within tolerance" if report["passed"] else "NOT within tolerance"
-        out_console.print(f"check {report['verdict']} (approximate fold): interiors of {', '.join(judged) or 'no probe'} "
-                          f"{verdict} ({tolerance_text(report)}); not judged: the borders; worst max rel including the "
-                          f"border {report['worst_max_rel']:.2e}, final output max rel {output['max_rel']:.2e}{agree}",
+        output = report.probes[-1]
+        within = "within tolerance" if verdict.passed else "NOT within tolerance"
+        out_console.print(f"check {verdict.word} (approximate fold): interiors of {', '.join(judged(report)[0]) or 'no probe'} "
+                          f"{within} ({tolerance_text(report)}); not judged: the borders; worst max rel including the "
+                          f"border {report.worst_max_rel:.2e}, final output max rel {output.max_rel:.2e}{agree}",
                           markup=False)
-    if report.get("training"):
-        from bbadapt.verify.report import training_headline
-
-        out_console.print(training_headline(report["training"]), markup=False)
-    for note in report["notes"]:
+    if report.training:
+        out_console.print(training_headline(report.training), markup=False)
+    for note in report.notes:
         if note.startswith(("BatchNorm ", "INCONCLUSIVE", "weights stored as ")):
             err_console.print(f"bbadapt: note: {note}", markup=False)
-    for reason in report["reasons"]:
+    for reason in verdict.reasons:
         out_console.print(f"  - {reason}", markup=False)
     out_console.print(f"report: {out / 'report.md'} (and report.html)", markup=False)
 
@@ -255,7 +258,7 @@ def convert(
             out_console.print(f"detector: Faster R-CNN ({layout.value}) for {', '.join(parse_classes(classes))}; "
                               f"load it with bbadapt.load_detector({str(out)!r})", markup=False)
         out_console.print(f"wrote {out}", markup=False)
-    if not report["passed"]:
+    if not report.verdict.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -278,7 +281,7 @@ def check(
             report = recheck(directory, images=str(images) if images else None, sizes=parse_sizes(sizes), progress=say,
                              weights=str(weights) if weights else None)
         _summary(report, directory)
-    if not report["passed"]:
+    if not report.verdict.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 

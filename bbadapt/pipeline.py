@@ -12,12 +12,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bbadapt.bundle import describe
 from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.bundle.provenance import locate_weights
@@ -29,6 +30,7 @@ from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.weights import randomize
 from bbadapt.verify.budget import require_check_memory
+from bbadapt.verify.check_report import CheckReport
 from bbadapt.verify.equivalence import CheckOptions, check, default_sizes
 from bbadapt.verify.gradients import GradientOptions, training_check
 from bbadapt.verify.report import write_reports
@@ -151,13 +153,14 @@ class DetectorOptions:
 
 
 def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions | None = None,
-            detector: DetectorOptions | None = None, progress: Progress | None = None) -> tuple[dict, Adapted]:
+            detector: DetectorOptions | None = None, progress: Progress | None = None) -> tuple[CheckReport, Adapted]:
     """Adapt ``model`` (or the network in a weights file), check it and write ``out`` atomically.
 
     ``options``: weights, specs, fold, BN form, check settings (:class:`ConvertOptions`).
     With ``detector`` the output also holds a Faster R-CNN built on the adapted backbone
     (:mod:`bbadapt.detection`), and the BN form defaults to ``affine`` (trains like a frozen BN).
-    Returns the report and the :class:`~bbadapt.core.rewrite.Adapted` net.
+    Returns the :class:`~bbadapt.verify.check_report.CheckReport` (``.to_dict()``: the report.json
+    dict; it also reads like that dict) and the :class:`~bbadapt.core.rewrite.Adapted` net.
     """
     say = progress or (lambda _m: None)
     opts = options or ConvertOptions()
@@ -183,9 +186,9 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
     for param in net.collect_params().values():
         param.grad_req = "null"  # the original only serves as the reference now: free its gradients
     report = _checked(net, adapted, info, _check_options(info, opts.images, opts.sizes, opts.tolerance), say)
-    report["notes"] += output_notes(original.provenance)
+    report = report.with_notes(output_notes(original.provenance))
     if detector:
-        add_training(report, net, adapted, info, opts.images, opts.tolerance, say)
+        report = add_training(report, net, adapted, info, opts.images, opts.tolerance, say)
     say(f"writing {out}")
     with staged_output(out, opts.force) as stage:
         params_sha = save_backbone(adapted, stage)
@@ -198,7 +201,7 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
                       "stages": [s.path for s in adapted.graph.stages], "fusable_pairs": len(adapted.graph.pairs),
                       "unfusable": adapted.graph.unfusable},
             "params_file": PARAMS, "params_sha256": params_sha,
-            "check": {"passed": report["passed"], "worst_max_rel": report["worst_max_rel"], "tolerance": opts.tolerance},
+            "check": {"passed": report.verdict.passed, "worst_max_rel": report.worst_max_rel, "tolerance": opts.tolerance},
         }
         if detector:
             say(f"building the Faster R-CNN ({detector.layout}) on the adapted backbone")
@@ -208,7 +211,7 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
                                                 freeze_at=detector.freeze_at, overrides=detector.overrides,
                                                 progress=say, seed=opts.seed)
         write_manifest(stage, manifest)
-        write_reports(report, stage, manifest)
+        write_reports(report, stage, describe.context(manifest), describe.weights_text(manifest))
     return report, adapted
 
 
@@ -229,30 +232,26 @@ def _check_options(info: zoo.ModelInfo, images: str | None, sizes: list[tuple[in
                         labelled=_labelled(info))
 
 
-def _checked(original, adapted: Adapted, info: zoo.ModelInfo, options: CheckOptions, say: Progress) -> dict:
+def _checked(original, adapted: Adapted, info: zoo.ModelInfo, options: CheckOptions, say: Progress) -> CheckReport:
     """The check's report with the model name and BN health notes (refused first if it cannot fit in memory)."""
     say("estimating the check's memory")
     require_check_memory(original, options.sizes or default_sizes(info.input_size), CHECK_IMAGES_PER_SIZE)
     report = check(original, adapted.source, adapted, options=options, progress=say)
-    report["model"] = info.name
-    report["notes"] += health_notes(adapted.health)
-    return report
+    return replace(report, model=info.name).with_notes(health_notes(adapted.health))
 
 
-def add_training(report: dict, original, adapted: Adapted, info: zoo.ModelInfo, images: str | None, tolerance: float,
-                 say: Progress) -> None:
+def add_training(report: CheckReport, original, adapted: Adapted, info: zoo.ModelInfo, images: str | None,
+                 tolerance: float, say: Progress) -> CheckReport:
     """A bundle that will train gets the ``training`` section: its gradients against frozen-BN training of the original.
 
     A failing gradient check fails the report as a whole (the bundle would not train like
-    the original); ``fused`` and an approximate fold are stated, not judged.
+    the original; :func:`~bbadapt.verify.check_report.decide` says so); ``fused`` and an
+    approximate fold are stated, not judged.
     """
     say("checking the gradients against the frozen-BN original")
     training = training_check(original, adapted, GradientOptions(cifar=info.is_cifar, photos_dir=images,
                                                                  tolerance=tolerance), progress=say)
-    report["training"] = training
-    if training["passed"] is False:
-        report["passed"], report["verdict"] = False, "FAILED"
-        report["reasons"] += [f"training: {r}" for r in training["reasons"]]
+    return replace(report, training=training)
 
 
 def health_notes(health: list[dict]) -> list[str]:
@@ -280,7 +279,7 @@ def output_notes(provenance: dict) -> list[str]:
 
 
 def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list[tuple[int, int]] | None = None,
-            progress: Progress | None = None, weights: str | None = None) -> dict:
+            progress: Progress | None = None, weights: str | None = None) -> CheckReport:
     """Re-run the equivalence check of an existing output and rewrite its reports.
 
     ``weights``: where the original weights file is now, when it moved since the conversion
@@ -309,15 +308,15 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     adapted = load_adapted(directory, manifest)
     tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
     report = _checked(original, adapted, info, _check_options(info, images, sizes, tolerance), say)
-    report["notes"] += output_notes(again)
+    report = report.with_notes(output_notes(again))
     if manifest.get("kind") == "detector":
-        add_training(report, original, adapted, info, images, tolerance, say)
+        report = add_training(report, original, adapted, info, images, tolerance, say)
     if again.get("sha256") != prov.get("sha256"):
-        report["notes"].append("the regenerated original weights differ bitwise from those converted "
-                               "(random calibration on another machine?); errors include that difference")
+        report = report.with_notes(["the regenerated original weights differ bitwise from those converted "
+                                    "(random calibration on another machine?); errors include that difference"])
     tmp = Path(tempfile.mkdtemp(prefix=".recheck-", dir=directory))
     try:  # each report file is replaced whole, never left half-written
-        write_reports(report, tmp, manifest)
+        write_reports(report, tmp, describe.context(manifest), describe.weights_text(manifest))
         replace_together([(tmp / name, directory / name) for name in ("report.json", "report.md", "report.html")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

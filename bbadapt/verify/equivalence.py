@@ -44,6 +44,7 @@ from bbadapt.core import images as imgs
 from bbadapt.core.rewrite import Adapted, clone
 from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.trace import Graph, trace
+from bbadapt.verify.check_report import CheckReport, Probe
 from bbadapt.verify.yardstick import SEED, nudged_twin
 
 FP32_RESOLUTION = 2.0 ** -23
@@ -53,6 +54,7 @@ YARDSTICK_LIMIT = 1.0  # the float64 twin's error at most the one-ulp yardstick'
 # fold), one random direction can cancel them against each other and understate what their rounding can do.
 YARDSTICK_DRAWS = 2
 FP64_FLOOR = 2.0 ** -40  # relative to the truth: the smallest yardstick (float64 rounding, 1e-16, stays far below)
+DECIDED_BY = "float64 twin against the one-ulp yardstick"
 YARDSTICK = ("the adapted net in float64 with every number the adaptation wrote (each parameter not bit-identical to "
              "the original's) moved by one float32 ulp")
 
@@ -431,36 +433,38 @@ def _error_maps(collected: dict[str, dict[str, list]]) -> tuple[dict | None, dic
                      "counts": np.asarray(counts, dtype=int).tolist(), "zeros": int(flat_err.size - nonzero.size)}
 
 
-def _tolerance_notes(report: dict, probe_reports: list[dict], options: CheckOptions) -> None:
-    """Say where float32 cannot show the asked tolerance, where it rounds more, and when float32 weights cannot settle it."""
-    tolerance = options.tolerance
-    raised = [p for p in probe_reports if p["tolerance"] > tolerance]
+def _tolerance_notes(notes: list[str], tolerance: dict, probe_reports: list[dict], exact: bool,
+                     options: CheckOptions) -> bool:
+    """Say where float32 cannot show the asked tolerance, where it rounds more, and when float32 weights cannot
+    settle it (appended to ``notes``; ``tolerance["raised"]`` set). Returns whether the check is conclusive."""
+    asked = options.tolerance
+    raised = [p for p in probe_reports if p["tolerance"] > asked]
     judged = [p for p in probe_reports if p.get("float64_twin")]
     chaotic = [p["name"] for p in judged if p["float64_twin"]["yardstick"]["max_rel"] > INCONCLUSIVE_ABOVE]
-    report["conclusive"] = not chaotic
     if chaotic:
-        report["notes"].append(
+        notes.append(
             f"INCONCLUSIVE at {', '.join(chaotic)}: moving the original's float32 numbers by one ulp moves it by more "
             f"than {INCONCLUSIVE_ABOVE:g} relative there (the one-ulp yardstick), so float32 weights cannot pin this "
             "function down finer; the check shows the adapted net is within that, not that it computes the same "
             "function to float32 precision")
     if raised:
-        report["tolerance"]["raised"] = {p["name"]: p["tolerance"] for p in raised}
-        report["notes"].append(
+        tolerance["raised"] = {p["name"]: p["tolerance"] for p in raised}
+        notes.append(
             "equivalence cannot be shown finer than float32 rounding: at " + ", ".join(
                 f"{p['name']} the original's own float32 error against float64 is max rel "
                 f"{p['fp64']['original'] / p['ref_max_abs']:.1e} and the adapted net's "
                 f"{p['float32_floor'] - p['fp64']['original'] / p['ref_max_abs']:.1e}" for p in raised)
-            + f", together above the tolerance {tolerance:.0e}; the two float32 runs can differ by that sum, which is "
+            + f", together above the tolerance {asked:.0e}; the two float32 runs can differ by that sum, which is "
               "the tolerance there. The verdict rests on the float64 twin against the one-ulp yardstick")
-    rounder = [p for p in judged if report["exact"] and p["passed"] and p["fp64"]["ratio"] > options.fp64_factor]
+    rounder = [p for p in judged if exact and p["passed"] and p["fp64"]["ratio"] > options.fp64_factor]
     if rounder:
-        report["notes"].append(
+        notes.append(
             "the adapted net rounds more in float32 than the original at " + ", ".join(
                 f"{p['name']} (RMS error against float64 {p['fp64']['ratio']:.1f}x the original's)" for p in rounder)
             + ": its float32 operations come in another order (folded, fused), not a different function: its float64 "
               "twin is within " + ", ".join(f"{p['float64_twin']['ratio']:.2f}x" for p in rounder)
             + " of the one-ulp yardstick there")
+    return not chaotic
 
 
 def _approximate_note(probe_reports: list[dict]) -> str:
@@ -485,13 +489,15 @@ def _labelled_accuracy(ref: Reference, source: InputSpec, candidate: _Candidate,
 
 def check(original, source: str | InputSpec, adapted, target: str | InputSpec | None = None,
           options: CheckOptions | None = None, *, ref: Reference | None = None,
-          progress: Callable[[str], None] | None = None) -> dict:
+          progress: Callable[[str], None] | None = None) -> CheckReport:
     """Compare ``original`` (fed ``source``-normalized images) with ``adapted`` (fed ``target``).
 
     ``adapted`` is an :class:`~bbadapt.core.rewrite.Adapted` or a net (then ``target`` is needed).
     ``options``: images, sizes, tolerance ... (:class:`CheckOptions`).
     ``ref``: a :func:`reference` of the same original and source, to reuse.
-    Returns the report dict of ``docs/report-schema.md``.
+    Returns the forward sections as a :class:`~bbadapt.verify.check_report.CheckReport` (its
+    verdict is decided there; ``.to_dict()`` is the dict of ``docs/report-schema.md``, and it
+    reads like that dict).
     """
     say = progress or (lambda _msg: None)
     options = options or CheckOptions()
@@ -505,20 +511,23 @@ def check(original, source: str | InputSpec, adapted, target: str | InputSpec | 
     probe_reports = [_probe_report(name, collected[name], ref.probes, candidate.exact, options)
                      for name in ref.probes.names()]
     heatmap, histogram = _error_maps(collected)
-    report = _verdict(probe_reports, candidate.exact, options.tolerance, options.fp64_factor)
-    _tolerance_notes(report, probe_reports, options)
-    report.update({
-        "source": source.to_string(), "target": candidate.target.to_string(),
-        "fold": candidate.fold, "bn": candidate.bn,
-        "inputs": ref.inputs, "probes": probe_reports,
-        "classification": _agreement(collected["output"]),
-        "heatmap": heatmap, "histogram": histogram,
-    })
+    tolerance = {"max_rel": options.tolerance, "fp64_factor": options.fp64_factor, "yardstick": YARDSTICK,
+                 "yardstick_limit": YARDSTICK_LIMIT}
+    notes: list[str] = []
+    conclusive = _tolerance_notes(notes, tolerance, probe_reports, candidate.exact, options)
     if not candidate.exact:
-        report["notes"].append(_approximate_note(probe_reports))
+        notes.append(_approximate_note(probe_reports))
+    classification = _agreement(collected["output"])
     if options.labelled is not None:
-        report["classification"]["labelled"] = _labelled_accuracy(ref, source, candidate, options.labelled, say)
-    return report
+        classification["labelled"] = _labelled_accuracy(ref, source, candidate, options.labelled, say)
+    ratios = [p["float64_twin"]["ratio"] for p in probe_reports if p.get("float64_twin")]
+    return CheckReport(
+        exact=candidate.exact, probes=tuple(Probe.from_dict(p) for p in probe_reports),
+        forward_reasons=tuple(_forward_reasons(probe_reports, candidate.exact)), tolerance=tolerance,
+        notes=tuple(notes), worst_max_rel=max(p["max_rel"] for p in probe_reports),
+        worst_yardstick_ratio=max(ratios) if ratios else None, decided_by=DECIDED_BY, conclusive=conclusive,
+        source=source.to_string(), target=candidate.target.to_string(), fold=candidate.fold, bn=candidate.bn,
+        inputs=tuple(ref.inputs), classification=classification, heatmap=heatmap, histogram=histogram)
 
 
 def _rms(arrays: list[np.ndarray]) -> float:
@@ -552,9 +561,10 @@ def _agreement(out: dict[str, list]) -> dict | None:
     return {"n": int(len(o)), "top1_agreement": float(np.mean(o.argmax(1) == a.argmax(1))), "top5_agreement": float(np.mean(top5))}
 
 
-def _verdict(probes: list[dict], exact: bool, tolerance: float, fp64_factor: float) -> dict:
-    """One verdict from the probes' float64 decisions (the float32 figures inform, they do not decide)."""
-    worst = max(p["max_rel"] for p in probes)
+def _forward_reasons(probes: list[dict], exact: bool) -> list[str]:
+    """Why the forward check fails, probe by probe (the float32 figures inform, they do not decide).
+
+    Evidence for :func:`~bbadapt.verify.check_report.decide`, which turns it into the verdict."""
     reasons = []
     for p in probes:
         if p["passed"] is False and p.get("float64_twin"):
@@ -566,14 +576,6 @@ def _verdict(probes: list[dict], exact: bool, tolerance: float, fp64_factor: flo
                            "representation")
     if not exact and not any(p["passed"] is not None for p in probes):
         reasons.append("approximate fold and no probe interior to judge (input too small)")
-    finite = all(math.isfinite(p["max_abs"]) for p in probes)
-    if not finite:
+    if not all(math.isfinite(p["max_abs"]) for p in probes):
         reasons.append("non-finite values in the outputs")
-    passed = not reasons
-    ratios = [p["float64_twin"]["ratio"] for p in probes if p.get("float64_twin")]
-    return {"schema_version": 1, "passed": passed, "verdict": "PASSED" if passed else "FAILED", "reasons": reasons,
-            "exact": exact, "notes": [], "worst_max_rel": worst,
-            "worst_yardstick_ratio": max(ratios) if ratios else None,
-            "decided_by": "float64 twin against the one-ulp yardstick",
-            "tolerance": {"max_rel": tolerance, "fp64_factor": fp64_factor, "yardstick": YARDSTICK,
-                          "yardstick_limit": YARDSTICK_LIMIT}}
+    return reasons

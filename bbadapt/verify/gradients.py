@@ -57,6 +57,7 @@ from bbadapt.core.blocks import bn_constants, get_block
 from bbadapt.core.plan import FoldIntoBN, FoldIntoConv, Fuse, InsertInputAffine
 from bbadapt.core.rewrite import Adapted, InputMap, clone
 from bbadapt.core.trace import block_paths
+from bbadapt.verify.check_report import Training
 from bbadapt.verify.equivalence import INCONCLUSIVE_ABOVE, CheckOptions, compare
 
 TRAINING_BN = ("affine", "global-stats")  # BN forms a bundle trains with; "fused" gets the ratio statement
@@ -229,11 +230,14 @@ def _scale_ratio(pairs: list[Pairing], adapted_g: dict, original_g: dict, adapte
 
 
 def training_check(original, adapted: Adapted, options: GradientOptions | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = None) -> Training:
     """The ``training`` section of a report: gradients of the adapted net against the frozen-BN original.
 
     ``original``: the original net (fed ``adapted.source``); ``adapted``: what :func:`adapt`
-    returned (fed ``adapted.target``). Schema in ``docs/report-schema.md``.
+    returned (fed ``adapted.target``). Schema in ``docs/report-schema.md``. The section's
+    evidence (records, reasons, notes): its result follows from it
+    (:attr:`~bbadapt.verify.check_report.Training.passed`), the report's verdict from
+    :func:`~bbadapt.verify.check_report.decide`.
     """
     say = progress or (lambda _msg: None)
     options = options or GradientOptions()
@@ -268,14 +272,10 @@ def training_check(original, adapted: Adapted, options: GradientOptions | None =
     judged = [r for r in records if r["passed"] is not None]
     report["float32_worst_max_rel"] = max((r["max_rel"] for r in judged), default=None)
     report["worst_max_rel"] = max((_resting_on(r) for r in judged), default=None)
-    if adapted.bn == "fused":
+    if adapted.bn == "fused":  # stated, not judged (Training.passed): a fused conv trains with another step size
         report["gradient_scale"] = _scale_ratio(pairs, a32, o32, adapted, original)
-        report["passed"] = None
-        report["verdict"] = "NOT EQUIVALENT (fused)"
         report["notes"].append(_fused_statement(report["gradient_scale"]))
-    elif not adapted.exact:
-        report["passed"] = None
-        report["verdict"] = "NOT JUDGED (approximate fold)"
+    elif not adapted.exact:  # information (Training.passed): the padding difference reaches every gradient
         report["notes"].append("fold=conv is approximate here (a non-zero shift went into the first conv's bias): "
                                "the padding difference reaches every gradient, so these errors are information")
     else:
@@ -284,8 +284,6 @@ def training_check(original, adapted: Adapted, options: GradientOptions | None =
                 report["reasons"].append(_reason(r, options.fp64_factor))
         if not all(np.isfinite(r["max_abs"]) for r in judged):
             report["reasons"].append("non-finite gradients")
-        report["passed"] = not report["reasons"]
-        report["verdict"] = "PASSED" if report["passed"] else "FAILED"
     kinks = [r["name"] for r in records if r.get("kink")]
     if kinks:
         report["notes"].append(
@@ -299,7 +297,7 @@ def training_check(original, adapted: Adapted, options: GradientOptions | None =
     if chaos:
         report["notes"].append(chaos)
     report["notes"] += _fold_step_notes(adapted, original)
-    return report
+    return Training.from_dict(report)
 
 
 def _float64_twin(records: list[dict], pairs: list[Pairing], adapted: Adapted, raw: np.ndarray, o32: dict, o64: dict,

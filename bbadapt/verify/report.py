@@ -5,9 +5,12 @@ fusing batch norm, ...) must not change the function the network computes.
 The report is the numerical proof of that: for every probe point it lists how
 far the adapted activations are from the original ones, how that compares with
 plain float32 rounding (the float64 ratio), and a PASSED/FAILED verdict against
-the tolerance.  This module renders the report dict (schema in
-``docs/report-schema.md``) as Markdown for terminals and CI logs and as one
-self-contained HTML page with plots for a browser.
+the tolerance.  This module renders a :class:`~bbadapt.verify.check_report.CheckReport`
+(or its ``report.json`` dict, schema in ``docs/report-schema.md``) as Markdown for terminals
+and CI logs and as one self-contained HTML page with plots for a browser. It decides nothing:
+the verdict, its banner and its reasons come from :func:`~bbadapt.verify.check_report.decide`.
+What the bundle's manifest says (specs, provenance, plan) arrives already described
+(:mod:`bbadapt.bundle.describe`): this layer sits below the bundle's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import json
 import math
 import numbers
 import pathlib
+from collections.abc import Mapping
 from typing import Any
+
+from bbadapt.verify import check_report
+from bbadapt.verify.check_report import CheckReport, Training, as_report, fmt
 
 FLOOR = 1e-12  # smallest value drawn on a log axis
 
@@ -48,17 +55,13 @@ LEGEND = {
 }
 
 
-def _fmt(x: Any, spec: str = ".2e") -> str:
-    """Compact scientific formatting; ``n/a`` for None or non-numbers."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        return "n/a"
-    return format(float(x), spec)
+_fmt = fmt
 
 
 def _get(d: Any, *keys: str) -> Any:
     """``d[k1][k2]...`` or None when any level is missing or null."""
     for k in keys:
-        if not isinstance(d, dict):
+        if not isinstance(d, Mapping):
             return None
         d = d.get(k)
     return d
@@ -96,144 +99,52 @@ def _classification(r: dict) -> str | None:
     return line
 
 
-def tolerance_text(r: dict) -> str:
+def tolerance_text(report: CheckReport | Mapping[str, Any]) -> str:
     """The tolerance actually used: the one asked for, and where and why it was raised."""
-    tol = _get(r, "tolerance", "max_rel")
-    raised = _get(r, "tolerance", "raised") or {}
-    if not raised:
-        return f"tolerance {_fmt(tol)}"
-    values = [v for v in raised.values() if isinstance(v, numbers.Real)]
-    top = _fmt(max(values)) if values else "n/a"
-    return (f"tolerance {_fmt(tol)} asked, raised to {top} at {', '.join(raised)}: float32 cannot show agreement finer "
-            "than the two nets' own float32 rounding there (see notes)")
+    return check_report.tolerance_text(as_report(report))
 
 
-def yardstick_text(r: dict) -> str | None:
+def yardstick_text(report: CheckReport | Mapping[str, Any]) -> str | None:
     """What decided the verdict, and by how much: the float64 twin's worst ratio to the one-ulp yardstick."""
-    ratio = r.get("worst_yardstick_ratio")
-    if not isinstance(ratio, numbers.Real):
-        return None
-    limit = _get(r, "tolerance", "yardstick_limit") or 1.0
-    word = "within" if ratio <= limit else "ABOVE"
-    return f"decided in float64: the adapted net's float64 twin is {word} the one-ulp yardstick (worst {ratio:.2f}x)"
+    return check_report.yardstick_text(as_report(report))
 
 
-def _judged(r: dict) -> tuple[list[str], list[str]]:
-    probes = r.get("probes") or []
-    return ([str(p.get("name")) for p in probes if p.get("passed") is not None],
-            [str(p.get("name")) for p in probes if p.get("passed") is None])
+def verdict_kind(report: CheckReport | Mapping[str, Any]) -> str:
+    """``pass``, ``fail``, ``approx`` or ``inconclusive``: the banner's kind, as :func:`~bbadapt.verify.check_report.decide`
+    decided it."""
+    return as_report(report).verdict.kind
 
 
-def verdict_kind(r: dict) -> str:
-    """``pass`` (an exact fold proven within tolerance), ``fail``, ``approx`` (an approximate fold
-    whose judged interiors pass: never the exact-pass green) or ``inconclusive``."""
-    if not r.get("passed"):
-        return "fail"
-    if not r.get("exact", True):
-        return "approx"
-    if r.get("conclusive") is False:
-        return "inconclusive"
-    return "pass"
+Context = list[tuple[str, list[str]]]  # (section title, lines): the bundle's manifest, described (bbadapt.bundle.describe)
 
 
-def _verdict(r: dict) -> str:
-    training = r.get("training") or {}
-    if training.get("passed") is False and all(p.get("passed") is not False for p in r.get("probes") or []):
-        return (f"FAILED  the forward check is within tolerance (worst max rel {_fmt(r.get('worst_max_rel'))}), but the "
-                f"training check FAILED: the gradients of {len(training.get('reasons') or [])} trainable weights "
-                "differ from the frozen-BN original's (see Training)")
-    line = _verdict_line(r)
-    if training.get("passed") is False:
-        line += "; the training check FAILED too (see Training)"
-    if r.get("conclusive") is False:
-        line += "  INCONCLUSIVE: the original is chaotic in float32 (see notes)"
-    return line
+def render_markdown(report: CheckReport | Mapping[str, Any], context: Context | None = None,
+                    weights: str | None = None) -> str:
+    """Render the report as GitHub Markdown; the last line is the verdict.
 
-
-def _verdict_line(r: dict) -> str:
-    passed = bool(r.get("passed"))
-    word = "PASSED" if passed else "FAILED"
-    if not r.get("exact", True):
-        judged, not_judged = _judged(r)
-        out = next((p for p in r.get("probes") or [] if p.get("name") == "output"), {})
-        return (f"{word} (APPROXIMATE fold: judged only the interiors of {', '.join(judged) or 'no probe'} against "
-                f"{tolerance_text(r)}; not judged: the borders{', ' + ', '.join(not_judged) if not_judged else ''}; "
-                f"worst max rel incl. border {_fmt(r.get('worst_max_rel'))}, final output max rel "
-                f"{_fmt(out.get('max_rel'))}, cosine {_fmt(out.get('cosine'), '.3f')}: not the same function "
-                "near the image border)")
-    decided = yardstick_text(r)
-    decided = f"; {decided}" if decided else ""
-    if _get(r, "tolerance", "raised"):
-        return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} ({tolerance_text(r)}){decided}"
-    worst, tol = r.get("worst_max_rel"), _get(r, "tolerance", "max_rel")
-    numbers_given = isinstance(worst, numbers.Real) and isinstance(tol, numbers.Real)
-    op = "<=" if not numbers_given or worst <= tol else ">"
-    return f"{word}  worst max rel {_fmt(r.get('worst_max_rel'))} {op} {_fmt(_get(r, 'tolerance', 'max_rel'))}{decided}"
-
-
-def weights_text(manifest: dict | None) -> str | None:
-    """A sentence for weights that are not pretrained (None for real weights or no manifest)."""
-    prov = (manifest or {}).get("weights") or {}
-    if prov.get("kind") != "random":
-        return None
-    calibrated = f"; BatchNorm statistics calibrated on {prov['calibration']}" if prov.get("calibration") else ""
-    return (f"Weights: seeded random (seed {prov.get('seed', '?')}{calibrated}), NOT pretrained. This report proves "
-            "the adapted network computes the same function as the original; it says nothing about accuracy.")
-
-
-def _spec_text(spec: Any) -> str:
-    if not isinstance(spec, dict):
-        return str(spec)
-    def nums(v: Any) -> str:
-        return "/".join(format(float(x), ".6g") for x in v) if isinstance(v, list) else str(v)
-    return (f"{spec.get('name') or 'custom'}: order {spec.get('order')}, scale {nums([spec.get('scale', 1)])}, "
-            f"mean {nums(spec.get('mean'))}, std {nums(spec.get('std'))}  (x[c] = (raw[perm[c]] * scale - mean[c]) / std[c])")
-
-
-def _context(manifest: dict | None) -> list[tuple[str, list[str]]]:
-    """(section, lines) from the manifest: input specs with their numbers, provenance, the plan."""
-    if not manifest:
-        return []
-    out = [("Input specs", [f"source (what the weights expect): {_spec_text(manifest.get('source'))}",
-                            f"target (what you feed): {_spec_text(manifest.get('target'))}",
-                            f"fold {manifest.get('fold')} (asked: {manifest.get('fold_requested', manifest.get('fold'))}), "
-                            f"BatchNorm {manifest.get('bn')}"])]
-    prov = manifest.get("weights") or {}
-    lines = [", ".join(f"{k} {v}" for k, v in prov.items() if k not in ("files", "sha256") and not isinstance(v, dict))]
-    files = prov.get("files") or ({prov["path"]: prov.get("sha256")} if prov.get("path") else {})
-    lines += [f"file {path}: sha256 {digest}" for path, digest in files.items()]
-    if not files and prov.get("sha256"):
-        lines.append(f"weights in memory (every parameter): sha256 {prov['sha256']}")
-    if manifest.get("params_sha256"):
-        lines.append(f"written {manifest.get('params_file', 'backbone.params')}: sha256 {manifest['params_sha256']}")
-    out.append(("Provenance", lines))
-    steps = manifest.get("plan") or []
-    out.append((f"Plan ({len(steps)} steps)", [", ".join(f"{k}={v}" for k, v in step.items()) for step in steps]))
-    return out
-
-
-def render_markdown(report: dict, manifest: dict | None = None) -> str:
-    """Render the report as GitHub Markdown; the last line is the verdict."""
-    out = [_header(report), ""]
-    weights = weights_text(manifest)
+    ``context``: (title, lines) sections describing the bundle; ``weights``: a sentence for
+    weights that are not pretrained (both from :mod:`bbadapt.bundle.describe`)."""
+    typed = as_report(report)
+    verdict, r = typed.verdict, typed.to_dict()
+    out = [_header(r), ""]
     if weights:
         out += [f"**{weights}**", ""]
     out += ["| " + " | ".join(_COLUMNS) + " |",
             "|" + "|".join("---" for _ in _COLUMNS) + "|"]
-    out += ["| " + " | ".join(_row(p)) + " |" for p in report.get("probes") or []]
+    out += ["| " + " | ".join(_row(p)) + " |" for p in r.get("probes") or []]
     out += ["", "Columns:"] + [f"- {name}: {meaning}" for name, meaning in LEGEND.items()]
-    cls = _classification(report)
+    cls = _classification(r)
     if cls:
         out += ["", cls]
-    if report.get("notes"):
-        out += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
-    if report.get("training"):
-        out += _training_markdown(report["training"])
-    for title, lines in _context(manifest):
+    if typed.notes:
+        out += ["", "Notes:"] + [f"- {n}" for n in typed.notes]
+    if typed.training:
+        out += _training_markdown(typed.training)
+    for title, lines in context or []:
         out += ["", f"{title}:"] + [f"- {line}" for line in lines]
-    if not report.get("passed") and report.get("reasons"):
-        out += ["", "Reasons:"] + [f"- {n}" for n in report["reasons"]]
-    out += ["", _verdict(report)]
+    if not verdict.passed and verdict.reasons:
+        out += ["", "Reasons:"] + [f"- {n}" for n in verdict.reasons]
+    out += ["", verdict.banner]
     return "\n".join(out) + "\n"
 
 
@@ -262,8 +173,9 @@ def _training_row(p: dict) -> list[str]:
             else _RESULT[p.get("passed")]]
 
 
-def training_headline(t: dict) -> str:
+def training_headline(training: Training | Mapping[str, Any]) -> str:
     """One line: what the training check compared and what it found."""
+    t = training if isinstance(training, Training) else Training.from_dict(training)
     image = t.get("input") or {}
     size = "x".join(str(v) for v in image.get("size") or [])
     judged = [p for p in t.get("parameters") or [] if p.get("passed") is not None]
@@ -280,7 +192,7 @@ def training_headline(t: dict) -> str:
     return line
 
 
-def _training_markdown(t: dict) -> list[str]:
+def _training_markdown(t: Training) -> list[str]:
     out = ["", "## Training (gradients)", "", training_headline(t), "",
            "| " + " | ".join(_TRAINING_COLUMNS) + " |", "|" + "|".join("---" for _ in _TRAINING_COLUMNS) + "|"]
     out += ["| " + " | ".join(_training_row(p)) + " |" for p in t.get("parameters") or []]
@@ -292,9 +204,9 @@ def _training_markdown(t: dict) -> list[str]:
     return out
 
 
-def _training_html(t: dict) -> list[str]:
+def _training_html(t: Training) -> list[str]:
     e = html.escape
-    kind = {True: "pass", False: "fail", None: "approx"}[t.get("passed")]
+    kind = {True: "pass", False: "fail", None: "approx"}[t.passed]
     parts = ['<h2 id="training">Training (gradients)</h2>',
              f'<div class="banner {kind}" id="training-verdict">{e(training_headline(t))}</div>',
              "<table><tr>" + "".join(f'<th title="{e(TRAINING_LEGEND[c])}">{e(c)}</th>' for c in _TRAINING_COLUMNS)
@@ -398,13 +310,16 @@ _BANNER_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:c
                  "li.mono{font-family:monospace}")
 
 
-def render_html(report: dict, manifest: dict | None = None) -> str:
-    """Render the report as one self-contained HTML page with embedded plots (no script, no external file)."""
+def render_html(report: CheckReport | Mapping[str, Any], context: Context | None = None,
+                weights: str | None = None) -> str:
+    """Render the report as one self-contained HTML page with embedded plots (no script, no external file).
+
+    ``context`` and ``weights`` as for :func:`render_markdown`."""
     e = html.escape
-    kind = verdict_kind(report)
+    typed = as_report(report)
+    verdict, report = typed.verdict, typed.to_dict()
     parts = [f"<h1>{e(_header(report))}</h1>",
-             f'<div class="banner {kind}" id="verdict">{e(_verdict(report))}</div>']
-    weights = weights_text(manifest)
+             f'<div class="banner {verdict.kind}" id="verdict">{e(verdict.banner)}</div>']
     if weights:
         parts.append(f'<div class="banner weights" id="weights">{e(weights)}</div>')
     parts.append("<table><tr>" + "".join(f'<th title="{e(LEGEND[c])}">{e(c)}</th>' for c in _COLUMNS) + "</tr>")
@@ -417,13 +332,12 @@ def render_html(report: dict, manifest: dict | None = None) -> str:
     cls_line = _classification(report)
     if cls_line:
         parts.append(f"<p>{e(cls_line)}</p>")
-    for title, items in (("Notes", report.get("notes")),
-                         ("Reasons", None if report.get("passed") else report.get("reasons"))):
+    for title, items in (("Notes", typed.notes), ("Reasons", None if verdict.passed else verdict.reasons)):
         if items:
             parts.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{e(str(i))}</li>" for i in items) + "</ul>")
-    if report.get("training"):
-        parts += _training_html(report["training"])
-    for title, lines in _context(manifest):
+    if typed.training:
+        parts += _training_html(typed.training)
+    for title, lines in context or []:
         body = "<ul>" + "".join(f'<li class="mono">{e(line)}</li>' for line in lines) + "</ul>"
         if title.startswith("Plan"):
             body = f"<details><summary>every rewrite step</summary>{body}</details>"
@@ -449,17 +363,18 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_reports(report: dict, out_dir: pathlib.Path, manifest: dict | None = None) -> None:
+def write_reports(report: CheckReport | Mapping[str, Any], out_dir: pathlib.Path, context: Context | None = None,
+                  weights: str | None = None) -> None:
     """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``.
 
-    ``manifest``: the bundle's, for what the report alone does not hold (random weights,
-    the input specs' numbers, provenance, the plan)."""
+    ``context``/``weights``: what the report alone does not hold (random weights, the input
+    specs' numbers, provenance, the plan), described from the bundle's manifest by
+    :mod:`bbadapt.bundle.describe`. NaN and inf become null in all three files alike."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean = _finite(report)
+    clean = CheckReport.from_dict(_finite(as_report(report).to_dict()))
     with open(out_dir / "report.json", "w", encoding="utf-8") as f:
-        json.dump(clean, f, indent=2, allow_nan=False)
+        json.dump(clean.to_dict(), f, indent=2, allow_nan=False)
         f.write("\n")
-    context = _finite(manifest) if manifest else None
-    (out_dir / "report.md").write_text(render_markdown(clean, context), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(clean, context), encoding="utf-8")
+    (out_dir / "report.md").write_text(render_markdown(clean, context, weights), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(clean, context, weights), encoding="utf-8")

@@ -49,12 +49,13 @@ def test_the_plain_network_with_its_normalization_dropped_fails(net18v2):
 
 
 def test_reports_render_and_hold_the_schema_fields(net18v2, tmp_path):
+    import dataclasses
     import json
 
     from bbadapt.verify.report import write_reports
 
     report = bbadapt.check(net18v2, "imagenet", _adapted(net18v2), options=bbadapt.CheckOptions(sizes=SMALL_SIZES, n_photos=1))
-    report["model"] = "resnet18_v2"
+    report = dataclasses.replace(report, model="resnet18_v2")  # a CheckReport: frozen
     write_reports(report, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     for key in ("passed", "worst_max_rel", "probes", "tolerance", "exact", "inputs"):

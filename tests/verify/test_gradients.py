@@ -110,7 +110,7 @@ def test_the_training_section_is_rendered_and_a_failing_one_fails_the_report(net
     w.set_data(w.data() * (1 + 1e-3))
     report = bbadapt.check(net18v1b, "imagenet", adapted, options=bbadapt.CheckOptions(sizes=[(48, 48)], n_photos=1))
     forward_passed = report["passed"]
-    add_training(report, net18v1b, adapted, zoo.model_info("resnet18_v1b"), None, 1e-5, lambda _m: None)
+    report = add_training(report, net18v1b, adapted, zoo.model_info("resnet18_v1b"), None, 1e-5, lambda _m: None)
     assert report["training"]["passed"] is False and not report["passed"]
     assert any(r.startswith("training: dL/d") for r in report["reasons"])
     write_reports(report, tmp_path)

@@ -11,6 +11,7 @@ it). The reports come from real checks of the CIFAR ResNet-20 (seconds each).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fcntl
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bbadapt.bundle import describe
 from bbadapt.core.rewrite import adapt
 from bbadapt.verify.equivalence import CheckOptions, check
 from bbadapt.verify.report import write_reports
@@ -164,8 +166,8 @@ def pages(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reports")
     out = {}
     for name, (report, manifest) in reports.items():
-        report["model"] = MODEL
-        write_reports(report, root / name, manifest)
+        report = dataclasses.replace(report, model=MODEL)  # a CheckReport: frozen
+        write_reports(report, root / name, describe.context(manifest), describe.weights_text(manifest))
         out[name] = root / name / "report.html"
     assert not json.loads((root / "fail" / "report.json").read_text())["passed"]
     assert json.loads((root / "approx" / "report.json").read_text())["exact"] is False
