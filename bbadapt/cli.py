@@ -113,12 +113,14 @@ def progress_line() -> Iterator:
 
 
 def parse_sizes(text: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """``HxW,HxW`` as pairs; the text's form only: their range is :class:`~bbadapt.options.ConvertOptions`'s
+    rule (:func:`~bbadapt.options.check_sizes`), the same for Python callers."""
     if not text:
         return None
     sizes = []
     for part in text.split(","):
         h, sep, w = part.strip().lower().partition("x")
-        if not (sep and h.isdecimal() and w.isdecimal() and int(h) >= 8 and int(w) >= 8):
+        if not (sep and h.isdecimal() and w.isdecimal()):
             raise OptionError(f"bad size {part!r}; use HxW[,HxW...] with sides >= 8, e.g. 224x224,129x161")
         sizes.append((int(h), int(w)))
     return sizes
@@ -215,33 +217,23 @@ def convert(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed for --weights random"),
 ) -> None:
     """Fold input normalization and freeze BatchNorm, prove equivalence, write the backbone (and detector)."""
-    from bbadapt.core.spec import parse_spec
-    from bbadapt.core.zoo import model_info
+    from bbadapt.options import ConvertOptions, DetectorOptions
 
-    with user_errors():
+    with user_errors():  # the flags' own grammar here; every value's rule in the option objects, none repeated
         if model and arch and model != arch:
             raise OptionError(f"MODEL {model!r} and --arch {arch!r} disagree; give one")
         model = model or arch
-        if weights in ("pretrained", "random"):
-            if model is None:
-                raise OptionError(f"--weights {weights} needs a MODEL (see `bbadapt list`), or give a weights file")
-            model_info(model)  # argument errors first, before importing mxnet
-        parse_spec(target)
-        if source:
-            parse_spec(source)
         if classes and not detector:
             raise OptionError("--classes is for --detector faster-rcnn")
         if detector and not parse_classes(classes):
             raise OptionError("--detector needs --classes, e.g. --classes raccoon")
-        sizes_parsed = parse_sizes(sizes)
-        from bbadapt.pipeline import ConvertOptions, DetectorOptions
-        from bbadapt.pipeline import convert as run_convert
-
         options = ConvertOptions(weights=weights, fmt=fmt, source=source, target=target, fold=fold.value,
                                  bn=bn.value if bn else None, seed=seed, force=force,
-                                 images=str(images) if images else None, sizes=sizes_parsed, tolerance=tolerance)
+                                 images=str(images) if images else None, sizes=parse_sizes(sizes), tolerance=tolerance)
         detector_options = (DetectorOptions(classes=parse_classes(classes), kind=detector.value, layout=layout.value,
                                             freeze_at=freeze_at) if detector else None)
+        from bbadapt.pipeline import convert as run_convert  # the model's own checks come first there, before mxnet
+
         out = out or default_out(model, weights)
         with progress_line() as say:
             report, adapted = run_convert(model, out, options, detector_options, progress=say)
@@ -483,11 +475,11 @@ def train_cmd(
 ) -> None:
     """Train a Faster R-CNN bundle on VOC or COCO data; checkpoints go to DIR/checkpoints/."""
     with user_errors():
+        config = TrainConfig(**_fields_of(TrainConfig, {**locals(), "lr_steps": _epoch_steps(lr_steps)}))  # validated
         from bbadapt.core.devices import device_choice
-        from bbadapt.detection.datasets import parse_dataset
+        from bbadapt.detection.datasets import parse_dataset  # imports mxnet: after the options' own errors
 
         parse_dataset(dataset)  # usage errors before any bundle or data is read
-        config = TrainConfig(**_fields_of(TrainConfig, {**locals(), "lr_steps": _epoch_steps(lr_steps)}))
         gpus = device_choice(gpus, cpu)
         from bbadapt.detection.train import console_progress, train
 
@@ -526,15 +518,14 @@ def evaluate_cmd(
 ) -> None:
     """Print detection mAP per class and the mean."""
     with user_errors():
+        options = EvaluateOptions(**_fields_of(EvaluateOptions, locals()))  # the metric is refused here
         from bbadapt.core.devices import device_choice
-        from bbadapt.detection.datasets import parse_dataset
+        from bbadapt.detection.datasets import parse_dataset  # imports mxnet: after the options' own errors
 
         parse_dataset(dataset)
-        options = EvaluateOptions(**_fields_of(EvaluateOptions, locals()))
         gpus = device_choice(gpus, cpu)
-        from bbadapt.detection.evaluate import check_metric, evaluate
+        from bbadapt.detection.evaluate import evaluate
 
-        check_metric(metric)
         with progress_line() as say:
             result = evaluate(directory, dataset, options, gpus=gpus,
                               progress=lambda i, n: say(f"image {i}/{n}") if i % 10 == 0 else None)

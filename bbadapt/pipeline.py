@@ -2,7 +2,9 @@
 
 source weights -> Gluon net + source spec -> adapt -> check -> bundle. ``bbadapt convert``
 builds a :class:`ConvertOptions` (and a :class:`DetectorOptions` for ``--detector``) and
-calls :func:`convert`; ``bbadapt check DIR`` is :func:`recheck`.
+calls :func:`convert`; ``bbadapt check DIR`` is :func:`recheck`. The option objects live in
+:mod:`bbadapt.options` and validated themselves when made: :func:`convert` adds only what needs
+the model (that it exists, that it can carry the detector), once, and trusts the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,7 @@ from bbadapt.core.errors import OptionError, OutputError, WeightsError
 from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.weights import randomize
+from bbadapt.options import WEIGHT_KINDS, ConvertOptions, DetectorOptions, check_sizes, require_detector_fits
 from bbadapt.verify.budget import require_check_memory
 from bbadapt.verify.check_report import CheckReport
 from bbadapt.verify.equivalence import CheckOptions, check, default_sizes
@@ -63,9 +66,6 @@ def calibration_images(info: zoo.ModelInfo) -> tuple[np.ndarray, str]:
     return raw, f"{len(raw)} packaged raccoon photos at {size[0]}x{size[1]}"
 
 
-WEIGHT_KINDS = ("pretrained", "random")
-
-
 def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, source: InputSpec | None = None,
                 progress: Progress | None = None, fmt: str | None = None) -> Converted:
     """The original network, whatever the weights: zoo ``pretrained``/``random``, or a file.
@@ -73,6 +73,8 @@ def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, s
     A file goes through :mod:`converters` (format from content, ``fmt`` overrides; ``model``
     names the architecture where the file cannot). Returns a
     :class:`~converters.base.Converted`: the net, how to rebuild it, its info and provenance.
+    ``pretrained``/``random`` need ``model`` and take no ``fmt``: :func:`convert` refuses both
+    before it gets here (:class:`ConvertOptions`), and a bundle's manifest always names its model.
     """
     from bbadapt.core.registry import Converted
     from converters.readers import read
@@ -81,10 +83,6 @@ def load_source(model: str | None, weights: str = "pretrained", seed: int = 0, s
     if weights not in WEIGHT_KINDS:
         say(f"reading {weights}")
         return read(weights, fmt, arch=model, progress=say)
-    if fmt:
-        raise OptionError(f"--format applies to a weights file, not to --weights {weights}")
-    if model is None:
-        raise OptionError(f"--weights {weights} needs a model name (see `bbadapt list`)")
     info = zoo.model_info(model)
     if weights == "pretrained":
         say(f"getting pretrained {model} (cache: {os.environ.get('MXNET_HOME', '~/.mxnet')}/models)")
@@ -108,50 +106,6 @@ def _labelled(info: zoo.ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
     return tiles, labels
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Everything ``bbadapt convert`` takes besides the model and the output directory.
-
-    ``weights``: ``pretrained``, ``random`` or a weights file (``fmt`` overrides the sniffed
-    format); ``source``: the input spec the weights expect (default: the model's own);
-    ``target``: the spec you will feed; ``fold``: ``auto``/``bn``/``conv``; ``bn``: the frozen
-    BatchNorm form (default ``fused``, ``affine`` with a detector); ``seed``: for random
-    weights; ``force``: replace an existing output; ``images``/``sizes``/``tolerance``: the
-    equivalence check (:class:`~bbadapt.verify.equivalence.CheckOptions`).
-    """
-
-    weights: str = "pretrained"
-    fmt: str | None = None
-    source: str | None = None
-    target: str = "rgb255"
-    fold: str = "auto"
-    bn: str | None = None
-    seed: int = 0
-    force: bool = False
-    images: str | None = None
-    sizes: list[tuple[int, int]] | None = None
-    tolerance: float = 1e-5
-
-
-DETECTORS = ("faster-rcnn",)
-
-
-@dataclass(frozen=True)
-class DetectorOptions:
-    """``bbadapt convert --detector/--classes/--layout/--freeze-at``, plus settings that the CLI does not
-    expose (``overrides``: e.g. RPN/ROI sample counts, see :mod:`bbadapt.detection.build`)."""
-
-    classes: list[str] = field(default_factory=list)
-    kind: str = "faster-rcnn"
-    layout: str = "c4"
-    freeze_at: int = 2
-    overrides: dict | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in DETECTORS:
-            raise OptionError(f"unknown detector {self.kind!r}; bbadapt builds {', '.join(DETECTORS)}")
-
-
 def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions | None = None,
             detector: DetectorOptions | None = None, progress: Progress | None = None) -> tuple[CheckReport, Adapted]:
     """Adapt ``model`` (or the network in a weights file), check it and write ``out`` atomically.
@@ -161,23 +115,30 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
     (:mod:`bbadapt.detection`), and the BN form defaults to ``affine`` (trains like a frozen BN).
     Returns the :class:`~bbadapt.verify.check_report.CheckReport` (``.to_dict()``: the report.json
     dict; it also reads like that dict) and the :class:`~bbadapt.core.rewrite.Adapted` net.
+
+    ``options`` and ``detector`` are trusted as made (they validated themselves); what needs
+    the model is checked here, once, where the model is first known: from its zoo name before
+    any work, else from the weights file once read.
     """
     say = progress or (lambda _m: None)
     opts = options or ConvertOptions()
     bn = opts.bn or ("affine" if detector else "fused")
-    tgt = parse_spec(opts.target)
-    src_override = parse_spec(opts.source) if opts.source else None
-    if model is not None and opts.weights in WEIGHT_KINDS:
-        info = zoo.model_info(model)  # argument errors before any work
+    tgt, src_override = opts.target_spec, opts.source_spec
+    named = None  # the model's info when the name alone tells it (zoo weights)
+    if opts.weights in WEIGHT_KINDS:
+        if model is None:
+            raise OptionError(f"--weights {opts.weights} needs a MODEL (see `bbadapt list`), or give a weights file")
+        named = zoo.model_info(model)  # argument errors before any work
         if detector:
-            _validate_detector(info, detector)
+            require_detector_fits(named, detector)
     refuse_existing(Path(out), opts.force)  # fail before minutes of work, not after
     if opts.images:
         imgs.photo_files(opts.images)
     original = load_source(model, opts.weights, opts.seed, src_override, say, opts.fmt)
     info = original.info
     if detector:
-        _validate_detector(info, detector)
+        if named is None:  # a weights file: its model is known only now
+            require_detector_fits(info, detector)
         _detection().discover_layout(original.net)  # can it be cut into a detector? before minutes of checking
     src = src_override or parse_spec(info.source_spec)
     net = original.net
@@ -207,22 +168,16 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
             say(f"building the Faster R-CNN ({detector.layout}) on the adapted backbone")
             from bbadapt.detection.detector_bundle import add_detector
 
-            manifest["detector"] = add_detector(stage, adapted, info, list(detector.classes), layout=detector.layout,
-                                                freeze_at=detector.freeze_at, overrides=detector.overrides,
-                                                progress=say, seed=opts.seed)
+            manifest["detector"] = add_detector(stage, adapted, info, detector, progress=say, seed=opts.seed)
         write_manifest(stage, manifest)
         write_reports(report, stage, describe.context(manifest), describe.weights_text(manifest))
     return report, adapted
 
 
-def _validate_detector(info: zoo.ModelInfo, detector: DetectorOptions) -> None:
-    _detection().validate_request(info, list(detector.classes), detector.layout, detector.freeze_at)
-
-
 def _detection():
     from bbadapt.detection import build as detection  # gluoncv's detector stack: only when a detector is asked for
 
-    return detection  # validate_request runs before any heavy work
+    return detection
 
 
 def _check_options(info: zoo.ModelInfo, images: str | None, sizes: list[tuple[int, int]] | None,
@@ -285,6 +240,7 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     ``weights``: where the original weights file is now, when it moved since the conversion
     (checked by sha256 against the manifest)."""
     say = progress or (lambda _m: None)
+    sizes = check_sizes(sizes)  # the same rule as convert's (ConvertOptions), before any work
     directory = Path(directory)
     if "checkpoint" in read_manifest(directory, require_params=False):
         raise OutputError(f"{directory} is a training checkpoint: it holds the trained detector, not the converted "

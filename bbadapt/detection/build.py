@@ -24,36 +24,25 @@ from dataclasses import dataclass, field
 
 from bbadapt.core.blocks import get_block
 from bbadapt.core.devices import context_of
-from bbadapt.core.errors import ModelError, OptionError
+from bbadapt.core.errors import ModelError
 from bbadapt.core.zoo import import_gluoncv
+from bbadapt.detection.options import (  # noqa: F401 - the vocabulary lives there (mxnet-free); importable from here too
+    C4_DEFAULTS,
+    FPN_DEFAULTS,
+    FREEZE_LEVELS,
+    LAYOUTS,
+    DetectorOptions,
+    check_classes,
+    check_settings,
+    layout_defaults,
+    require_detector_fits,
+)
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
-LAYOUTS = ("c4", "fpn")
-FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone
 PROBE_SIZE = 64  # input side of the eager pass that discovers the execution order
 FPN_FILTERS = 256
 FPN_BOX_HIDDEN = 1024
-
-# gluoncv 0.10.5 model_zoo/rcnn/faster_rcnn/predefined_models.py, faster_rcnn_resnet50_v1b_voc
-C4_DEFAULTS: dict = {
-    "short": 600, "max_size": 1000, "nms_thresh": 0.3, "nms_topk": 400, "post_nms": 100,
-    "roi_mode": "align", "roi_size": (14, 14), "strides": 16, "clip": None, "rpn_channel": 1024,
-    "base_size": 16, "scales": (2, 4, 8, 16, 32), "ratios": (0.5, 1, 2), "alloc_size": (128, 128),
-    "rpn_nms_thresh": 0.7, "rpn_train_pre_nms": 12000, "rpn_train_post_nms": 2000,
-    "rpn_test_pre_nms": 6000, "rpn_test_post_nms": 300, "rpn_min_size": 16, "num_sample": 128,
-    "pos_iou_thresh": 0.5, "pos_ratio": 0.25, "max_num_gt": 100, "per_device_batch_size": 1,
-}
-# ... and faster_rcnn_fpn_resnet50_v1b_coco
-FPN_DEFAULTS: dict = {
-    "short": 800, "max_size": 1333, "min_stage": 2, "max_stage": 6, "nms_thresh": 0.5, "nms_topk": -1,
-    "post_nms": -1, "roi_mode": "align", "roi_size": (7, 7), "strides": (4, 8, 16, 32, 64), "clip": 4.14,
-    "rpn_channel": 1024, "base_size": 16, "scales": (2, 4, 8, 16, 32), "ratios": (0.5, 1, 2),
-    "alloc_size": (384, 384), "rpn_nms_thresh": 0.7, "rpn_train_pre_nms": 12000,
-    "rpn_train_post_nms": 2000, "rpn_test_pre_nms": 6000, "rpn_test_post_nms": 1000, "rpn_min_size": 1,
-    "num_sample": 512, "pos_iou_thresh": 0.5, "pos_ratio": 0.25, "max_num_gt": 100,
-    "per_device_batch_size": 1,
-}
 _TUPLES = ("roi_size", "strides", "scales", "ratios", "alloc_size")
 
 
@@ -79,37 +68,24 @@ class BackboneLayout:
 # ---------------------------------------------------------------- requests and settings
 
 
-def validate_request(info, classes: list[str], layout: str, freeze_at: int) -> None:
-    """Cheap checks before any heavy work: model kind, class names, layout, freeze level."""
-    if info.is_cifar:
-        raise ModelError(f"{info.name} is a CIFAR network (32x32 inputs, no stride-16/32 stages); "
-                         "a Faster R-CNN needs an ImageNet-style ResNet")
-    check_classes(classes)
-    if layout not in LAYOUTS:
-        raise OptionError(f"unknown detector layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if not isinstance(freeze_at, int) or freeze_at not in FREEZE_LEVELS:
-        raise OptionError(f"--freeze-at must be 0..5 (0: train everything, 1: freeze the stem, "
-                          f"2: stem + stage 1, ..., 5: the whole backbone), got {freeze_at!r}")
-
-
-def check_classes(classes: list[str]) -> None:
-    if not classes:
-        raise OptionError("no detector classes given; pass --classes NAME[,NAME...]")
-    for name in classes:
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise OptionError(f"invalid class name {name!r}: names must be non-empty, without surrounding spaces")
-    dup = sorted({c for c in classes if classes.count(c) > 1})
-    if dup:
-        raise OptionError(f"duplicate class names: {', '.join(dup)}")
+def validate_request(info, classes: list[str], layout: str, freeze_at: int) -> DetectorOptions:
+    """A detector request given as loose values, checked before any heavy work: the valid
+    :class:`DetectorOptions` it makes (class names, layout, freeze level), then whether the model
+    can carry it. The convert pipeline makes its options once and does not come through here."""
+    options = DetectorOptions(classes=list(classes), layout=layout, freeze_at=freeze_at)
+    require_detector_fits(info, options)
+    return options
 
 
 def settings_for(layout: str, overrides: dict | None = None) -> dict:
     """gluoncv's defaults for ``layout`` with ``overrides`` applied (unknown keys refused)."""
-    base = dict(C4_DEFAULTS if layout == "c4" else FPN_DEFAULTS)
-    for key, value in (overrides or {}).items():
-        if key not in base:
-            raise OptionError(f"unknown detector setting {key!r}; known: {', '.join(sorted(base))}")
-        base[key] = value
+    check_settings(layout, overrides)
+    return _settings(layout, overrides)
+
+
+def _settings(layout: str, overrides) -> dict:
+    """:func:`settings_for` for overrides already validated (a :class:`DetectorOptions`'s)."""
+    base = {**layout_defaults(layout), **(overrides or {})}
     return {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in base.items()}
 
 
@@ -406,15 +382,20 @@ def build_detector(backbone, graph, family: str, classes: list[str], layout: str
     ``faster_rcnn_resnet50_v1b_voc`` (C4) or ``faster_rcnn_fpn_resnet50_v1b_coco`` (FPN);
     ``overrides`` replace any of them. Heads are initialized from ``seed``; parameters
     outside ``train_patterns`` get ``grad_req='null'``.
+
+    The loose values (a bundle's detector section, a script's) become one :class:`DetectorOptions`,
+    validated as it is made; :func:`build_from_options` takes one that is already made.
     """
+    options = DetectorOptions(classes=list(classes), layout=layout, freeze_at=freeze_at, overrides=overrides)
+    return build_from_options(backbone, graph, family, options, seed=seed)
+
+
+def build_from_options(backbone, graph, family: str, options: DetectorOptions, seed: int = 0):
+    """:func:`build_detector` for a :class:`DetectorOptions`, trusted as it is (it validated itself when made)."""
     from gluoncv.model_zoo.rcnn.faster_rcnn import get_faster_rcnn
 
-    check_classes(list(classes))
-    if layout not in LAYOUTS:
-        raise OptionError(f"unknown detector layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if freeze_at not in FREEZE_LEVELS:
-        raise OptionError(f"freeze_at must be 0..5, got {freeze_at!r}")
-    settings = settings_for(layout, overrides)
+    classes, layout, freeze_at = list(options.classes), options.layout, options.freeze_at
+    settings = _settings(layout, options.overrides)
     found = discover_layout(backbone, graph)
     ctx = context_of(backbone)
     if layout == "c4":

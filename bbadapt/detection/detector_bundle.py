@@ -24,7 +24,8 @@ from bbadapt.bundle.manifest import read_manifest
 from bbadapt.core.atomic import replace_together
 from bbadapt.core.devices import check_contexts
 from bbadapt.core.errors import BbadaptError, OutputError
-from bbadapt.detection.build import build_detector, instance_pattern, validate_request
+from bbadapt.detection.build import build_detector, build_from_options, instance_pattern
+from bbadapt.detection.options import DetectorOptions, require_detector_fits
 
 DETECTOR_PARAMS = "detector.params"
 Progress = Callable[[str], None]
@@ -78,22 +79,34 @@ def load_detector_params(detector, backbone, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------- bundle
 
 
-def add_detector(stage: Path, adapted, info, classes: list[str], layout: str = "c4", freeze_at: int = 2,
-                 overrides: dict | None = None, progress: Progress | None = None, seed: int = 0) -> dict:
+def add_detector(stage: Path, adapted, info, detector: DetectorOptions | list[str], layout: str | None = None,
+                 freeze_at: int | None = None, overrides: dict | None = None, progress: Progress | None = None,
+                 seed: int = 0) -> dict:
     """Build the detector on ``adapted`` (a copy of its net), write ``detector.params`` into ``stage``.
 
+    ``detector``: a :class:`DetectorOptions`, taken as it is (it was validated when made, and
+    :func:`bbadapt.pipeline.convert` checked it against the model); or, as before, the class
+    names, with ``layout`` (default ``c4``), ``freeze_at`` (default 2) and ``overrides``, which
+    are then validated here, once, with the model ``info``.
     Returns the manifest section (the caller stores it as ``manifest["detector"]``).
     """
     from bbadapt.core.rewrite import clone
 
     say = progress or _quiet
-    validate_request(info, list(classes), layout, freeze_at)
-    say(f"building Faster R-CNN ({layout}, classes: {', '.join(classes)}, freeze-at {freeze_at})")
-    detector, section = build_detector(clone(adapted.net), adapted.graph, info.family, list(classes), layout,
-                                       freeze_at, seed=seed, **(overrides or {}))
+    if isinstance(detector, DetectorOptions):
+        if layout is not None or freeze_at is not None or overrides is not None:
+            raise TypeError("add_detector: give layout, freeze_at and overrides in the DetectorOptions, not beside it")
+        options = detector
+    else:
+        options = DetectorOptions(classes=list(detector), layout="c4" if layout is None else layout,
+                                  freeze_at=2 if freeze_at is None else freeze_at, overrides=overrides)
+        require_detector_fits(info, options)
+    say(f"building Faster R-CNN ({options.layout}, classes: {', '.join(options.classes)}, "
+        f"freeze-at {options.freeze_at})")
+    net, section = build_from_options(clone(adapted.net), adapted.graph, info.family, options, seed=seed)
     say(f"writing {DETECTOR_PARAMS}")
     section["params_file"] = DETECTOR_PARAMS
-    section["params_sha256"] = save_detector_params(detector, Path(stage) / DETECTOR_PARAMS)
+    section["params_sha256"] = save_detector_params(net, Path(stage) / DETECTOR_PARAMS)
     section["input"] = adapted.target.to_dict()
     return section
 

@@ -22,23 +22,11 @@ import numpy as np
 
 from bbadapt.core.errors import OptionError
 from bbadapt.core.zoo import import_gluoncv
-from bbadapt.detection.options import EvaluateOptions
+from bbadapt.detection.options import METRICS, EvaluateOptions, check_metric  # noqa: F401 - importable from here too
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
-METRICS = ("voc07", "voc12", "coco")
 Prediction = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # (index, class ids (N,), scores (N,), boxes (N,4))
-
-
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise OptionError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
-    if metric == "coco":
-        try:
-            import pycocotools  # noqa: F401
-        except ImportError:
-            raise OptionError("metric 'coco' needs pycocotools: pip install 'bbadapt[coco]'") from None
-    return metric
 
 
 def predictions(net, data, ctx, spec, short: int, max_size: int, *,
@@ -70,7 +58,11 @@ def predictions(net, data, ctx, spec, short: int, max_size: int, *,
 
 def score(data, preds: Iterable[Prediction], metric: str = "voc07") -> dict:
     """mAP of ``preds`` against ``data``'s labels: ``{"metric", "map", "per_class": {name: AP}}``."""
-    check_metric(metric)
+    return _score(data, preds, check_metric(metric))
+
+
+def _score(data, preds: Iterable[Prediction], metric: str) -> dict:
+    """:func:`score` for a metric already validated (an :class:`EvaluateOptions`'s)."""
     if metric == "coco":
         return _score_coco(data, preds)
     from gluoncv.utils.metrics.voc_detection import VOC07MApMetric, VOCMApMetric
@@ -135,8 +127,7 @@ def evaluate(directory: str | os.PathLike, dataset: str, options: Optional[Evalu
     from bbadapt.detection.datasets import open_dataset
     from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly
 
-    options = options or EvaluateOptions()
-    check_metric(options.metric)
+    options = options or EvaluateOptions()  # validated when made: the metric is not checked again here
     if ctx is not None and gpus is not None:
         raise OptionError("give the device once: gpus=... or ctx=...")
     if ctx is None:
@@ -154,7 +145,7 @@ def evaluate(directory: str | os.PathLike, dataset: str, options: Optional[Evalu
     check_proposals(net, short, training=False)
     net.hybridize(static_alloc=True)
     preds = predictions(net, data, ctx, InputSpec.from_dict(manifest["target"]), short, longest, progress=progress)
-    result = score(data, preds, options.metric)
+    result = _score(data, preds, options.metric)
     epoch = manifest.get("checkpoint", {}).get("epoch")
     result.update(directory=str(directory), dataset=str(dataset), short_side=short, max_size=longest, epoch=epoch)
     return result

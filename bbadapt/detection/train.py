@@ -21,12 +21,13 @@ errors, ``epoch-0001``); the schedule and the per-epoch seeding count from 0 int
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Optional
@@ -228,9 +229,8 @@ def train(bundle_dir: str | os.PathLike, dataset: str, config: Optional[TrainCon
 
     from bbadapt.core.devices import contexts
 
-    config = replace(config or TrainConfig(), dataset=str(dataset),
-                     lr_steps=tuple(sorted((config or TrainConfig()).lr_steps)))
-    config.check()
+    config = copy.copy(config or TrainConfig())  # validated when made (lr_steps sorted): trusted, not checked again
+    config.dataset = str(dataset)  # filled in here, like devices below
     if ctx is not None and gpus is not None:
         raise OptionError("give the devices once: gpus=... or ctx=[...]")
     bundle_dir = Path(bundle_dir)
