@@ -208,6 +208,7 @@ def test_convert_checks_the_model_once_and_trusts_the_options(calls, monkeypatch
     from bbadapt.core import zoo
     from bbadapt.core.registry import Converted
     from bbadapt.core.rewrite import clone
+    from bbadapt.verify.check_report import CheckReport
     from tests.conftest import calibrated
 
     model = "resnet18_v1b"
@@ -221,8 +222,9 @@ def test_convert_checks_the_model_once_and_trusts_the_options(calls, monkeypatch
         return Converted(clone(calibrated(model)), {"zoo": model}, zoo.model_info(model), {"kind": "random", "seed": seed})
 
     monkeypatch.setattr(pipeline, "load_source", source)
-    monkeypatch.setattr(pipeline, "_checked", lambda *a: {"passed": True, "worst_max_rel": 0.0, "notes": []})
-    monkeypatch.setattr(pipeline, "add_training", lambda *a: None)
+    written = json.loads((Path(__file__).parents[1] / "data" / "v1_reports" / "cifar" / "report.json").read_text())
+    monkeypatch.setattr(pipeline, "_checked", lambda *a: CheckReport.from_dict(written))  # a real report, as main wrote it
+    monkeypatch.setattr(pipeline, "add_training", lambda report, *a: report)
     monkeypatch.setattr(pipeline, "write_reports", lambda *a: None)
     pipeline.convert(model, tmp_path / "out", options, detector)
     during = {k: calls[k] - made[k] for k in calls}
