@@ -178,8 +178,18 @@ def is_folder(path: Path) -> bool:
     return (path / CONFIG).is_file() and any((path / w).is_file() for w in WEIGHT_FILES)
 
 
+def _in_folder(path: Path) -> bool:
+    return path.name in WEIGHT_FILES and not path.is_dir() and is_folder(path.parent)
+
+
 def locate(path: Path) -> Source:
-    """A timm folder's weights file and config (config.json read and checked), or a bare file as it is."""
+    """A timm folder's weights file and config (config.json read and checked), or a bare file as it is.
+
+    The weights file of a folder, named by itself, is read with its config.json too (as a graph's ``.params``
+    partner is): the folder is what says the input spec, and re-checks find both files again.
+    """
+    if _in_folder(path):
+        path = path.parent
     if not path.is_dir():
         return Source(path, None, None, None)
     weights = next((path / w for w in WEIGHT_FILES if (path / w).exists()), None)
@@ -287,8 +297,10 @@ def timm_only(names: set[str]) -> bool:
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    """A ResNet state dict with names only timm writes (:func:`timm_only`); .safetensors or a torch checkpoint."""
+    """A ResNet state dict with names only timm writes (:func:`timm_only`), or the weights file of a timm folder."""
     try:
+        if _in_folder(path):
+            return True
         names = tv.state_dict_names(path)
     except Exception:  # noqa: BLE001 - a sniffer must not raise on garbage
         return False

@@ -121,6 +121,13 @@ def test_a_folders_pretrained_cfg_sets_the_source_spec(tmp_path):
     assert v["passed"], v
 
 
+def test_a_folders_weights_file_named_alone_is_read_with_its_config(saved):
+    folder = saved["resnet50"][1]["folder"]
+    c = readers.read(folder / "model.safetensors")
+    assert readers.detect(folder / "model.safetensors").name == "timm" and c.provenance["folder"] == str(folder.resolve())
+    assert sorted(c.provenance["files"]) == sorted(str((folder / n).resolve()) for n in ("config.json", "model.safetensors"))
+
+
 def test_the_layout_rule_names_timms_own_models_and_gluoncvs_zoo():
     """The rule's names exist: every twin in gluoncv's zoo, every timm name in timm's registry."""
     import timm
