@@ -294,6 +294,7 @@ EXPORTERS = {  # --option: (module, function); each writes atomically and verifi
     "symbol": ("bbadapt.detection.detector_bundle", "export_symbol"),
     "torchvision": ("bbadapt.detection.torchvision_export", "export"),
     "onnx": ("converters.writers.onnx", "export_bundle"),
+    "timm": ("converters.writers.timm", "export_bundle"),
 }
 # What each figure of an export summary means, printed instead of the bare key.
 EXPORT_LABELS = {
@@ -338,6 +339,8 @@ def export(
     torchvision_input: str = typer.Option("01", help="detector to torchvision: the model's input, RGB 0..1 (01) or 0..255 (255)"),
     onnx: Optional[Path] = typer.Option(None, help="FILE.onnx, checked with onnxruntime against MXNet",
                                          show_default="none"),
+    timm: Optional[Path] = typer.Option(None, "--timm", help="DIR: a timm folder (config.json + model.safetensors), "
+                                        "checked in timm against the bundle", show_default="none"),
     backbone: bool = typer.Option(False, "--backbone", help="export the backbone of a detector bundle "
                                                             "(with --torchvision or --onnx)", show_default="off"),
     force: bool = typer.Option(False, help="replace an existing export"),
@@ -346,12 +349,12 @@ def export(
     import importlib
 
     with user_errors():
-        chosen = {k: v for k, v in {"symbol": symbol, "torchvision": torchvision, "onnx": onnx}.items() if v}
+        chosen = {k: v for k, v in {"symbol": symbol, "torchvision": torchvision, "onnx": onnx, "timm": timm}.items() if v}
         if len(chosen) != 1:
-            raise OptionError("give exactly one of --symbol PREFIX, --torchvision FILE, --onnx FILE")
+            raise OptionError("give exactly one of --symbol PREFIX, --torchvision FILE, --onnx FILE, --timm DIR")
         (kind, target), = chosen.items()
         if backbone and kind == "symbol":
-            raise OptionError("--backbone goes with --torchvision or --onnx; --symbol exports the whole detector")
+            raise OptionError("--backbone goes with --torchvision or --onnx (or --timm); --symbol exports the whole detector")
         module, function = EXPORTERS[kind]
         exporter = getattr(importlib.import_module(module), function)
         extra = {"backbone": True} if backbone else {}

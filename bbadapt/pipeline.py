@@ -223,9 +223,10 @@ def health_notes(health: list[dict]) -> list[str]:
 
 
 def output_notes(provenance: dict) -> list[str]:
-    """How the weights were stored when not float32 (the reader's one dtype note), and what an original graph
+    """How the weights were stored when not float32 (the reader's one dtype note), where the reader took the input
+    spec from when the file says or assumes one (its input_spec_note), and what an original graph
     computed after its classifier (softmax, a loss): output-only, not converted."""
-    notes = [provenance["dtype_note"]] if provenance.get("dtype_note") else []
+    notes = [provenance[k] for k in ("dtype_note", "input_spec_note") if provenance.get(k)]
     ops = provenance.get("output_activations") or []
     if ops:
         notes.append(f"the original graph applies {', '.join(ops)} after its classifier; output-only, not part of the "

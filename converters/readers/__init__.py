@@ -17,7 +17,9 @@ from bbadapt.core.registry import Converted
 from converters.readers.base import HEAD_BYTES, Format, open_regular, require_file
 
 # Order matters only for sniffing: the most specific signatures first.
-FORMAT_MODULES = ("mxnet_symbol", "gluon_params", "torchvision", "keras", "detectron")
+# timm before torchvision: a timm state dict is a torchvision-named one with more (deep stems, ...), and a
+# plain torchvision ResNet is left to torchvision.
+FORMAT_MODULES = ("mxnet_symbol", "gluon_params", "timm", "torchvision", "keras", "detectron")
 
 __all__ = ["Converted", "Format", "formats", "detect", "read", "rebuild", "FORMAT_MODULES"]
 
@@ -49,6 +51,8 @@ def detect(path: str | os.PathLike) -> Format:
     """The format of ``path``, from its content (magic bytes, JSON, HDF5, zip, pickle)."""
     from bbadapt.core.errors import WeightsError
 
+    if Path(path).is_dir():
+        return _detect_folder(Path(path))
     with open_regular(path) as f:
         head = f.read(HEAD_BYTES)
     path = Path(path)
@@ -62,6 +66,11 @@ def read(path: str | os.PathLike, fmt: str | None = None, arch: str | None = Non
     """Read foreign weights; ``fmt`` overrides detection and must match the content."""
     from bbadapt.core.errors import WeightsError
 
+    if Path(path).is_dir():  # a format that is a folder of files (timm's save_for_hf)
+        chosen = _detect_folder(Path(path))
+        if fmt and fmt != chosen.name:
+            raise WeightsError(f"{path} is a {chosen.name} folder, not {fmt}")
+        return chosen.read(Path(path), arch=arch, progress=progress or (lambda _m: None))
     path = require_file(path)
     chosen = by_name(fmt) if fmt else detect(path)
     if fmt:
@@ -71,6 +80,17 @@ def read(path: str | os.PathLike, fmt: str | None = None, arch: str | None = Non
             raise WeightsError(f"{path} does not look like {chosen.name} ({chosen.description}); "
                                f"detected: {_detected_name(path)}")
     return chosen.read(Path(path), arch=arch, progress=progress or (lambda _m: None))
+
+
+def _detect_folder(path: Path) -> Format:
+    from bbadapt.core.errors import WeightsError
+
+    for fmt in formats():
+        if fmt.folder is not None and fmt.folder(path):
+            return fmt
+    readable = ", ".join(f.name for f in formats() if f.folder is not None)
+    raise WeightsError(f"{path} is a directory that no format reads as a folder ({readable}: config.json with "
+                       "an architecture, and model.safetensors or pytorch_model.bin); name a weights file")
 
 
 def _detected_name(path: Path) -> str:

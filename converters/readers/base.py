@@ -36,6 +36,7 @@ class Format:
     sniff: Callable[[Path, bytes], bool]  # (path, first HEAD_BYTES bytes) -> is it mine?
     read: Callable[..., Converted]  # read(path: Path, arch: str | None, progress) -> Converted
     extensions: tuple[str, ...] = field(default=())  # typical suffixes, for help text only
+    folder: Callable[[Path], bool] | None = None  # (directory) -> is it mine? For formats that are a folder of files
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -27,7 +27,11 @@ WEIGHTED_OPS = ("Convolution", "FullyConnected")
 
 
 def inspect_file(path: str | os.PathLike) -> dict:
-    """A JSON-able description of a weights file (see :func:`render` for the human form)."""
+    """A JSON-able description of a weights file or a timm folder (see :func:`render` for the human form)."""
+    from converters.readers import timm
+
+    if Path(path).is_dir() and timm.is_folder(Path(path)):
+        return _describe_timm(Path(path))
     with open_regular(path) as f:
         head = f.read(HEAD_BYTES)
     path = Path(path)
@@ -143,10 +147,49 @@ def _torchvision_tensors(path: Path) -> tuple[dict, dict, str]:
         return arrays, {"guess": "not a torchvision ResNet", "depth": None, "classes": None, "source": "names",
                         "problem": str(exc)}, facts["container"]
     fc = arrays.get("fc.weight")
-    return arrays, {"guess": f"torchvision resnet{depth} ({'bottleneck' if bottleneck else 'basic'} blocks "
-                             f"{list(counts)}; gluoncv twin resnet{depth}_v1b)",
+    return arrays, {"guess": f"torchvision resnet{depth} = timm resnet{depth} ({'bottleneck' if bottleneck else 'basic'} "
+                             f"blocks {list(counts)}; gluoncv twin resnet{depth}_v1b)",
                     "depth": depth, "classes": int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None,
                     "source": "names"}, f"torchvision state dict ({facts['container']})"
+
+
+def _timm_tensors(path: Path, architecture: str | None = None) -> tuple[dict, dict, str]:
+    from bbadapt.core.errors import ModelError
+    from converters.readers import timm
+    from converters.readers import torchvision as tv
+
+    arrays, facts = tv.read_state_dict(path)
+    arrays = {k: v for k, v in arrays.items() if not k.endswith(tv.IGNORED_SUFFIX)}
+    fc = arrays.get("fc.weight")
+    classes = int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None
+    try:
+        found = timm.diagnose({k: v.shape for k, v in arrays.items()}, f"timm {architecture}" if architecture else None)
+    except (ModelError, WeightsError) as exc:  # no twin: described, not damaged
+        return arrays, {"guess": f"timm {architecture or 'ResNet'} without a gluoncv twin", "depth": None,
+                        "classes": classes, "source": "names", "timm_arch": architecture, "gluoncv_twin": None,
+                        "problem": str(exc)}, facts["container"]
+    name = architecture or found.timm_arch or "ResNet"
+    return arrays, {"guess": f"timm {name} ({found.describe()}; gluoncv twin {found.twin})", "depth": found.depth,
+                    "classes": classes, "source": "names", "timm_arch": name, "gluoncv_twin": found.twin,
+                    "layout": found.to_dict()}, f"timm state dict ({facts['container']})"
+
+
+def _describe_timm(folder: Path) -> dict:
+    """A timm save_for_hf folder: its weights file described, with what config.json says (architecture, input spec)."""
+    from converters.readers import timm
+
+    src = timm.locate(folder)  # an unreadable config.json is one line, like a damaged file
+    arrays, architecture, naming = _timm_tensors(src.weights, src.architecture)
+    info = _describe(src.weights, "timm", arrays, architecture, naming)
+    try:
+        spec = timm.spec_from_config(src.config, str(src.config_path)).to_string()
+    except WeightsError as exc:
+        spec = None
+        info["problems"].append(str(exc))
+        info["status"] = _status(info, arrays)
+    info.update({"path": str(folder), "weights_file": str(src.weights), "config": str(src.config_path),
+                 "input_spec": spec})
+    return info
 
 
 KERAS_TENSOR_NAMES = {"conv": ("kernel", "bias"), "bn": ("gamma", "beta", "moving_mean", "moving_variance"),
@@ -189,7 +232,7 @@ def _detectron_tensors(path: Path) -> tuple[dict, dict, str]:
                    "depth": depth, "classes": classes, "source": "names"}, "Caffe2/Detectron blobs"
 
 
-FOREIGN_READERS = {"torchvision": _torchvision_tensors, "keras": _keras_tensors, "detectron": _detectron_tensors}
+FOREIGN_READERS = {"timm": _timm_tensors, "torchvision": _torchvision_tensors, "keras": _keras_tensors, "detectron": _detectron_tensors}
 
 
 def _inspect_params(path: Path, head: bytes, companion: tuple[Path, dict] | None) -> dict:
@@ -356,6 +399,8 @@ def render(info: dict, console) -> None:
                                  f"{t['parameters']:,} values")
         table.add_row("naming", t["naming"] + (f" (prefix {t['prefix']})" if t.get("prefix") else ""))
         table.add_row("architecture", info["architecture"]["guess"])
+        if "input_spec" in info:  # a timm folder's config.json
+            table.add_row("input spec (config.json)", str(info["input_spec"] or "unreadable, see below"))
         bn = info["batchnorm"]
         table.add_row("BatchNorms", str(bn["count"]))
         if bn["eps"]:

@@ -66,48 +66,56 @@ def layout(names) -> tuple[int, bool, tuple[int, ...]]:
     return depth, bottleneck, counts
 
 
-def conv_bn_pairs(depth: int) -> list[tuple[str, str]]:
-    """(conv, bn) structural paths of torchvision's ``resnet<depth>``, in forward order."""
-    counts, bottleneck = RESNET_LAYOUTS[depth]
-    pairs = [("conv1", "bn1")]
-    for stage, n in enumerate(counts, start=1):
-        for i in range(n):
-            prefix = f"layer{stage}.{i}"
-            for k in range(1, 4 if bottleneck else 3):
-                pairs.append((f"{prefix}.conv{k}", f"{prefix}.bn{k}"))
-            if i == 0 and (stage > 1 or bottleneck):
-                pairs.append((f"{prefix}.downsample.0", f"{prefix}.downsample.1"))
-    return pairs
+def _conv_bn_layers(depth: int, stem: tuple[int, int, int] | None = None, avg_down: bool = False):
+    """(conv, bn, out channels, in channels, kernel) of every conv+BN pair, in forward order.
 
-
-def expected_shapes(depth: int, classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """Every tensor of torchvision's ``resnet<depth>`` state dict and its shape (num_batches_tracked: ``()``)."""
+    ``stem``: the widths of a deep stem (``conv1.0``/``.3``/``.6``, 3x3 each, BN ``conv1.1``/``.4``/``bn1``;
+    gluoncv v1c/v1d/v1e/v1s, timm ``resnetNc/d/s``), None for torchvision's 7x7 ``conv1``. ``avg_down``: the
+    projection shortcut is ``downsample.1``/``.2`` behind an average pool (``downsample.0``, no tensors).
+    """
     counts, bottleneck = RESNET_LAYOUTS[depth]
     expansion = 4 if bottleneck else 1
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv_bn(conv: str, bn: str, out_c: int, in_c: int, k: int) -> None:
-        shapes[f"{conv}.weight"] = (out_c, in_c, k, k)
-        for p in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{bn}.{p}"] = (out_c,)
-        shapes[f"{bn}{IGNORED_SUFFIX}"] = ()
-
-    conv_bn("conv1", "bn1", 64, 3, 7)
-    in_c = 64
+    if stem is None:
+        yield "conv1", "bn1", 64, 3, 7
+        in_c = 64
+    else:
+        yield "conv1.0", "conv1.1", stem[0], 3, 3
+        yield "conv1.3", "conv1.4", stem[1], stem[0], 3
+        yield "conv1.6", "bn1", stem[2], stem[1], 3
+        in_c = stem[2]
+    shortcut = ("downsample.1", "downsample.2") if avg_down else ("downsample.0", "downsample.1")
     for stage, (n, width) in enumerate(zip(counts, WIDTHS, strict=True), start=1):
         for i in range(n):
             p = f"layer{stage}.{i}"
             if bottleneck:
-                conv_bn(f"{p}.conv1", f"{p}.bn1", width, in_c, 1)
-                conv_bn(f"{p}.conv2", f"{p}.bn2", width, width, 3)
-                conv_bn(f"{p}.conv3", f"{p}.bn3", width * 4, width, 1)
+                yield f"{p}.conv1", f"{p}.bn1", width, in_c, 1
+                yield f"{p}.conv2", f"{p}.bn2", width, width, 3
+                yield f"{p}.conv3", f"{p}.bn3", width * 4, width, 1
             else:
-                conv_bn(f"{p}.conv1", f"{p}.bn1", width, in_c, 3)
-                conv_bn(f"{p}.conv2", f"{p}.bn2", width, width, 3)
-            if i == 0 and in_c != width * expansion:
-                conv_bn(f"{p}.downsample.0", f"{p}.downsample.1", width * expansion, in_c, 1)
+                yield f"{p}.conv1", f"{p}.bn1", width, in_c, 3
+                yield f"{p}.conv2", f"{p}.bn2", width, width, 3
+            if i == 0 and (stage > 1 or in_c != width * expansion):
+                yield f"{p}.{shortcut[0]}", f"{p}.{shortcut[1]}", width * expansion, in_c, 1
             in_c = width * expansion
-    shapes["fc.weight"] = (classes, in_c)
+
+
+def conv_bn_pairs(depth: int, stem: tuple[int, int, int] | None = None, avg_down: bool = False) -> list[tuple[str, str]]:
+    """(conv, bn) structural paths of torchvision's ``resnet<depth>`` (or a deep-stem/avg-down relative), in order."""
+    return [(conv, bn) for conv, bn, *_ in _conv_bn_layers(depth, stem, avg_down)]
+
+
+def expected_shapes(depth: int, classes: int = 1000, stem: tuple[int, int, int] | None = None,
+                    avg_down: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor of torchvision's ``resnet<depth>`` state dict and its shape (num_batches_tracked: ``()``);
+    ``stem``/``avg_down`` as :func:`conv_bn_pairs` (timm's names for gluoncv v1c/v1d/v1e/v1s)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    in_c = 0
+    for conv, bn, out_c, in_c, k in _conv_bn_layers(depth, stem, avg_down):
+        shapes[f"{conv}.weight"] = (out_c, in_c, k, k)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{bn}.{p}"] = (out_c,)
+        shapes[f"{bn}{IGNORED_SUFFIX}"] = ()
+    shapes["fc.weight"] = (classes, out_c)
     shapes["fc.bias"] = (classes,)
     return shapes
 
@@ -183,21 +191,11 @@ def _zoo_name(arch: str | None, depth: int) -> str:
     return detected
 
 
-def read(path: Path, arch: str | None = None, progress=None) -> Converted:
-    """A torchvision ResNet state dict as gluoncv ``resnetN_v1b`` with the same weights."""
+def load_twin(arrays: dict[str, np.ndarray], name: str, origin: str):
+    """The gluoncv zoo net ``name`` holding a torchvision-named state dict (float32 arrays, no num_batches_tracked)."""
     from bbadapt.core import zoo
     from bbadapt.core.weights import assign, structural_params
 
-    say = progress or (lambda _m: None)
-    path = require_file(path)
-    arrays, facts = read_state_dict(path)
-    ignored = sorted(k for k in arrays if k.endswith(IGNORED_SUFFIX))
-    arrays = {k: v for k, v in arrays.items() if not k.endswith(IGNORED_SUFFIX)}
-    tensors = float32_tensors(arrays, str(path))
-    arrays = tensors.arrays
-    depth, bottleneck, counts = layout(set(arrays))
-    name = _zoo_name(arch, depth)
-    say(f"torchvision resnet{depth} ({'bottleneck' if bottleneck else 'basic'} blocks {counts}) -> {name}")
     net = zoo.build(name)
     params = structural_params(net)
     bn_paths = {k.rpartition(".")[0] for k in params if k.endswith(".running_var")}
@@ -205,15 +203,77 @@ def read(path: Path, arch: str | None = None, progress=None) -> Converted:
     unmatched = sorted(renamed[g] for g in renamed if g not in params)
     missing = sorted(k for k in params if k not in renamed)
     if unmatched or missing:
-        raise unmatched_error(f"{path} (torchvision resnet{depth})", unmatched, missing)
-    assign(net, {g: arrays[t].astype(np.float32) for g, t in renamed.items()}, origin=str(path))
+        raise unmatched_error(origin, unmatched, missing)
+    assign(net, {g: arrays[t].astype(np.float32) for g, t in renamed.items()}, origin=origin)
+    return net
+
+
+def float32_state(path: Path) -> tuple[dict[str, np.ndarray], dict, list[str], str | None]:
+    """A state dict file's tensors as float32 without num_batches_tracked; container facts; the ignored names;
+    the dtype note."""
+    arrays, facts = read_state_dict(path)
+    ignored = sorted(k for k in arrays if k.endswith(IGNORED_SUFFIX))
+    tensors = float32_tensors({k: v for k, v in arrays.items() if not k.endswith(IGNORED_SUFFIX)}, str(path))
+    return tensors.arrays, facts, ignored, tensors.note
+
+
+def read(path: Path, arch: str | None = None, progress=None) -> Converted:
+    """A torchvision ResNet state dict as gluoncv ``resnetN_v1b`` with the same weights."""
+    from bbadapt.core import zoo
+
+    say = progress or (lambda _m: None)
+    path = require_file(path)
+    arrays, facts, ignored, note = float32_state(path)
+    depth, bottleneck, counts = layout(set(arrays))
+    name = _zoo_name(arch, depth)
+    say(f"torchvision resnet{depth} ({'bottleneck' if bottleneck else 'basic'} blocks {counts}) -> {name}")
+    net = load_twin(arrays, name, f"{path} (torchvision resnet{depth})")
     digest = file_digest(path)
     provenance = {"kind": "file", "format": FORMAT.name, "path": str(path.resolve()), "sha256": digest,
                   "files": {str(path.resolve()): digest}, "arch_arg": arch, **facts,
                   "layout": {"depth": depth, "bottleneck": bottleneck, "blocks": list(counts)},
                   "naming": "torchvision state_dict (conv1, bn1.weight, layerK.i.downsample.0 ...)",
-                  "ignored": {"num_batches_tracked": len(ignored)}, "dtype_note": tensors.note}
+                  "ignored": {"num_batches_tracked": len(ignored)}, "dtype_note": note}
     return Converted(net=net, arch={"zoo": name}, info=zoo.model_info(name), provenance=provenance)
+
+
+MAX_PICKLE_PEEK = 64 << 20  # data.pkl of a ResNet-152 state dict is ~60 kB
+
+
+def state_dict_names(path: Path) -> set[str]:
+    """The tensor names of a safetensors or torch checkpoint, without torch and without running any pickle.
+
+    For sniffing: a torch checkpoint's pickle (``data.pkl`` in the zip, or the legacy file's pickles) is only
+    parsed opcode by opcode (:func:`pickletools.genops`), and every string it pushes that looks like a dotted
+    tensor name is returned; nothing is resolved or called. Empty when the file is none of these.
+    """
+    import io
+    import pickletools
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if safetensors_io.looks_like(head):
+        return set(safetensors_io.header_names(path))
+    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            member = next((i for i in z.infolist() if i.filename.endswith("data.pkl")), None)
+            if member is None or member.file_size > MAX_PICKLE_PEEK:
+                return set()
+            streams, count = [io.BytesIO(z.read(member))], 1
+    elif head.startswith(TORCH_LEGACY_MAGIC):
+        with open(path, "rb") as f:
+            streams, count = [io.BytesIO(f.read(MAX_PICKLE_PEEK))], 4  # magic, protocol, sys info, the state dict
+    else:
+        return set()
+    names: set[str] = set()
+    stream = streams[0]
+    for _ in range(count):
+        for op, arg, _pos in pickletools.genops(stream):
+            if isinstance(arg, str) and "." in arg and " " not in arg:
+                names.add(arg)
+            if op.name == "STOP":
+                break
+    return names
 
 
 def sniff(path: Path, head: bytes) -> bool:

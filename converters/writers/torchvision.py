@@ -80,14 +80,28 @@ def _bias(conv) -> np.ndarray:
 
 def torchvision_state(bundle) -> dict[str, np.ndarray]:
     """The bundle backbone as torchvision ``resnetN`` tensors (float32; num_batches_tracked int64 0)."""
+    return resnet_state(bundle, _v1b_depth(bundle.model))
+
+
+def resnet_state(bundle, depth: int, stem: tuple[int, int, int] | None = None, avg_down: bool = False,
+                 keep_input_fold: bool = False) -> dict[str, np.ndarray]:
+    """The bundle backbone under torchvision's names (timm's for a deep stem / avg-down: see
+    :func:`converters.readers.torchvision.conv_bn_pairs`), every BN as frozen constants.
+
+    The first conv is re-expressed for the SOURCE spec (the input fold undone), unless ``keep_input_fold``:
+    then it is written as the bundle holds it (a ``fold=conv`` bundle: weights fed the target spec).
+    """
     from bbadapt.core.blocks import get_block, param_value
 
-    depth = _v1b_depth(bundle.model)
     net = bundle.adapted.net
+    pairs = conv_bn_pairs(depth, stem, avg_down)
     state: dict[str, np.ndarray] = {}
-    for conv_path, bn_path in conv_bn_pairs(depth):
+    for conv_path, bn_path in pairs:
         conv = get_block(net, conv_path)
-        weight, bias = _first_conv(bundle, conv) if conv_path == "conv1" else (param_value(conv.weight), _bias(conv))
+        if conv_path == pairs[0][0] and not keep_input_fold:
+            weight, bias = _first_conv(bundle, conv)
+        else:
+            weight, bias = param_value(conv.weight), _bias(conv)
         s, t = _affine_of(get_block(net, bn_path))
         s, t = np.broadcast_to(s, bias.shape), np.broadcast_to(t, bias.shape)
         state[f"{conv_path}.weight"] = weight
@@ -98,12 +112,12 @@ def torchvision_state(bundle) -> dict[str, np.ndarray]:
     fc = get_block(net, "fc")
     state["fc.weight"], state["fc.bias"] = param_value(fc.weight), param_value(fc.bias)
     state = {k: v.astype(np.float32) for k, v in state.items()}
-    state.update({f"{bn}{IGNORED_SUFFIX}": np.zeros((), np.int64) for _, bn in conv_bn_pairs(depth)})
-    want = expected_shapes(depth, classes=state["fc.weight"].shape[0])
+    state.update({f"{bn}{IGNORED_SUFFIX}": np.zeros((), np.int64) for _, bn in pairs})
+    want = expected_shapes(depth, state["fc.weight"].shape[0], stem, avg_down)
     wrong = sorted(k for k in want if tuple(state[k].shape) != want[k])
     if wrong or set(want) != set(state):
-        raise ModelError(f"the bundle's {bundle.model} does not have torchvision resnet{depth}'s channel counts "
-                         f"(e.g. {wrong[0] if wrong else min(set(want) ^ set(state))}); a pruned variant?")
+        raise ModelError(f"the bundle's {bundle.model} does not have the channel counts of its torchvision/timm "
+                         f"layout (e.g. {wrong[0] if wrong else min(set(want) ^ set(state))}); a pruned variant?")
     return state
 
 
