@@ -203,9 +203,6 @@ class DetectorSection:
     backbone_layout: Optional[dict] = None
     extra: dict = field(default_factory=dict)
 
-    _KEYS = ("classes", "layout", "freeze_at", "settings", "params_file", "params_sha256", "family", "seed", "input",
-             "backbone_layout")
-
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST) -> DetectorSection:
         f = _Fields(data, where, "detector.", lacks=f"{where}: the detector section lacks {{key!r}}")

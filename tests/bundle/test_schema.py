@@ -219,8 +219,11 @@ def test_the_shipped_runtime_reads_the_names_the_schema_writes():
 
 
 def test_read_manifest_returns_the_typed_manifest_and_the_old_dict_form(tmp_path):
-    m = read_manifest(V1 / "backbone")
-    assert isinstance(m, BundleManifest) and m.directory == V1 / "backbone"
+    import bbadapt
+
+    m = bbadapt.read_manifest(V1 / "backbone")
+    assert isinstance(m, bbadapt.BundleManifest) and bbadapt.BundleManifest is BundleManifest
+    assert m == read_manifest(V1 / "backbone") and m.directory == V1 / "backbone"
     assert m.to_dict() == json.loads((V1 / "backbone" / MANIFEST).read_text())
     assert m.backbone_params_path == V1 / "backbone" / BACKBONE_PARAMS
 
