@@ -48,6 +48,13 @@ REPORTS = (REPORT_JSON, REPORT_MD, REPORT_HTML)
 TRAINER_STATES = "trainer.states"
 TRAIN_LOG = "train.log.jsonl"
 CHECKPOINTS = "checkpoints"  # the directory ``bbadapt train`` writes under a bundle
+LAST, BEST = "last", "best"  # relative links in it, naming an epoch directory
+EPOCH_PREFIX = "epoch-"  # epoch directories: epoch-0001 (epochs count from 1)
+
+
+def epoch_name(epoch: int) -> str:
+    """The checkpoint directory of ``epoch`` (counted from 1)."""
+    return f"{EPOCH_PREFIX}{epoch:04d}"
 # Every name bbadapt writes inside an output or checkpoint directory. A directory holding anything
 # else is not replaced by --force: bbadapt never deletes a file it did not write.
 OUTPUT_FILES = frozenset({MANIFEST, BACKBONE_PARAMS, DETECTOR_PARAMS, *REPORTS, TRAINER_STATES, TRAIN_LOG})

@@ -32,7 +32,17 @@ from pathlib import Path
 from typing import Optional
 
 from bbadapt.bundle.manifest import store_manifest
-from bbadapt.bundle.schema import CHECKPOINTS, TRAIN_LOG, TRAINER_STATES, BundleManifest, CheckpointSection
+from bbadapt.bundle.schema import (
+    BEST,
+    CHECKPOINTS,
+    EPOCH_PREFIX,
+    LAST,
+    TRAIN_LOG,
+    TRAINER_STATES,
+    BundleManifest,
+    CheckpointSection,
+    epoch_name,
+)
 from bbadapt.core.atomic import point_at, remove_directory
 from bbadapt.core.errors import BbadaptError, DeviceError, OptionError, OutputError
 from bbadapt.core.zoo import import_gluoncv
@@ -92,7 +102,7 @@ def point_reference(root: Path, name: str, epoch_dir: Path) -> None:
 def referenced(root: Path) -> set[str]:
     """Names of the epoch directories ``last`` and ``best`` point at (real directories name themselves)."""
     names = set()
-    for ref in ("last", "best"):
+    for ref in (LAST, BEST):
         path = root / ref
         if path.is_symlink():
             names.add(Path(os.readlink(path)).name)
@@ -288,12 +298,12 @@ def _start_state(bundle_dir: Path, resume: bool) -> Optional[BundleManifest]:
     """The checkpoint ``--resume`` continues (read once), or None for a new run."""
     checkpoints = bundle_dir / CHECKPOINTS
     if not resume:
-        if checkpoints.is_dir() and any(p.name in ("last", "best") or p.name.startswith("epoch-")
+        if checkpoints.is_dir() and any(p.name in (LAST, BEST) or p.name.startswith(EPOCH_PREFIX)
                                                   for p in checkpoints.iterdir()):
             raise OutputError(f"{checkpoints} holds checkpoints of an earlier run; pass --resume to continue it, "
                               "or move them away")
         return None
-    last = checkpoints / "last"
+    last = checkpoints / LAST
     if not last.is_dir():
         raise OutputError(f"nothing to resume: {last} does not exist")
     return read_checkpoint(last)
@@ -478,7 +488,7 @@ class _Run:
         if self.saved_epoch is None:
             kept = "no checkpoint was written"
         else:
-            kept = f"{self.dir / CHECKPOINTS / f'epoch-{self.saved_epoch:04d}'} and the checkpoints before it are intact"
+            kept = f"{self.dir / CHECKPOINTS / epoch_name(self.saved_epoch)} and the checkpoints before it are intact"
         raise Diverged(f"training diverged at epoch {where['epoch']}/{where['epochs']}, batch {where['batch'] + 1}/"
                        f"{where['batches']}: {what}; lr was {self.trainer.learning_rate:.3g} (--lr {self.config.lr:g}, "
                        f"--warmup {self.config.warmup_iters}): lower --lr (e.g. --lr {self.config.lr / 10:g}) or raise "
@@ -509,14 +519,14 @@ class _Run:
         section = CheckpointSection(epoch=self.epoch, iteration=self.iteration, val_map=val_map, best_map=self.best,
                                     val_metric="voc07", dataset=self.config.dataset,
                                     config=json.loads(json.dumps(_config_dict(self.config))))
-        written = root / f"epoch-{self.epoch:04d}"
+        written = root / epoch_name(self.epoch)
         write_checkpoint(written, self.net, self.trainer, self.manifest, section)
         self.saved_epoch = self.epoch
-        point_reference(root, "last", written)
+        point_reference(root, LAST, written)
         if improved:
-            point_reference(root, "best", written)
+            point_reference(root, BEST, written)
         self._prune(root)
-        self.checkpoints = sorted(str(p) for p in root.glob("epoch-*"))
+        self.checkpoints = sorted(str(p) for p in root.glob(f"{EPOCH_PREFIX}*"))
         self.log({"event": "checkpoint", "epoch": self.epoch, "iteration": self.iteration, "path": str(written),
                   "val_map": val_map, "best": improved})
 
@@ -525,8 +535,8 @@ class _Run:
 
     def _prune(self, root: Path) -> None:
         keep = referenced(root)
-        for path in root.glob("epoch-*"):
-            number = path.name.removeprefix("epoch-")
+        for path in root.glob(f"{EPOCH_PREFIX}*"):
+            number = path.name.removeprefix(EPOCH_PREFIX)
             if number.isdecimal() and not self._kept(int(number)) and path.name not in keep:
                 remove_directory(path)
 
