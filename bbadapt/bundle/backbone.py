@@ -57,17 +57,17 @@ def backbone_structure(manifest: BundleManifest, net=None):
     return net
 
 
-def load_backbone(bundle: str | os.PathLike | BundleManifest, ctx=None, net=None):
+def load_backbone(directory: str | os.PathLike | BundleManifest, ctx=None, net=None):
     """Rebuild an adapted backbone: a HybridBlock taking the bundle's target-spec input.
 
-    ``bundle``: its directory, or its manifest as :func:`read_manifest` returned it (read once).
+    ``directory``: the bundle, or its manifest as :func:`read_manifest` returned it (read once).
     The architecture comes from the manifest's ``arch`` record (a zoo name, or a builder a
     converter provides); ``net`` overrides it with an architecture built by the caller.
     """
     from bbadapt.bundle.manifest import check_params
     from bbadapt.core.weights import load_into
 
-    manifest = check_params(bundle) if isinstance(bundle, BundleManifest) else read_manifest(bundle)
+    manifest = check_params(directory) if isinstance(directory, BundleManifest) else read_manifest(directory)
     net = backbone_structure(manifest, net)
     load_into(net, manifest.backbone_params_path)
     if ctx is not None:

@@ -122,15 +122,15 @@ def build_stored(manifest: BundleManifest, backbone, **overrides):
     return detector
 
 
-def load_detector(bundle: str | os.PathLike | BundleManifest, ctx=None, **overrides):
-    """Rebuild the ``FasterRCNN`` stored in ``bundle`` (bundle or checkpoint directory, or its manifest) on ``ctx``.
+def load_detector(directory: str | os.PathLike | BundleManifest, ctx=None, **overrides):
+    """Rebuild the ``FasterRCNN`` stored in ``directory`` (bundle or checkpoint, or its manifest, read once) on ``ctx``.
 
     Needs only ``manifest.json`` and ``detector.params``. ``ctx``: an ``mx.Context``
     (``mx.cpu()``, ``mx.gpu(0)``) or a list of them for data-parallel training.
     ``overrides``: settings that do not change parameter shapes, e.g. a training run's
     ``per_device_batch_size`` (gluoncv bakes the batch size into the graph).
     """
-    manifest = read_detector(bundle)
+    manifest = read_detector(directory)
     if ctx is not None:
         check_contexts(ctx)  # a GPU mxnet-cu112 cannot run is refused before any kernel runs on it
     detector = build_stored(manifest, backbone_structure(manifest), **overrides)
