@@ -140,7 +140,9 @@ def test_the_v1_checkpoint_evaluates_to_the_map_its_run_recorded(v1):
     recorded = json.loads((last / MANIFEST).read_text())["checkpoint"]
     result = evaluate(last, f"voc:{RACCOON}")
     assert (result["epoch"], result["short_side"], result["max_size"]) == (1, 192, 320)  # as the run trained
-    assert result["map"] == pytest.approx(recorded["val_map"], abs=1e-6)
+    # the same weights on the same images: the run's own validation figure (a CPU with other vector units
+    # may reorder near-tied boxes, hence not bit-for-bit)
+    assert result["map"] == pytest.approx(recorded["val_map"], abs=1e-3)
 
 
 def test_the_v1_checkpoint_resumes(v1):
