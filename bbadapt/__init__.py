@@ -19,7 +19,7 @@ _preload_cuda_libraries()
 
 _PUBLIC = {
     "Adapted": "core.rewrite", "adapt": "core.rewrite",
-    "load_backbone": "bundle.backbone", "read_manifest": "bundle.manifest",
+    "load_backbone": "bundle.backbone", "read_manifest": "bundle.manifest", "BundleManifest": "bundle.schema",
     "load_detector": "detection.detector_bundle",
     "convert": "pipeline", "recheck": "pipeline",
     "ConvertOptions": "options", "DetectorOptions": "options", "TrainOptions": "options", "EvaluateOptions": "options",

@@ -22,8 +22,9 @@ import numpy as np
 
 from bbadapt.bundle import describe
 from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
-from bbadapt.bundle.manifest import PARAMS, read_manifest, refuse_existing, staged_output, write_manifest
+from bbadapt.bundle.manifest import check_params, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.bundle.provenance import locate_weights
+from bbadapt.bundle.schema import BACKBONE_PARAMS, MANIFEST, REPORTS, BundleManifest, DetectorSection
 from bbadapt.core import images as imgs
 from bbadapt.core import zoo
 from bbadapt.core.atomic import replace_together
@@ -153,25 +154,31 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
     say(f"writing {out}")
     with staged_output(out, opts.force) as stage:
         params_sha = save_backbone(adapted, stage)
-        manifest = {
-            "kind": "detector" if detector else "backbone", "model": info.name, "arch": original.arch,
-            "family": info.family, "input_size": info.input_size, "weights": original.provenance,
-            "source": src.to_dict(), "target": tgt.to_dict(), "fold_requested": opts.fold, "fold": adapted.fold,
-            "bn": bn, "exact": adapted.exact, "plan": adapted.plan, "health": adapted.health,
-            "graph": {"data_consumer": adapted.graph.data_consumer, "first_conv": adapted.graph.first_conv,
-                      "stages": [s.path for s in adapted.graph.stages], "fusable_pairs": len(adapted.graph.pairs),
-                      "unfusable": adapted.graph.unfusable},
-            "params_file": PARAMS, "params_sha256": params_sha,
-            "check": {"passed": report.verdict.passed, "worst_max_rel": report.worst_max_rel, "tolerance": opts.tolerance},
-        }
-        if detector:
-            say(f"building the Faster R-CNN ({detector.layout}) on the adapted backbone")
-            from bbadapt.detection.detector_bundle import add_detector
-
-            manifest["detector"] = add_detector(stage, adapted, info, detector, progress=say, seed=opts.seed)
-        write_manifest(stage, manifest)
+        section = _add_detector(stage, adapted, info, detector, opts.seed, say) if detector else None
+        manifest = write_manifest(stage, BundleManifest(
+            kind="detector" if detector else "backbone", model=info.name, arch=original.arch,
+            family=info.family, input_size=info.input_size, weights=original.provenance,
+            source=src.to_dict(), target=tgt.to_dict(), fold_requested=opts.fold, fold=adapted.fold,
+            bn=bn, exact=adapted.exact, plan=tuple(adapted.plan), health=tuple(adapted.health),
+            graph={"data_consumer": adapted.graph.data_consumer, "first_conv": adapted.graph.first_conv,
+                   "stages": [s.path for s in adapted.graph.stages], "fusable_pairs": len(adapted.graph.pairs),
+                   "unfusable": adapted.graph.unfusable},
+            params_file=BACKBONE_PARAMS, params_sha256=params_sha,
+            check={"passed": report.verdict.passed, "worst_max_rel": report.worst_max_rel,
+                   "tolerance": opts.tolerance},
+            detector=section))
         write_reports(report, stage, describe.context(manifest), describe.weights_text(manifest))
     return report, adapted
+
+
+def _add_detector(stage: Path, adapted: Adapted, info: zoo.ModelInfo, detector: DetectorOptions, seed: int,
+                  say: Progress) -> DetectorSection:
+    """Build the Faster R-CNN on the adapted backbone, write its parameters into ``stage``; its manifest section."""
+    say(f"building the Faster R-CNN ({detector.layout}) on the adapted backbone")
+    from bbadapt.detection.detector_bundle import add_detector
+
+    section = add_detector(stage, adapted, info, detector, progress=say, seed=seed)
+    return DetectorSection.from_dict(section, str(stage / MANIFEST))
 
 
 def _detection():
@@ -243,38 +250,38 @@ def recheck(directory: str | os.PathLike, images: str | None = None, sizes: list
     say = progress or (lambda _m: None)
     sizes = check_sizes(sizes)  # the same rule as convert's (ConvertOptions), before any work
     directory = Path(directory)
-    if "checkpoint" in read_manifest(directory, require_params=False):
+    manifest = read_manifest(directory, require_params=False)
+    if manifest.is_checkpoint:
         raise OutputError(f"{directory} is a training checkpoint: it holds the trained detector, not the converted "
                           "backbone that `check` compares with its original; check the bundle it was trained from")
-    manifest = read_manifest(directory)
+    check_params(manifest)
     stored_plan(manifest)  # a damaged plan is found before minutes of reloading the original
-    src = InputSpec.from_dict(manifest["source"])
-    prov = manifest.get("weights", {})
-    where = locate_weights(prov, weights)
+    prov = manifest.provenance
+    where = locate_weights(prov.to_dict(), weights)
     if where:
-        weights, model = str(where[prov["path"]]), prov["arch_arg"] if "arch_arg" in prov else manifest["model"]
+        weights, model = str(where[prov.path]), prov.model_for(manifest.model)
     else:
-        weights, model = prov.get("kind", "pretrained"), manifest["model"]
-    loaded = load_source(model, weights, int(prov.get("seed", 0)), src, say, prov.get("format"))
+        weights, model = prov.kind, manifest.model
+    loaded = load_source(model, weights, prov.seed, manifest.source_spec(), say, prov.format)
     original, info, again = loaded.net, loaded.info, loaded.provenance
-    if prov.get("files") and set(again.get("files", {})) != {str(p.resolve()) for p in where.values()}:
+    if prov.files and set(again.get("files", {})) != {str(p.resolve()) for p in where.values()}:
         # e.g. a -symbol.json whose newest -EEEE.params is not the one converted
-        raise WeightsError(f"re-reading {prov['path']} now reads {', '.join(sorted(again.get('files', {})))}, not the "
-                           f"files converted ({', '.join(sorted(prov['files']))}); pass those files to convert again")
+        raise WeightsError(f"re-reading {prov.path} now reads {', '.join(sorted(again.get('files', {})))}, not the "
+                           f"files converted ({', '.join(sorted(prov.files))}); pass those files to convert again")
     say("rebuilding the adapted backbone from the bundle")
-    adapted = load_adapted(directory, manifest)
-    tolerance = float(manifest.get("check", {}).get("tolerance", 1e-5))  # judge as the conversion was judged
+    adapted = load_adapted(manifest)
+    tolerance = manifest.check_tolerance  # judge as the conversion was judged
     report = _checked(original, adapted, info, _check_options(info, images, sizes, tolerance), say)
     report = report.with_notes(output_notes(again))
-    if manifest.get("kind") == "detector":
+    if manifest.kind == "detector":
         report = add_training(report, original, adapted, info, images, tolerance, say)
-    if again.get("sha256") != prov.get("sha256"):
+    if again.get("sha256") != prov.sha256:
         report = report.with_notes(["the regenerated original weights differ bitwise from those converted "
                                     "(random calibration on another machine?); errors include that difference"])
     tmp = Path(tempfile.mkdtemp(prefix=".recheck-", dir=directory))
     try:  # each report file is replaced whole, never left half-written
         write_reports(report, tmp, describe.context(manifest), describe.weights_text(manifest))
-        replace_together([(tmp / name, directory / name) for name in ("report.json", "report.md", "report.html")])
+        replace_together([(tmp / name, directory / name) for name in REPORTS])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

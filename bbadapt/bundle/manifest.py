@@ -12,18 +12,23 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bbadapt.bundle.schema import (
+    BACKBONE_PARAMS,
+    KINDS,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    OUTPUT_FILES,
+    SCHEMA_VERSION,
+    BundleManifest,
+    read_small,
+)
 from bbadapt.core import atomic
 from bbadapt.core.errors import OutputError
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-PARAMS = "backbone.params"
-KINDS = ("backbone", "detector")
-# Every name bbadapt writes inside an output or checkpoint directory. A directory holding anything
-# else is not replaced by --force: bbadapt never deletes a file it did not write.
-OUTPUT_FILES = frozenset({MANIFEST, PARAMS, "detector.params", "report.json", "report.md", "report.html",
-                          "trainer.states", "train.log.jsonl"})
-MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; a bigger file is not one
+PARAMS = BACKBONE_PARAMS  # the name this module always exported
+__all__ = ["KINDS", "MANIFEST", "MAX_MANIFEST_BYTES", "OUTPUT_FILES", "PARAMS", "SCHEMA_VERSION", "BundleManifest",
+           "ownership_problem", "check_params", "read_manifest", "refuse_existing", "staged_output", "store_manifest",
+           "versions", "write_manifest"]
 
 
 def ownership_problem(directory: Path) -> str | None:
@@ -39,7 +44,7 @@ def ownership_problem(directory: Path) -> str | None:
     if not names:
         return None
     try:
-        data = json.loads(_read_small(directory / MANIFEST))
+        data = json.loads(read_small(directory / MANIFEST))
     except (OSError, ValueError, RecursionError):
         return f"it is not a bbadapt output (no readable {MANIFEST}); choose another --out"
     if not (isinstance(data, dict) and isinstance(data.get("schema_version"), int) and data.get("kind") in KINDS
@@ -52,14 +57,6 @@ def ownership_problem(directory: Path) -> str | None:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         return f"it holds files bbadapt did not write ({listed}); move them away or choose another --out"
     return None
-
-
-def _read_small(path: Path) -> str:
-    with open(path, "rb") as f:
-        data = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ValueError("too large")
-    return data.decode("utf-8")
 
 
 def refuse_existing(out: Path, force: bool) -> None:
@@ -91,17 +88,32 @@ def versions() -> dict:
     return found
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    manifest = {"schema_version": SCHEMA_VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                **manifest, "versions": versions()}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+def write_manifest(directory: Path, manifest: BundleManifest | dict) -> BundleManifest:
+    """Write a new bundle's ``manifest.json``, stamped with this schema version, the time and the versions.
+
+    ``manifest``: the typed manifest, or its fields as a dict (validated here, named by the
+    file it becomes). Returns what was written.
+    """
+    path = Path(directory) / MANIFEST
+    if isinstance(manifest, dict):
+        manifest = BundleManifest.from_dict({"schema_version": SCHEMA_VERSION, **manifest}, str(path))
+    stamped = manifest.replace(schema_version=SCHEMA_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
+                               versions=versions())
+    return store_manifest(directory, stamped)
 
 
-def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> dict:
-    """The manifest of a bundle, with one-line errors for anything unusable.
+def store_manifest(directory: Path, manifest: BundleManifest) -> BundleManifest:
+    """Write ``manifest`` as it is (a checkpoint keeps its bundle's creation stamp); returns it read from there."""
+    (Path(directory) / MANIFEST).write_text(manifest.to_json())
+    return manifest.replace(directory=Path(directory))
+
+
+def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> BundleManifest:
+    """The manifest of a bundle, typed and validated, with one-line errors for anything unusable.
 
     ``require_params=False`` accepts a directory without the backbone parameters (a
-    detector checkpoint holds only the manifest and ``detector.params``).
+    detector checkpoint holds only the manifest and ``detector.params``). The old dict form:
+    ``read_manifest(d).to_dict()``.
     """
     directory = Path(directory)
     path = directory / MANIFEST
@@ -109,43 +121,14 @@ def read_manifest(directory: str | os.PathLike, require_params: bool = True) -> 
         raise OutputError(f"no bbadapt output at {directory}")
     if not path.is_file():
         raise OutputError(f"{directory} is not a bbadapt output ({MANIFEST} missing)")
-    try:
-        manifest = json.loads(_read_small(path))
-    except RecursionError:
-        raise OutputError(f"{path} is nested too deeply to be a bbadapt manifest (damaged bundle)") from None
-    except (ValueError, UnicodeDecodeError):
-        raise OutputError(f"{path} is not valid JSON (or larger than a manifest can be)") from None
-    if not isinstance(manifest, dict):
-        raise OutputError(f"{path} is not a bbadapt manifest (not a JSON object)")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise OutputError(f"{path} has no valid schema_version")
-    if version > SCHEMA_VERSION:
-        raise OutputError(f"{path} has schema version {version}; this bbadapt reads up to {SCHEMA_VERSION} (upgrade bbadapt)")
-    for key in ("model", "source", "target", "plan"):
-        if key not in manifest:
-            raise OutputError(f"{path} lacks {key!r}")
-    from bbadapt.core.spec import InputSpec
-
-    for key in ("source", "target"):
-        try:
-            InputSpec.from_dict(manifest[key])
-        except (KeyError, TypeError, ValueError):  # SpecError is a ValueError
-            raise OutputError(f"{path} has an invalid {key} spec") from None
-    if "arch" in manifest:
-        from bbadapt.core.architectures import arch_problem
-
-        problem = arch_problem(manifest["arch"])
-        if problem:
-            raise OutputError(f"{path} has an unusable arch record: it {problem}")
-    if not isinstance(manifest["plan"], list) or not all(isinstance(step, dict) for step in manifest["plan"]):
-        raise OutputError(f"{path} has a malformed plan")
-    for key, section in (("params_file", manifest), ("detector.params_file", manifest.get("detector"))):
-        name = section.get("params_file") if isinstance(section, dict) else None
-        if name is not None and not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")):
-            raise OutputError(f"{path}: {key} {name!r} is not a file name inside the bundle; refused")
-    if require_params and not (directory / manifest.get("params_file", PARAMS)).is_file():
-        raise OutputError(f"{directory} lacks its parameters file {manifest.get('params_file', PARAMS)}")
+    manifest = BundleManifest.from_json(path).replace(directory=directory)
+    if require_params:
+        check_params(manifest)
     return manifest
 
 
+def check_params(manifest: BundleManifest) -> BundleManifest:
+    """``manifest`` when its bundle holds the backbone parameters it names, else one line."""
+    if not manifest.backbone_params_path.is_file():
+        raise OutputError(f"{manifest.directory} lacks its parameters file {manifest.params_file}")
+    return manifest

@@ -21,13 +21,13 @@ import numpy as np
 
 from bbadapt.bundle.backbone import backbone_structure
 from bbadapt.bundle.manifest import read_manifest
+from bbadapt.bundle.schema import DETECTOR_PARAMS, BundleManifest, DetectorSection
 from bbadapt.core.atomic import replace_together
 from bbadapt.core.devices import check_contexts
 from bbadapt.core.errors import BbadaptError, OutputError
 from bbadapt.detection.build import build_detector, build_from_options, instance_pattern
 from bbadapt.detection.options import DetectorOptions, require_detector_fits
 
-DETECTOR_PARAMS = "detector.params"
 Progress = Callable[[str], None]
 SCORE_TOL = 1e-4  # softmax outputs in [0, 1]; float32 reassociation (fused BN) moves them ~1e-6
 BOX_TOL = 1e-2  # pixels; box coordinates are O(100) px, float32 relative error ~1e-6 gives ~1e-4 px
@@ -88,7 +88,7 @@ def add_detector(stage: Path, adapted, info, detector: DetectorOptions | list[st
     :func:`bbadapt.pipeline.convert` checked it against the model); or, as before, the class
     names, with ``layout`` (default ``c4``), ``freeze_at`` (default 2) and ``overrides``, which
     are then validated here, once, with the model ``info``.
-    Returns the manifest section (the caller stores it as ``manifest["detector"]``).
+    Returns the manifest's ``detector`` section as JSON (``DetectorSection.from_dict`` types it).
     """
     from bbadapt.core.rewrite import clone
 
@@ -105,47 +105,48 @@ def add_detector(stage: Path, adapted, info, detector: DetectorOptions | list[st
         f"freeze-at {options.freeze_at})")
     net, section = build_from_options(clone(adapted.net), adapted.graph, info.family, options, seed=seed)
     say(f"writing {DETECTOR_PARAMS}")
-    section["params_file"] = DETECTOR_PARAMS
-    section["params_sha256"] = save_detector_params(net, Path(stage) / DETECTOR_PARAMS)
-    section["input"] = adapted.target.to_dict()
-    return section
+    return {**section, "params_file": DETECTOR_PARAMS,
+            "params_sha256": save_detector_params(net, Path(stage) / DETECTOR_PARAMS),
+            "input": adapted.target.to_dict()}
 
 
-def detector_section(directory: str | os.PathLike) -> tuple[dict, dict]:
-    """(manifest, detector section) of a bundle or checkpoint, with one-line errors."""
-    directory = Path(directory)
-    manifest = read_manifest(directory, require_params=False)
-    section = manifest.get("detector")
-    if not isinstance(section, dict):
+def read_detector(bundle: str | os.PathLike | BundleManifest) -> BundleManifest:
+    """The manifest of a detector bundle or checkpoint, read once, with one-line errors.
+
+    ``bundle``: a directory, or a manifest already read (checked again for its detector only).
+    """
+    manifest = bundle if isinstance(bundle, BundleManifest) else read_manifest(bundle, require_params=False)
+    directory = manifest.directory
+    if manifest.detector is None:
         raise OutputError(f"{directory} holds no detector (manifest has no 'detector' section); "
                           "convert with --detector faster-rcnn")
-    for key in ("classes", "layout", "freeze_at", "settings"):
-        if key not in section:
-            raise OutputError(f"{directory / 'manifest.json'}: the detector section lacks {key!r}")
-    params = directory / section.get("params_file", DETECTOR_PARAMS)
+    params = manifest.detector_params_path
     if not params.is_file():
         raise OutputError(f"{directory} lacks its detector parameters {params.name}")
-    return manifest, section
+    return manifest
 
 
-def load_detector(directory: str | os.PathLike, ctx=None, **overrides):
-    """Rebuild the ``FasterRCNN`` stored in ``directory`` (bundle or checkpoint) on ``ctx``.
+def build_stored(manifest: BundleManifest, backbone, **overrides):
+    """The ``FasterRCNN`` the manifest's detector section describes, on ``backbone``, its values from the params file."""
+    section: DetectorSection = manifest.detector
+    detector, _ = build_detector(backbone, None, manifest.detector_family, list(section.classes), section.layout,
+                                 section.freeze_at, seed=section.seed, **{**section.settings, **overrides})
+    load_detector_params(detector, backbone, manifest.detector_params_path)
+    return detector
+
+
+def load_detector(directory: str | os.PathLike | BundleManifest, ctx=None, **overrides):
+    """Rebuild the ``FasterRCNN`` stored in ``directory`` (bundle or checkpoint, or its manifest, read once) on ``ctx``.
 
     Needs only ``manifest.json`` and ``detector.params``. ``ctx``: an ``mx.Context``
     (``mx.cpu()``, ``mx.gpu(0)``) or a list of them for data-parallel training.
     ``overrides``: settings that do not change parameter shapes, e.g. a training run's
     ``per_device_batch_size`` (gluoncv bakes the batch size into the graph).
     """
-    directory = Path(directory)
-    manifest, section = detector_section(directory)
+    manifest = read_detector(directory)
     if ctx is not None:
         check_contexts(ctx)  # a GPU mxnet-cu112 cannot run is refused before any kernel runs on it
-    backbone = backbone_structure(manifest)
-    settings = {**section["settings"], **overrides}
-    detector, _ = build_detector(backbone, None, section.get("family", manifest.get("family", "")),
-                                 list(section["classes"]), section["layout"], int(section["freeze_at"]),
-                                 seed=int(section.get("seed", 0)), **settings)
-    load_detector_params(detector, backbone, directory / section.get("params_file", DETECTOR_PARAMS))
+    detector = build_stored(manifest, backbone_structure(manifest), **overrides)
     if ctx is not None:
         detector.collect_params().reset_ctx(ctx)
     return detector

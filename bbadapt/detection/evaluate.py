@@ -123,7 +123,6 @@ def evaluate(directory: str | os.PathLike, dataset: str, options: Optional[Evalu
     device) or the CPU by default; ``ctx``, one mxnet context, instead.
     """
     from bbadapt.core.devices import contexts
-    from bbadapt.core.spec import InputSpec
     from bbadapt.detection.datasets import open_dataset
     from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly
 
@@ -135,19 +134,18 @@ def evaluate(directory: str | os.PathLike, dataset: str, options: Optional[Evalu
         if len(devices) > 1:
             raise OptionError(f"evaluate runs on one device; give one GPU (--gpus {gpus.split(',')[0]}), got --gpus {gpus}")
         ctx = devices[0]
-    manifest = detector_manifest(directory)
-    classes = manifest["detector"]["classes"]
-    data = open_dataset(dataset, classes, options.split)
-    net = load_quietly(directory, ctx)
-    trained = manifest.get("checkpoint", {}).get("config", {})
-    short = options.short_side or trained.get("short_side") or _first(net.short)
-    longest = options.max_size or trained.get("max_size") or net.max_size
+    manifest = detector_manifest(directory)  # read once: the loader below takes the parsed manifest
+    data = open_dataset(dataset, manifest.classes, options.split)
+    net = load_quietly(manifest, ctx)
+    run = manifest.checkpoint
+    short = options.short_side or (run.config_value("short_side") if run else None) or _first(net.short)
+    longest = options.max_size or (run.config_value("max_size") if run else None) or net.max_size
     check_proposals(net, short, training=False)
     net.hybridize(static_alloc=True)
-    preds = predictions(net, data, ctx, InputSpec.from_dict(manifest["target"]), short, longest, progress=progress)
+    preds = predictions(net, data, ctx, manifest.target_spec(), short, longest, progress=progress)
     result = _score(data, preds, options.metric)
-    epoch = manifest.get("checkpoint", {}).get("epoch")
-    result.update(directory=str(directory), dataset=str(dataset), short_side=short, max_size=longest, epoch=epoch)
+    result.update(directory=str(directory), dataset=str(dataset), short_side=short, max_size=longest,
+                  epoch=run.epoch if run else None)
     return result
 
 

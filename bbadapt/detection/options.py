@@ -190,10 +190,12 @@ def default_schedule(batch_size: int, random_weights: bool) -> tuple[float, int,
     return lr, WARMUP_ITERS, f"GluonCV's {LR_PER_IMAGE:g} per image x batch size {batch_size}"
 
 
-def resolve_schedule(config: TrainConfig, manifest: dict, stored: Optional[dict] = None) -> tuple[TrainConfig, str]:
-    """``config`` with ``lr``/``warmup_iters`` filled in (from the resumed run, else the defaults), and a note."""
+def resolve_schedule(config: TrainConfig, random_weights: bool, stored: Optional[dict] = None) -> tuple[TrainConfig, str]:
+    """``config`` with ``lr``/``warmup_iters`` filled in (from the resumed run, else the defaults), and a note.
+
+    ``random_weights``: the bundle's backbone weights are random (``BundleManifest.random_weights``).
+    """
     stored = stored or {}
-    random_weights = (manifest.get("weights") or {}).get("kind") == "random"
     lr, warmup, why = default_schedule(config.batch_size, random_weights)
     notes = []
     if config.lr is None:

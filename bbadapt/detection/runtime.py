@@ -9,32 +9,27 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
+from bbadapt.bundle.schema import BundleManifest
 from bbadapt.core.devices import context_of
 from bbadapt.core.errors import OptionError
 
 
-def detector_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest of a detector bundle or checkpoint (one-line errors when unusable)."""
-    from bbadapt.detection.detector_bundle import detector_section
+def detector_manifest(directory: str | os.PathLike) -> BundleManifest:
+    """The manifest of a detector bundle or checkpoint, read once (one-line errors when unusable)."""
+    from bbadapt.detection.detector_bundle import read_detector
 
-    manifest, _ = detector_section(directory)
-    return manifest
-
-
-def params_file(manifest: dict) -> str:
-    return manifest["detector"].get("params_file", "detector.params")
+    return read_detector(directory)
 
 
-def load_quietly(directory: Path, ctx):
+def load_quietly(bundle: str | os.PathLike | BundleManifest, ctx):
     """``load_detector`` (bundles written before the anchors were excluded from ``train_patterns``
     made mxnet warn that the anchors Constant ignores ``grad_req``; keep the CLI's stderr to our lines)."""
     from bbadapt.detection.detector_bundle import load_detector
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant parameter .* does not support grad_req")
-        return load_detector(directory, ctx=ctx)
+        return load_detector(bundle, ctx=ctx)
 
 
 def check_proposals(net, short_side: int, training: bool = True) -> None:

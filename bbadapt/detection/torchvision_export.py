@@ -39,14 +39,26 @@ from types import ModuleType
 
 import numpy as np
 
+from bbadapt.bundle.schema import (
+    EXPORT_CHECK,
+    EXPORT_CONFIG,
+    EXPORT_FILES,
+    EXPORT_RUNTIME,
+    EXPORT_WEIGHTS,
+    TORCHVISION_FORMAT,
+    BundleManifest,
+    DetectorSection,
+    TorchvisionExport,
+    directory_of,
+)
 from bbadapt.core import atomic, foldmath
 from bbadapt.core.errors import ModelError, OptionError, OutputError
 from bbadapt.detection.torchvision_export_check import INPUT_RANGES
 from converters.readers import safetensors_io
 
 RUNTIME_SOURCE = Path(__file__).with_name("frcnn_runtime.py")
-RUNTIME_FILE = "frcnn_runtime.py"
-FORMAT = "bbadapt-torchvision-faster-rcnn"
+RUNTIME_FILE = EXPORT_RUNTIME  # the names this module always exported; the files are named in bbadapt.bundle.schema
+FORMAT = TORCHVISION_FORMAT
 
 RPN_TRAINING = {"fg_iou_thresh": 0.7, "bg_iou_thresh": 0.3, "batch_size_per_image": 256, "positive_fraction": 0.5}
 RCNN_STDS = (0.1, 0.1, 0.2, 0.2)  # gluoncv RCNN box decoder; torchvision's weights are 1/std
@@ -67,9 +79,7 @@ class ExportOptions:
 class GluonDetector:
     """A detector bundle or checkpoint rebuilt in MXNet, with its backbone net kept addressable."""
 
-    directory: Path
-    manifest: dict
-    section: dict
+    manifest: BundleManifest  # read from the bundle or checkpoint directory (``manifest.directory``)
     backbone: object  # adapted gluon backbone (its parameters are the detector's)
     detector: object  # gluoncv FasterRCNN
     source: object  # InputSpec the backbone weights were trained with
@@ -78,41 +88,35 @@ class GluonDetector:
     extra: dict = field(default_factory=dict)
 
     @property
+    def directory(self) -> Path:
+        return self.manifest.directory
+
+    @property
+    def section(self) -> DetectorSection:
+        return self.manifest.detector
+
+    @property
     def layout(self) -> str:
-        return self.section["layout"]
+        return self.section.layout
 
     @property
     def settings(self) -> dict:
-        return self.section["settings"]
+        return self.section.settings
 
 
-def is_detector_dir(directory: str | os.PathLike) -> bool:
-    """Does ``directory`` hold a detector (bundle or checkpoint) rather than a backbone bundle?"""
-    path = Path(directory) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and (manifest.get("kind") == "detector" or isinstance(manifest.get("detector"), dict))
+def load_gluon(bundle: str | os.PathLike | BundleManifest) -> GluonDetector:
+    """Rebuild the stored detector (as :func:`bbadapt.detector_bundle.load_detector`), keeping its backbone.
 
-
-def load_gluon(directory: str | os.PathLike) -> GluonDetector:
-    """Rebuild the stored detector (as :func:`bbadapt.detector_bundle.load_detector`), keeping its backbone."""
+    ``bundle``: a detector bundle or checkpoint directory, or its manifest (read once).
+    """
     from bbadapt.bundle.backbone import backbone_structure
-    from bbadapt.core.spec import InputSpec
-    from bbadapt.detection.build import build_detector
-    from bbadapt.detection.detector_bundle import DETECTOR_PARAMS, detector_section, load_detector_params
+    from bbadapt.detection.detector_bundle import build_stored, read_detector
 
-    directory = Path(directory)
-    manifest, section = detector_section(directory)
+    manifest = read_detector(bundle)
     backbone = backbone_structure(manifest)
-    detector, _ = build_detector(backbone, None, section.get("family", manifest.get("family", "")),
-                                 list(section["classes"]), section["layout"], int(section["freeze_at"]),
-                                 seed=int(section.get("seed", 0)), **section["settings"])
-    load_detector_params(detector, backbone, directory / section.get("params_file", DETECTOR_PARAMS))
-    model = (manifest.get("arch") or {}).get("zoo") or manifest.get("model", "")
-    return GluonDetector(directory, manifest, section, backbone, detector, InputSpec.from_dict(manifest["source"]),
-                         InputSpec.from_dict(section.get("input") or manifest["target"]), str(model))
+    detector = build_stored(manifest, backbone)
+    return GluonDetector(manifest, backbone, detector, manifest.source_spec(), manifest.detector_input_spec(),
+                         manifest.model_name)
 
 
 # ---------------------------------------------------------------- tensors
@@ -128,15 +132,15 @@ def backbone_tensors(gluon: GluonDetector) -> tuple[dict[str, np.ndarray], dict,
     from bbadapt.bundle.backbone import load_adapted
     from converters.writers.bundle_io import Bundle
 
-    adapted = load_adapted(gluon.directory, gluon.manifest, net=gluon.backbone)
-    reader = BodyReader(Bundle(gluon.directory, gluon.manifest, adapted, gluon.model), _cut(gluon))
+    adapted = load_adapted(gluon.manifest, net=gluon.backbone)
+    reader = BodyReader(Bundle(gluon.manifest, adapted, gluon.model), _cut(gluon))
     return reader.read()
 
 
 def _cut(gluon: GluonDetector) -> dict:
     """Stem, stage and tail paths of the backbone, as the detector was built on them."""
-    stored = gluon.section.get("backbone_layout")
-    if isinstance(stored, dict) and stored.get("stages"):
+    stored = gluon.section.backbone_layout
+    if stored and stored.get("stages"):
         return stored
     from bbadapt.detection.build import discover_layout
 
@@ -468,9 +472,8 @@ def _box_clip(settings: dict):
     return None if settings.get("clip") in (None, -1) else float(settings["clip"])
 
 
-def make_config(gluon: GluonDetector, body: dict, depth: int, input_range: str) -> dict:
+def make_config(gluon: GluonDetector, body: dict, depth: int, input_range: str) -> TorchvisionExport:
     """``config.json``: everything the runtime needs, and what a reader needs to trust it."""
-    from bbadapt.bundle.manifest import versions
     from bbadapt.core.foldmath import unit_variance
     from converters.readers.torchvision import BN_EPS
 
@@ -478,10 +481,10 @@ def make_config(gluon: GluonDetector, body: dict, depth: int, input_range: str) 
     fpn = gluon.layout == "fpn"
     strides = [int(v) for v in s["strides"]] if fpn else [int(s["strides"])]
     mean, std = image_normalization(gluon.source, input_range)
-    freeze_at = int(gluon.section["freeze_at"])
-    return {
+    freeze_at = gluon.section.freeze_at
+    return TorchvisionExport.from_dict({
         "format": FORMAT, "format_version": 1, "runtime": RUNTIME_FILE,
-        "classes": list(gluon.section["classes"]),
+        "classes": list(gluon.section.classes),
         "labels": "torchvision label k is classes[k-1]; 0 is the background (gluoncv class id = k-1)",
         "layout": gluon.layout,
         "backbone": {"arch": f"resnet{depth}", "gluon_model": gluon.model, "block": body["block"],
@@ -511,12 +514,20 @@ def make_config(gluon: GluonDetector, body: dict, depth: int, input_range: str) 
                       "bg_iou_thresh": float(s["pos_iou_thresh"]), "batch_size_per_image": int(s["num_sample"]),
                       "positive_fraction": float(s["pos_ratio"])},
         "gluoncv_settings": dict(s),
-        "provenance": {"bundle": str(gluon.directory.resolve()), "kind": gluon.manifest.get("kind"),
-                       "checkpoint": gluon.manifest.get("checkpoint"), "weights": gluon.manifest.get("weights"),
-                       "detector_params_sha256": gluon.section.get("params_sha256"),
-                       "exported": datetime.now(UTC).isoformat(timespec="seconds"),
-                       "versions": {**versions(), **_torch_versions()}},
-    }
+        "provenance": _provenance(gluon),
+    })
+
+
+def _provenance(gluon: GluonDetector) -> dict:
+    """Where the export came from: the bundle or checkpoint, its training state, weights and detector params."""
+    from bbadapt.bundle.manifest import versions
+
+    checkpoint = gluon.manifest.checkpoint
+    return {"bundle": str(gluon.directory.resolve()), "kind": gluon.manifest.kind,
+            "checkpoint": checkpoint.to_dict() if checkpoint else None, "weights": gluon.manifest.weights,
+            "detector_params_sha256": gluon.section.params_sha256,
+            "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+            "versions": {**versions(), **_torch_versions()}}
 
 
 def _torch_versions() -> dict:
@@ -551,29 +562,30 @@ def _require_torch() -> None:
                           f"(pip install 'bbadapt[torch]'): {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}") from None
 
 
-EXPORT_FILES = frozenset({"model.safetensors", "config.json", RUNTIME_FILE, "check.json", "__pycache__"})
-
-
 def export_ownership_problem(out: Path) -> str | None:
     """Why ``--force`` must not replace ``out``: only a torchvision detector export, by content, holding only its files."""
     names = {p.name for p in out.iterdir()}
     if not names:
         return None
+    from bbadapt.bundle.schema import parse_json
+
     try:
-        config = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return "it is not a torchvision detector export (no readable config.json)"
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        return "its config.json is not a bbadapt torchvision detector export"
+        config, where = parse_json(out / EXPORT_CONFIG)
+    except OutputError:
+        return f"it is not a torchvision detector export (no readable {EXPORT_CONFIG})"
+    try:
+        TorchvisionExport.from_dict(config, where)
+    except OutputError:
+        return f"its {EXPORT_CONFIG} is not a bbadapt torchvision detector export"
     foreign = sorted(names - EXPORT_FILES)
     if foreign:
         return f"it holds files bbadapt did not write ({', '.join(foreign[:3])})"
     return None
 
 
-def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force: bool = False, progress=None,
+def export_detector(bundle: str | os.PathLike | BundleManifest, out: str | os.PathLike, force: bool = False, progress=None,
                     options: ExportOptions | None = None) -> dict:
-    """Write ``out`` (a directory) from the detector in ``directory``; see the module docstring."""
+    """Write ``out`` (a directory) from the detector in ``bundle`` (a directory or its manifest); see the module docstring."""
     from bbadapt.detection.torchvision_export_check import CheckOptions, run_check
 
     options = options or ExportOptions(force=force)
@@ -584,15 +596,15 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
     out = atomic.resolve_target(Path(out))
     atomic.check_target(out, force, export_ownership_problem)
     _require_torch()
-    say(f"loading the detector from {directory}")
-    gluon = load_gluon(directory)
+    say(f"loading the detector from {directory_of(bundle)}")
+    gluon = load_gluon(bundle)
     state, body, depth = state_dict(gluon)
     config = make_config(gluon, body, depth, options.input_range)
     with atomic.staged_directory(out, force, export_ownership_problem, what="torchvision export") as stage:
         metadata = {"format": "pt", "bbadapt.format": FORMAT, "bbadapt.layout": gluon.layout}
-        (stage / "model.safetensors").write_bytes(safetensors_io.dumps(state, metadata))
-        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(RUNTIME_SOURCE, stage / RUNTIME_FILE)
+        (stage / EXPORT_WEIGHTS).write_bytes(safetensors_io.dumps(state, metadata))
+        (stage / EXPORT_CONFIG).write_text(config.to_json())
+        shutil.copyfile(RUNTIME_SOURCE, stage / config.runtime)
         say("loading the export with its own runtime and checking it against the GluonCV detector")
         try:
             model = import_runtime(stage).load(stage, "cpu")
@@ -602,13 +614,13 @@ def export_detector(directory: str | os.PathLike, out: str | os.PathLike, force:
             raise ModelError(f"the torchvision body described from {gluon.model or 'the backbone'} does not take its "
                              f"tensors (a pruned variant?): {reason}") from None
         check = run_check(gluon, model, CheckOptions(sizes=options.sizes, input_range=options.input_range), say)
-        (stage / "check.json").write_text(json.dumps(check, indent=2) + "\n")
+        (stage / EXPORT_CHECK).write_text(json.dumps(check, indent=2) + "\n")
         if not check["passed"]:
             raise OutputError(f"the torchvision model does not reproduce the GluonCV detector ({check['summary']}); "
                               "nothing written")
     say(f"wrote {out}")
-    return {"format": "torchvision-faster-rcnn", "out": str(out), "layout": gluon.layout, "architecture": config["backbone"]["arch"],
-            "classes": ",".join(config["classes"]), "input": config["input"]["meaning"], "tensors": len(state),
+    return {"format": "torchvision-faster-rcnn", "out": str(out), "layout": gluon.layout, "architecture": config.architecture,
+            "classes": ",".join(config.classes), "input": config.input_meaning, "tensors": len(state),
             "check_passed": True, "check": check["summary"],
             "load": f"sys.path.insert(0, {str(out)!r}); import frcnn_runtime; frcnn_runtime.load({str(out)!r}, 'cpu')"}
 
@@ -618,12 +630,15 @@ def export(bundle_dir: str | Path, out: str | Path, force: bool = False, progres
     """``bbadapt export --torchvision``: a detector bundle or checkpoint becomes a torchvision ``FasterRCNN``
     directory (:func:`export_detector`); a backbone bundle a ResNet state dict
     (:func:`converters.writers.torchvision.export_bundle`; ``backbone``: a detector bundle's backbone)."""
-    if is_detector_dir(bundle_dir) and not backbone and Path(out).suffix in (".safetensors", ".pth", ".pt"):
+    from bbadapt.bundle.manifest import read_manifest
+
+    manifest = read_manifest(bundle_dir, require_params=False)  # read once, handed to the writer
+    if manifest.holds_detector and not backbone and Path(out).suffix in (".safetensors", ".pth", ".pt"):
         raise OutputError(f"{bundle_dir} holds a detector; export its backbone with --backbone, or the whole detector "
                           "as a torchvision FasterRCNN into a directory (a name without .safetensors/.pth)")
-    if is_detector_dir(bundle_dir) and not backbone:
+    if manifest.holds_detector and not backbone:
         options = ExportOptions(input_range=input_range, sizes=sizes, force=force)
-        return export_detector(bundle_dir, out, force=force, progress=progress, options=options)
+        return export_detector(manifest, out, force=force, progress=progress, options=options)
     from converters.writers.torchvision import export_bundle
 
-    return export_bundle(bundle_dir, out, force=force, progress=progress, sizes=sizes, backbone=backbone)
+    return export_bundle(manifest, out, force=force, progress=progress, sizes=sizes, backbone=backbone)

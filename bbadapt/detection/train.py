@@ -32,19 +32,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Optional
 
+from bbadapt.bundle.manifest import store_manifest
+from bbadapt.bundle.schema import (
+    BEST,
+    CHECKPOINTS,
+    EPOCH_PREFIX,
+    LAST,
+    TRAIN_LOG,
+    TRAINER_STATES,
+    BundleManifest,
+    CheckpointSection,
+    epoch_name,
+)
 from bbadapt.core.atomic import point_at, remove_directory
 from bbadapt.core.errors import BbadaptError, DeviceError, OptionError, OutputError
 from bbadapt.core.zoo import import_gluoncv
 from bbadapt.detection.detector_bundle import save_detector_params
 from bbadapt.detection.distributed import Workers, epoch_sampler
 from bbadapt.detection.options import TrainConfig, resolve_schedule
-from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly, params_file
+from bbadapt.detection.runtime import check_proposals, detector_manifest, load_quietly
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
-CHECKPOINTS = "checkpoints"
-LOG = "train.log.jsonl"
-STATES = "trainer.states"
+LOG = TRAIN_LOG  # the names this module always exported; the files are named in bbadapt.bundle.schema
+STATES = TRAINER_STATES
 LOSSES = ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")
 LOSS_LIMIT = 1e4  # a Faster R-CNN loss (normalised per positive) beyond this has exploded, not learned
 WEIGHT_GROWTH_LIMIT = 10.0  # trainable weights' global L2 norm vs the run's start: beyond this, exploded
@@ -73,12 +84,12 @@ def _writing(target: Path) -> Iterator[Path]:
         raise OutputError(f"{exc}; the checkpoints written before are intact") from None
 
 
-def write_checkpoint(target: Path, net, trainer, manifest: dict, section: dict) -> None:
-    """One checkpoint directory (manifest + parameters + optimizer state), atomically."""
+def write_checkpoint(target: Path, net, trainer, manifest: BundleManifest, section: CheckpointSection) -> None:
+    """One checkpoint directory (the bundle's manifest with ``section`` + parameters + optimizer state), atomically."""
     with _writing(target) as stage:
-        save_detector_params(net, stage / params_file(manifest))
+        save_detector_params(net, stage / manifest.detector.params_file)
         trainer.save_states(str(stage / STATES))
-        (stage / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": section}, indent=2) + "\n")
+        store_manifest(stage, manifest.replace(checkpoint=section))
 
 
 def point_reference(root: Path, name: str, epoch_dir: Path) -> None:
@@ -92,20 +103,20 @@ def point_reference(root: Path, name: str, epoch_dir: Path) -> None:
 def referenced(root: Path) -> set[str]:
     """Names of the epoch directories ``last`` and ``best`` point at (real directories name themselves)."""
     names = set()
-    for ref in ("last", "best"):
+    for ref in (LAST, BEST):
         path = root / ref
         if path.is_symlink():
             names.add(Path(os.readlink(path)).name)
     return names
 
 
-def read_checkpoint(directory: Path) -> dict:
+def read_checkpoint(directory: Path) -> BundleManifest:
+    """The manifest of a training checkpoint (its ``checkpoint`` section validated with it), read once."""
     manifest = detector_manifest(directory)
-    section = manifest.get("checkpoint")
-    if not isinstance(section, dict) or not {"epoch", "iteration", "config"} <= set(section):
+    if manifest.checkpoint is None:
         raise OutputError(f"{directory} is not a bbadapt training checkpoint (no checkpoint section)")
-    for name in (params_file(manifest), STATES):
-        if not (directory / name).is_file():
+    for name in (manifest.detector.params_file, STATES):
+        if not manifest.path_of(name).is_file():
             raise OutputError(f"checkpoint {directory} lacks {name}")
     return manifest
 
@@ -235,10 +246,10 @@ def train(bundle_dir: str | os.PathLike, dataset: str, config: Optional[TrainCon
         raise OptionError("give the devices once: gpus=... or ctx=[...]")
     bundle_dir = Path(bundle_dir)
     manifest = detector_manifest(bundle_dir)
-    if bundle_dir.resolve().parent.name == CHECKPOINTS and "checkpoint" in manifest:
+    if bundle_dir.resolve().parent.name == CHECKPOINTS and manifest.is_checkpoint:
         raise OutputError(f"{bundle_dir} is a training checkpoint; continue its run with "
                           f"`bbadapt train {bundle_dir.resolve().parent.parent} --resume`")
-    manifest.pop("checkpoint", None)
+    manifest = manifest.replace(checkpoint=None)  # a checkpoint as a start point: a new run on its detector
     ctx = list(ctx) if ctx is not None else contexts(gpus)
     workers = Workers.horovod() if horovod else Workers()
     ctx = workers.contexts(ctx)
@@ -248,25 +259,25 @@ def train(bundle_dir: str | os.PathLike, dataset: str, config: Optional[TrainCon
                           "fails at the first convolution without AVX-512 (see docs/gpu.md)")
     per_worker = workers.per_worker_batch(config.batch_size, len(ctx))
     start = _start_state(bundle_dir, resume)  # every worker: all must stop, or none
-    config, chosen = resolve_schedule(config, manifest, start.get("config") if start else None)
-    if start is not None:
-        _same_run(config, start.get("config", {}))
+    run = start.checkpoint if start is not None else None
+    config, chosen = resolve_schedule(config, manifest.random_weights, run.config if run else None)
+    if run is not None:
+        _same_run(config, run.config)
     data, val = _datasets(manifest, config)
     if config.amp:
         from mxnet.contrib import amp as mx_amp
 
         mx_amp.init()
-    net = _load_net(bundle_dir if start is None else start["dir"], ctx, per_worker // len(ctx))
+    net = _load_net(manifest if start is None else start, ctx, per_worker // len(ctx))
     check_proposals(net, config.short_side)
     with workers.failures():
         trainer = _trainer(net, config, ctx, workers)
         if start is not None:
-            trainer.load_states(str(start["dir"] / STATES))
+            trainer.load_states(str(start.path_of(STATES)))
         log = _Log(bundle_dir / LOG, progress) if workers.root else _Log(None, None)  # rank 0 alone logs
-        log({"event": "start", "epoch": (start["epoch"] if start else 0) + 1, "epochs": config.epochs,
+        log({"event": "start", "epoch": (run.epoch if run else 0) + 1, "epochs": config.epochs,
              "images": len(data), "lr": config.lr, "warmup_iters": config.warmup_iters, "defaults": chosen})
-        run = _Run(net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val, start)
-        return run.fit()
+        return _Run(net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val, run).fit()
 
 
 RESUME_MUST_MATCH = ("lr", "momentum", "wd", "lr_steps", "lr_decay", "warmup_iters", "warmup_factor", "batch_size",
@@ -283,25 +294,25 @@ def _same_run(config: TrainConfig, stored: dict) -> None:
                           + "; ".join(differ) + " (pass the run's values; only --epochs may grow)")
 
 
-def _start_state(bundle_dir: Path, resume: bool) -> Optional[dict]:
+def _start_state(bundle_dir: Path, resume: bool) -> Optional[BundleManifest]:
+    """The checkpoint ``--resume`` continues (read once), or None for a new run."""
     checkpoints = bundle_dir / CHECKPOINTS
     if not resume:
-        if checkpoints.is_dir() and any(p.name in ("last", "best") or p.name.startswith("epoch-")
+        if checkpoints.is_dir() and any(p.name in (LAST, BEST) or p.name.startswith(EPOCH_PREFIX)
                                                   for p in checkpoints.iterdir()):
             raise OutputError(f"{checkpoints} holds checkpoints of an earlier run; pass --resume to continue it, "
                               "or move them away")
         return None
-    last = checkpoints / "last"
+    last = checkpoints / LAST
     if not last.is_dir():
         raise OutputError(f"nothing to resume: {last} does not exist")
-    manifest = read_checkpoint(last)
-    return {"dir": last, **manifest["checkpoint"]}
+    return read_checkpoint(last)
 
 
-def _datasets(manifest: dict, config: TrainConfig):
+def _datasets(manifest: BundleManifest, config: TrainConfig):
     from bbadapt.detection.datasets import open_dataset, parse_dataset
 
-    classes = manifest["detector"]["classes"]
+    classes = manifest.classes
     spec = parse_dataset(config.dataset)
     data = open_dataset(spec, classes, config.train_split, drop_empty=True)
     val_spec = parse_dataset(config.val_dataset) if config.val_dataset else spec
@@ -309,8 +320,8 @@ def _datasets(manifest: dict, config: TrainConfig):
     return data, val
 
 
-def _load_net(directory: Path, ctx: list, per_device: int):
-    net = load_quietly(directory, ctx)
+def _load_net(manifest: BundleManifest, ctx: list, per_device: int):
+    net = load_quietly(manifest, ctx)
     if per_device != net._batch_size:
         _set_per_device_batch(net, per_device)
     return net
@@ -355,15 +366,16 @@ class Diverged(BbadaptError):
 class _Run:
     """One training run: epochs of steps, validation, checkpoints."""
 
-    def __init__(self, net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val, start):
+    def __init__(self, net, trainer, ctx, config, manifest, bundle_dir, log, workers, data, val,
+                 start: Optional[CheckpointSection]):
         self.net, self.trainer, self.ctx, self.config = net, trainer, ctx, config
         self.manifest, self.dir, self.log, self.workers = manifest, bundle_dir, log, workers
         self.data, self.val = data, val
         self.rank0 = workers.root
         self.per_worker = config.batch_size // workers.size
-        self.epoch = start["epoch"] if start else 0  # epochs completed
-        self.iteration = start["iteration"] if start else 0
-        self.best = start.get("best_map") if start else None
+        self.epoch = start.epoch if start else 0  # epochs completed
+        self.iteration = start.iteration if start else 0
+        self.best = start.best_map if start else None
         self.saved_epoch = self.epoch if start else None  # the newest checkpoint on disk
         self.checkpoints: list[str] = []
         self.last_losses: dict = {}
@@ -405,11 +417,10 @@ class _Run:
     def _loader(self, batchify, epoch: int):
         import mxnet as mx
 
-        from bbadapt.core.spec import InputSpec
         from bbadapt.detection.datasets import spec_transforms
 
         sampler = epoch_sampler(self.data.get_im_aspect_ratio(), self.per_worker, self.workers, self.config.seed, epoch)
-        transform = spec_transforms(InputSpec.from_dict(self.manifest["target"]), self.config.short_side,
+        transform = spec_transforms(self.manifest.target_spec(), self.config.short_side,
                                     self.config.max_size, self.net, train=True, flip_p=self.config.flip_p,
                                     ashape=self.net.ashape)
         return mx.gluon.data.DataLoader(self.data.transform(transform), batch_sampler=sampler, batchify_fn=batchify,
@@ -477,7 +488,7 @@ class _Run:
         if self.saved_epoch is None:
             kept = "no checkpoint was written"
         else:
-            kept = f"{self.dir / CHECKPOINTS / f'epoch-{self.saved_epoch:04d}'} and the checkpoints before it are intact"
+            kept = f"{self.dir / CHECKPOINTS / epoch_name(self.saved_epoch)} and the checkpoints before it are intact"
         raise Diverged(f"training diverged at epoch {where['epoch']}/{where['epochs']}, batch {where['batch'] + 1}/"
                        f"{where['batches']}: {what}; lr was {self.trainer.learning_rate:.3g} (--lr {self.config.lr:g}, "
                        f"--warmup {self.config.warmup_iters}): lower --lr (e.g. --lr {self.config.lr / 10:g}) or raise "
@@ -487,12 +498,11 @@ class _Run:
         """VOC07 mAP on the validation set (rank 0; the other workers skip it, as gluoncv's script)."""
         if not self.rank0:
             return None
-        from bbadapt.core.spec import InputSpec
         from bbadapt.detection.evaluate import predictions, score
 
         if self.config.hybridize:
             self.net.hybridize(static_alloc=True)  # the inference graph differs from the training one
-        preds = predictions(self.net, self.val, self.ctx[0], InputSpec.from_dict(self.manifest["target"]),
+        preds = predictions(self.net, self.val, self.ctx[0], self.manifest.target_spec(),
                             self.config.short_side, self.config.max_size)
         result = score(self.val, preds, "voc07")
         self.log({"event": "val", "epoch": self.epoch, "epochs": self.config.epochs, "iteration": self.iteration,
@@ -506,16 +516,17 @@ class _Run:
         improved = val_map is not None and (self.best is None or val_map > self.best)
         if improved:
             self.best = val_map
-        section = {"epoch": self.epoch, "iteration": self.iteration, "val_map": val_map, "best_map": self.best,
-                   "val_metric": "voc07", "dataset": self.config.dataset, "config": _config_dict(self.config)}
-        written = root / f"epoch-{self.epoch:04d}"
+        section = CheckpointSection(epoch=self.epoch, iteration=self.iteration, val_map=val_map, best_map=self.best,
+                                    val_metric="voc07", dataset=self.config.dataset,
+                                    config=json.loads(json.dumps(_config_dict(self.config))))
+        written = root / epoch_name(self.epoch)
         write_checkpoint(written, self.net, self.trainer, self.manifest, section)
         self.saved_epoch = self.epoch
-        point_reference(root, "last", written)
+        point_reference(root, LAST, written)
         if improved:
-            point_reference(root, "best", written)
+            point_reference(root, BEST, written)
         self._prune(root)
-        self.checkpoints = sorted(str(p) for p in root.glob("epoch-*"))
+        self.checkpoints = sorted(str(p) for p in root.glob(f"{EPOCH_PREFIX}*"))
         self.log({"event": "checkpoint", "epoch": self.epoch, "iteration": self.iteration, "path": str(written),
                   "val_map": val_map, "best": improved})
 
@@ -524,8 +535,8 @@ class _Run:
 
     def _prune(self, root: Path) -> None:
         keep = referenced(root)
-        for path in root.glob("epoch-*"):
-            number = path.name.removeprefix("epoch-")
+        for path in root.glob(f"{EPOCH_PREFIX}*"):
+            number = path.name.removeprefix(EPOCH_PREFIX)
             if number.isdecimal() and not self._kept(int(number)) and path.name not in keep:
                 remove_directory(path)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bbadapt.bundle.schema import BundleManifest
 from bbadapt.core.errors import OutputError
 
 Progress = Callable[[str], None]
@@ -22,10 +23,13 @@ Progress = Callable[[str], None]
 class Bundle:
     """A reopened bundle: its manifest, adapted backbone (eager) and specs."""
 
-    directory: Path
-    manifest: dict
+    manifest: BundleManifest  # read from the bundle directory (``manifest.directory``)
     adapted: object  # bbadapt.rewrite.Adapted (graph None), net fed target-spec input
     model: str  # zoo name of the architecture, or the builder record's name
+
+    @property
+    def directory(self) -> Path:
+        return self.manifest.directory
 
     @property
     def source(self):
@@ -36,19 +40,19 @@ class Bundle:
         return self.adapted.target
 
 
-def open_bundle(directory: str | os.PathLike, backbone: bool = False) -> Bundle:
+def open_bundle(bundle: str | os.PathLike | BundleManifest, backbone: bool = False) -> Bundle:
     """Rebuild a bundle's backbone (zoo name or converter ``arch`` record) with its plan and weights.
 
-    A detector bundle holds its adapted backbone too (``backbone.params``, as converted):
-    ``backbone=True`` takes that one. A training checkpoint holds only the trained detector.
+    ``bundle``: its directory, or its manifest already read (not read again). A detector bundle
+    holds its adapted backbone too (``backbone.params``, as converted): ``backbone=True`` takes
+    that one. A training checkpoint holds only the trained detector.
     """
     from bbadapt.bundle.backbone import load_adapted
-    from bbadapt.bundle.manifest import read_manifest
+    from bbadapt.bundle.manifest import check_params, read_manifest
 
-    directory = Path(directory)
-    manifest = read_manifest(directory, require_params=False)
-    kind = manifest.get("kind", "backbone")
-    if "checkpoint" in manifest:
+    manifest = bundle if isinstance(bundle, BundleManifest) else read_manifest(bundle, require_params=False)
+    directory, kind = manifest.directory, manifest.kind
+    if manifest.is_checkpoint:
         raise OutputError(f"{directory} is a training checkpoint (a trained detector); exporting its trained "
                           "backbone is not supported yet: export the whole detector with --symbol, or the "
                           "bundle's backbone with --backbone on the bundle directory")
@@ -57,11 +61,9 @@ def open_bundle(directory: str | os.PathLike, backbone: bool = False) -> Bundle:
                           "or the whole detector with --symbol")
     if kind == "backbone" and backbone:
         raise OutputError(f"{directory} is a backbone bundle already; drop --backbone")
-    manifest = read_manifest(directory)
-    arch = manifest.get("arch") or {}
-    adapted = load_adapted(directory, manifest)  # rebuilt from the arch record, plan replayed, params loaded
-    model = arch.get("zoo") or manifest["model"]
-    return Bundle(directory, manifest, adapted, str(model))
+    check_params(manifest)
+    adapted = load_adapted(manifest)  # rebuilt from the arch record, plan replayed, params loaded
+    return Bundle(manifest, adapted, manifest.model_name)
 
 
 def check_summary(report: dict) -> dict:

@@ -73,7 +73,7 @@ def timm_mean_std(spec) -> tuple[list[float], list[float]]:
 def _config(arch: str, state: dict, spec, bundle, keep_fold: bool, stem) -> dict:
     mean, std = timm_mean_std(spec)
     classes, features = state["fc.weight"].shape
-    size = int(bundle.manifest.get("input_size") or 224)
+    size = int(bundle.manifest.input_size or 224)
     return {
         "architecture": arch, "num_classes": int(classes), "num_features": int(features), "global_pool": "avg",
         "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bilinear", "crop_pct": 0.875,
@@ -81,7 +81,7 @@ def _config(arch: str, state: dict, spec, bundle, keep_fold: bool, stem) -> dict
                            "pool_size": [7, 7], "first_conv": "conv1" if stem is None else "conv1.0",
                            "classifier": "fc"},
         "bbadapt": {"input_spec": spec.to_string(), "bundle_source": bundle.source.to_string(),
-                    "bundle_target": bundle.target.to_string(), "model": bundle.model, "bundle_bn": bundle.manifest.get("bn"),
+                    "bundle_target": bundle.target.to_string(), "model": bundle.model, "bundle_bn": bundle.manifest.bn,
                     "first_conv": "the bundle's fold=conv first conv, as it is" if keep_fold
                     else "the bundle's input fold undone (weights take the source spec)",
                     "bn": FROZEN_BN,

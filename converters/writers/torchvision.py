@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bbadapt.bundle.schema import BundleManifest, directory_of
 from bbadapt.core import foldmath
 from bbadapt.core.errors import ModelError, OutputError
 from converters.readers import safetensors_io
@@ -129,14 +130,15 @@ def _v1b_depth(model: str) -> int:
     return int(m.group(1))
 
 
-def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
+def export_bundle(bundle_dir: str | Path | BundleManifest, out: str | Path, force: bool = False, progress=None,
                   sizes: list[tuple[int, int]] | None = None, backbone: bool = False) -> dict:
     """Write a bundle's backbone as a torchvision ``resnetN`` state dict (``.safetensors``, or ``.pth`` with torch).
 
     The file is read back (by this module's own reader) and checked against the bundle's
     backbone on real photos before it is renamed into place; the exported model expects
     the bundle's SOURCE spec (see the module docstring). ``backbone``: take the backbone of a
-    detector bundle. Returns a summary with the check.
+    detector bundle. ``bundle_dir``: a directory or its manifest (``BundleManifest``, not read again).
+    Returns a summary with the check.
     (Detector bundles as torchvision FasterRCNN: :func:`bbadapt.detection.torchvision_export.export`.)
     """
     import bbadapt
@@ -156,7 +158,7 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
                               "write .safetensors instead (torchvision loads it with safetensors.torch.load_file)") from None
     elif out.suffix != ".safetensors":
         raise OutputError(f"{out}: name the torchvision export .safetensors (or .pth/.pt with torch installed)")
-    say(f"reading bundle {bundle_dir}")
+    say(f"reading bundle {directory_of(bundle_dir)}")
     bundle = open_bundle(bundle_dir, backbone=backbone)
     state = torchvision_state(bundle)
     source = parse_spec(bundle.source)

@@ -21,7 +21,7 @@ def test_a_converted_bundle_reloads_to_the_same_network(tmp_path, model, bn):
     x = mx.nd.array(bbadapt.parse_spec("bgr255").normalize(raw))
     np.testing.assert_array_equal(net(x).asnumpy(), adapted.net(x).asnumpy())
     assert find_stages(net) == find_stages(adapted.net)  # stages stay addressable
-    manifest = bbadapt.read_manifest(out)
+    manifest = bbadapt.read_manifest(out).to_dict()  # the typed manifest; its dict form as before
     assert manifest["weights"]["kind"] == "random" and "NOT pretrained" in manifest["weights"]["note"]
     assert manifest["target"]["name"] == "bgr255" and manifest["bn"] == bn
 

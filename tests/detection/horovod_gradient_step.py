@@ -60,8 +60,8 @@ def main(argv: list[str]) -> None:
     _set_per_device_batch(net, 1)
     config = TrainConfig(lr=0.01, momentum=0.9, wd=1e-4, batch_size=2)
     trainer = _trainer(net, config, ctx, workers)  # bbadapt's: the trainable parameters, horovod's trainer
-    data = open_dataset(f"voc:{args.voc}", manifest["detector"]["classes"], "train", drop_empty=True)
-    spec = InputSpec.from_dict(manifest["target"])
+    data = open_dataset(f"voc:{args.voc}", manifest.classes, "train", drop_empty=True)
+    spec = manifest.target_spec()
     images = [workers.rank] if args.horovod else [0, 1]
     losses = (mx.gluon.loss.SigmoidBinaryCrossEntropyLoss(from_sigmoid=False), mx.gluon.loss.HuberLoss(rho=1 / 9),
               mx.gluon.loss.SoftmaxCrossEntropyLoss(), mx.gluon.loss.HuberLoss(rho=1.0))

@@ -120,16 +120,16 @@ def test_divergence_after_a_checkpoint_names_the_checkpoint_that_is_intact(tmp_p
     ("file", 2, 2 * LR_PER_IMAGE, WARMUP_ITERS),
 ])
 def test_default_schedule_follows_gluoncvs_recipe_and_is_gentler_for_random_weights(weights, batch, lr, warmup):
-    resolved, note = resolve_schedule(TrainConfig(batch_size=batch), {"weights": {"kind": weights}})
+    resolved, note = resolve_schedule(TrainConfig(batch_size=batch), weights == "random")
     assert (resolved.lr, resolved.warmup_iters) == (pytest.approx(lr), warmup)
     assert f"lr {lr:g}" in note and f"warmup {warmup} iterations" in note
 
 
 def test_given_and_resumed_values_win_over_the_defaults():
-    manifest = {"weights": {"kind": "random"}}
-    given, note = resolve_schedule(TrainConfig(lr=0.02, warmup_iters=5), manifest)
+    random_weights = True
+    given, note = resolve_schedule(TrainConfig(lr=0.02, warmup_iters=5), random_weights)
     assert (given.lr, given.warmup_iters, note) == (0.02, 5, "")
-    resumed, note = resolve_schedule(TrainConfig(), manifest, stored={"lr": 0.0002, "warmup_iters": 0})
+    resumed, note = resolve_schedule(TrainConfig(), random_weights, stored={"lr": 0.0002, "warmup_iters": 0})
     assert (resumed.lr, resumed.warmup_iters) == (0.0002, 0) and "as the resumed run" in note
 
 

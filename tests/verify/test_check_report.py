@@ -17,6 +17,7 @@ import pytest
 
 from bbadapt import cli
 from bbadapt.bundle import describe
+from bbadapt.bundle.schema import BundleManifest
 from bbadapt.verify.check_report import CheckReport, Probe, Training, decide
 from bbadapt.verify.equivalence import _forward_reasons
 from bbadapt.verify.report import render_html, render_markdown, write_reports
@@ -161,7 +162,7 @@ def test_reports_written_by_main_b5bd205_read_back_unchanged(name, tmp_path):
     assert report.to_dict() == old and list(report.to_dict()) == list(old)
     if report.training:
         assert list(report.training.to_dict()) == list(old["training"])
-    manifest = json.loads((where / "manifest.json").read_text()) if (where / "manifest.json").exists() else None
+    manifest = BundleManifest.from_json(where / "manifest.json") if (where / "manifest.json").exists() else None
     write_reports(report, tmp_path, describe.context(manifest), describe.weights_text(manifest))
     assert (tmp_path / "report.json").read_text() == old_text
     assert (tmp_path / "report.md").read_text() == (where / "report.md").read_text()
