@@ -143,7 +143,7 @@ def _manifest(kind: str) -> BundleManifest:
     weights = ({"kind": "random", "seed": 0, "calibration": "16 packaged CIFAR-10 tiles"} if kind == "random"
                else {"kind": "file", "format": "gluon-export", "path": "/data/c20-symbol.json", "sha256": "ab" * 32,
                      "files": {"/data/c20-symbol.json": "ab" * 32, "/data/c20-0000.params": "cd" * 32}})
-    return BundleManifest.from_dict({"model": MODEL, "weights": weights, "source": {"name": "cifar", "order": "rgb", "scale": 1 / 255,
+    return BundleManifest.from_dict({"schema_version": 1, "model": MODEL, "weights": weights, "source": {"name": "cifar", "order": "rgb", "scale": 1 / 255,
                                            "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]},
             "target": {"name": "rgb255", "order": "rgb", "scale": 1.0, "mean": [0, 0, 0], "std": [1, 1, 1]},
             "fold": "bn", "bn": "fused", "plan": [{"op": "fold_input", "into": "features.0"}, {"op": "fuse", "bn": "x"}],
