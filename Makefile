@@ -40,8 +40,8 @@ lint: $(STAMP)
 # The slowest directories are collected first (xdist hands out tests in collection order): collected
 # last, the benchmark smokes (70 s and 170 s) and the CLI's 20 s conversions left one worker busy
 # alone at the end. Measured on 2 cores: run 1 14:09 instead of 15:18, run 2 14:05 instead of 15:32.
-FIRST_RUN  := tests/cli tests/core tests/verify tests/bundle tests/test_architecture.py
-SECOND_RUN := tests/benchmarks tests/detection tests/converters
+FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle tests/test_architecture.py
+SECOND_RUN := tests/benchmarks tests/engines tests/converters
 PYTEST      := OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
                $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider --durations=10
 # horovod has no binary wheels: built once per machine into ~/.cache/bbadapt/wheels/horovod-VERSION-py311-mxnetX/
@@ -63,7 +63,7 @@ $(CHROMIUM): $(STAMP)
 test: lint $(HOROVOD) $(CHROMIUM)
 	$(PYTEST) -m "not horovod" $(FIRST_RUN)
 	$(PYTEST) -m "not horovod" $(SECOND_RUN)
-	$(SERIAL) -m horovod tests/detection/test_horovod.py
+	$(SERIAL) -m horovod tests/engines/gluon/test_horovod.py
 
 # Mutation fuzzing of every reader and `inspect` (a short run is part of `make test`); FUZZ_EXAMPLES per target.
 FUZZ_EXAMPLES ?= 3000

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 
-from bbadapt.core.errors import BbadaptError, OptionError
-from bbadapt.detection.options import (
+from bbadapt.bundle.schema import BEST, CHECKPOINTS, LAST, REPORT_HTML, REPORT_MD
+from bbadapt.engines.gluon.options import (
     LR_PER_IMAGE,
     RANDOM_LR_FACTOR,
     RANDOM_WARMUP_ITERS,
@@ -29,6 +29,7 @@ from bbadapt.detection.options import (
     EvaluateOptions,
     TrainConfig,
 )
+from bbadapt.platform.errors import BbadaptError, OptionError
 
 if TYPE_CHECKING:
     from bbadapt.verify.check_report import CheckReport
@@ -91,12 +92,12 @@ def _errors_as_lines() -> Iterator[None]:
         fail(str(exc), exc.exit_code)
     except typer.Exit:  # a command's own exit (it is a RuntimeError): not a bug
         raise
-    except KeyboardInterrupt as exc:  # bbadapt.core.atomic says when the write had already completed
+    except KeyboardInterrupt as exc:  # bbadapt.platform.atomic says when the write had already completed
         fail(f"interrupted; {exc or 'nothing was written'}", 130)
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, traceback on request
         if os.environ.get("BBADAPT_DEBUG"):
             raise
-        from .core.cuda_libs import explain_load_error  # mxnet's CUDA build without a library it needs
+        from .platform.cuda_libs import explain_load_error  # mxnet's CUDA build without a library it needs
 
         fail(explain_load_error(exc) or f"internal error: {type(exc).__name__}: "
              f"{str(exc).splitlines()[0] if str(exc) else ''} (rerun with BBADAPT_DEBUG=1 for the traceback)", 1)
@@ -161,7 +162,7 @@ def _summary(report: CheckReport, out: Path) -> None:
             err_console.print(f"bbadapt: note: {note}", markup=False)
     for reason in verdict.reasons:
         out_console.print(f"  - {reason}", markup=False)
-    out_console.print(f"report: {out / 'report.md'} (and report.html)", markup=False)
+    out_console.print(f"report: {out / REPORT_MD} (and {REPORT_HTML})", markup=False)
 
 
 class Detector(str, Enum):
@@ -291,8 +292,8 @@ def formats() -> None:
 
 
 EXPORTERS = {  # --option: (module, function); each writes atomically and verifies what it wrote
-    "symbol": ("bbadapt.detection.detector_bundle", "export_symbol"),
-    "torchvision": ("bbadapt.detection.torchvision_export", "export"),
+    "symbol": ("bbadapt.engines.gluon.detector_bundle", "export_symbol"),
+    "torchvision": ("converters.writers.torchvision_detector", "export"),
     "onnx": ("converters.writers.onnx", "export_bundle"),
     "timm": ("converters.writers.timm", "export_bundle"),
 }
@@ -479,18 +480,18 @@ def train_cmd(
     """Train a Faster R-CNN bundle on VOC or COCO data; checkpoints go to DIR/checkpoints/."""
     with user_errors():
         config = TrainConfig(**_fields_of(TrainConfig, {**locals(), "lr_steps": _epoch_steps(lr_steps)}))  # validated
-        from bbadapt.core.devices import device_choice
-        from bbadapt.detection.datasets import parse_dataset  # imports mxnet: after the options' own errors
+        from bbadapt.engines.gluon.datasets import parse_dataset  # imports mxnet: after the options' own errors
+        from bbadapt.platform.devices import device_choice
 
         parse_dataset(dataset)  # usage errors before any bundle or data is read
         gpus = device_choice(gpus, cpu)
-        from bbadapt.detection.train import console_progress, train
+        from bbadapt.engines.gluon.train import console_progress, train
 
         try:
             with console_progress(err_console) as progress:
                 result = train(directory, dataset, config, gpus=gpus, resume=resume, horovod=horovod, progress=progress)
         except KeyboardInterrupt:
-            last = directory / "checkpoints" / "last"
+            last = directory / CHECKPOINTS / LAST
             fail(f"interrupted; {last} is intact (continue with --resume)" if last.is_dir()
                  else "interrupted; no checkpoint was written", 130)
         if result["rank"] != 0:
@@ -500,8 +501,8 @@ def train_cmd(
                               f"{result['started_at_epoch']} (--epochs {epochs})", markup=False)
             return
         best = f"{result['best_map']:.4f}" if result["best_map"] is not None else "not validated"
-        refs = ", ".join(f"{name} -> {os.readlink(path)}" for name in ("last", "best")
-                         if (path := directory / "checkpoints" / name).is_symlink())
+        refs = ", ".join(f"{name} -> {os.readlink(path)}" for name in (LAST, BEST)
+                         if (path := directory / CHECKPOINTS / name).is_symlink())
         out_console.print(f"trained epochs {result['started_at_epoch'] + 1}..{result['epochs']} "
                           f"({result['iterations']} iterations in all, lr {result['lr']:g}, warmup "
                           f"{result['warmup_iters']}); best VOC07 mAP {best}; checkpoints in "
@@ -522,12 +523,12 @@ def evaluate_cmd(
     """Print detection mAP per class and the mean."""
     with user_errors():
         options = EvaluateOptions(**_fields_of(EvaluateOptions, locals()))  # the metric is refused here
-        from bbadapt.core.devices import device_choice
-        from bbadapt.detection.datasets import parse_dataset  # imports mxnet: after the options' own errors
+        from bbadapt.engines.gluon.datasets import parse_dataset  # imports mxnet: after the options' own errors
+        from bbadapt.platform.devices import device_choice
 
         parse_dataset(dataset)
         gpus = device_choice(gpus, cpu)
-        from bbadapt.detection.evaluate import evaluate
+        from bbadapt.engines.gluon.evaluate import evaluate
 
         with progress_line() as say:
             result = evaluate(directory, dataset, options, gpus=gpus,

@@ -3,7 +3,7 @@
 One screen (or ``--json``): Python; the mxnet distribution, version and build features;
 for a CUDA build each library it needs and the file it resolved to (or the pip package to
 install); the NVIDIA driver and each GPU with its verdict (see
-:mod:`bbadapt.core.devices`); horovod and how it was built; gluoncv and numpy.
+:mod:`bbadapt.platform.devices`); horovod and how it was built; gluoncv and numpy.
 
 Every section is gathered on its own: one that fails (mxnet cannot be imported, no
 driver) is reported as such and never hides the others. ``collect`` returns plain data
@@ -18,9 +18,9 @@ import re
 import sys
 from typing import Optional
 
-from bbadapt.core import cuda_libs
-from bbadapt.core.cuda_driver import DriverUnavailable, GpuQuery, default_query
-from bbadapt.core.devices import judge
+from bbadapt.platform import cuda_libs
+from bbadapt.platform.cuda_driver import DriverUnavailable, GpuQuery, default_query
+from bbadapt.platform.devices import judge
 
 FEATURES = ("CUDA", "CUDNN", "NCCL", "MKLDNN", "DIST_KVSTORE")
 PACKAGES = ("gluoncv", "numpy")

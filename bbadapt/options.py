@@ -4,7 +4,7 @@
 ``--detector``), ``bbadapt train`` a :class:`TrainOptions`, ``bbadapt evaluate`` an
 :class:`EvaluateOptions`. Each refuses a bad value in its ``__post_init__``, with the one-line
 message the CLI prints, so the command line and a Python caller meet the same rule in the same
-place; the code inward (:mod:`bbadapt.pipeline`, :mod:`bbadapt.detection`) takes the objects as
+place; the code inward (:mod:`bbadapt.pipeline`, :mod:`bbadapt.engines.gluon`) takes the objects as
 they are and never checks them again. What depends on the model (a detector on a CIFAR net) is
 decided once, where the model is first known: :func:`require_detector_fits`, called by
 :func:`bbadapt.pipeline.convert`.
@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Optional
 
-from bbadapt.core.errors import OptionError
 from bbadapt.core.rewrite import BN_MODES, FOLDS
 from bbadapt.core.spec import InputSpec, parse_spec
-from bbadapt.detection.options import (
+from bbadapt.engines.gluon.options import (
     DetectorOptions,
     EvaluateOptions,
     TrainConfig,
     TrainOptions,
     require_detector_fits,
 )
+from bbadapt.platform.errors import OptionError
 
 __all__ = ["WEIGHT_KINDS", "ConvertOptions", "DetectorOptions", "EvaluateOptions", "TrainConfig", "TrainOptions",
            "check_sizes", "require_detector_fits"]

@@ -25,14 +25,14 @@ from bbadapt.bundle.backbone import load_adapted, save_backbone, stored_plan
 from bbadapt.bundle.manifest import check_params, read_manifest, refuse_existing, staged_output, write_manifest
 from bbadapt.bundle.provenance import locate_weights
 from bbadapt.bundle.schema import BACKBONE_PARAMS, MANIFEST, REPORTS, BundleManifest, DetectorSection
-from bbadapt.core import images as imgs
 from bbadapt.core import zoo
-from bbadapt.core.atomic import replace_together
-from bbadapt.core.errors import OptionError, OutputError, WeightsError
 from bbadapt.core.rewrite import FP16_MAX, TINY_VAR, Adapted, adapt
 from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.weights import randomize
 from bbadapt.options import WEIGHT_KINDS, ConvertOptions, DetectorOptions, check_sizes, require_detector_fits
+from bbadapt.platform.atomic import replace_together
+from bbadapt.platform.errors import OptionError, OutputError, WeightsError
+from bbadapt.verify import images as imgs
 from bbadapt.verify.budget import require_check_memory
 from bbadapt.verify.check_report import CheckReport
 from bbadapt.verify.equivalence import CheckOptions, check, default_sizes
@@ -113,7 +113,7 @@ def convert(model: str | None, out: str | os.PathLike, options: ConvertOptions |
 
     ``options``: weights, specs, fold, BN form, check settings (:class:`ConvertOptions`).
     With ``detector`` the output also holds a Faster R-CNN built on the adapted backbone
-    (:mod:`bbadapt.detection`), and the BN form defaults to ``affine`` (trains like a frozen BN).
+    (:mod:`bbadapt.engines.gluon`), and the BN form defaults to ``affine`` (trains like a frozen BN).
     Returns the :class:`~bbadapt.verify.check_report.CheckReport` (``.to_dict()``: the report.json
     dict; it also reads like that dict) and the :class:`~bbadapt.core.rewrite.Adapted` net.
 
@@ -175,14 +175,14 @@ def _add_detector(stage: Path, adapted: Adapted, info: zoo.ModelInfo, detector: 
                   say: Progress) -> DetectorSection:
     """Build the Faster R-CNN on the adapted backbone, write its parameters into ``stage``; its manifest section."""
     say(f"building the Faster R-CNN ({detector.layout}) on the adapted backbone")
-    from bbadapt.detection.detector_bundle import add_detector
+    from bbadapt.engines.gluon.detector_bundle import add_detector
 
     section = add_detector(stage, adapted, info, detector, progress=say, seed=seed)
     return DetectorSection.from_dict(section, str(stage / MANIFEST))
 
 
 def _detection():
-    from bbadapt.detection import build as detection  # gluoncv's detector stack: only when a detector is asked for
+    from bbadapt.engines.gluon import build as detection  # gluoncv's detector stack: only when a detector is asked for
 
     return detection
 

@@ -5,7 +5,7 @@ Variants, all from the same calibrated random backbone weights and the same head
 * ``gluoncv``: ``faster_rcnn_resnet50_v1b_custom`` (``use_global_stats`` BatchNorm), fed
   the output of gluoncv's normalizing transform (the normalization itself is not timed);
 * ``bbadapt affine`` / ``bbadapt fused``: ``adapt(..., "imagenet", "rgb255", bn=...)`` +
-  :func:`bbadapt.detection.build.build_detector`, fed raw 0..255 pixels.
+  :func:`bbadapt.engines.gluon.build.build_detector`, fed raw 0..255 pixels.
 
 Both are timed hybridized (``static_alloc``, as gluoncv's train script runs them), on a real
 photo at short side 512: inference, and a training step (forward in training mode with the
@@ -31,12 +31,13 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
-from bbadapt.core import images, zoo
+from bbadapt.core import zoo
 from bbadapt.core.rewrite import adapt
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import randomize
-from bbadapt.detection.build import build_detector
-from bbadapt.detection.detector_bundle import compare_detections
+from bbadapt.engines.gluon.build import build_detector
+from bbadapt.engines.gluon.detector_bundle import compare_detections
+from bbadapt.verify import images
 
 MODEL = "resnet50_v1b"
 PHOTO = "raccoon-1"

@@ -36,11 +36,12 @@ PHOTOS = [1, 2, 3, 4, 5, 6]  # tests/data/raccoon_voc/VOC2017: all six train her
 
 def make_bundle(out: Path) -> Path:
     from bbadapt.bundle.manifest import staged_output, write_manifest
-    from bbadapt.core import images, zoo
+    from bbadapt.core import zoo
     from bbadapt.core.rewrite import adapt
     from bbadapt.core.spec import PRESETS
     from bbadapt.core.weights import randomize
-    from bbadapt.detection.detector_bundle import add_detector
+    from bbadapt.engines.gluon.detector_bundle import add_detector
+    from bbadapt.verify import images
 
     net = zoo.build(MODEL)
     raw, _ = images.photos((96, 96), limit=4)

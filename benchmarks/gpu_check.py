@@ -192,7 +192,7 @@ def _train_detail(directory: Path) -> str:
 
 def timing(check: Check) -> None:
     """Train step of gluoncv's own frozen-BN detector vs bbadapt affine and fused, on the device."""
-    from bbadapt.core.devices import contexts
+    from bbadapt.platform.devices import contexts
 
     sys.path.insert(0, str(HERE))
     import bench_detector as bench

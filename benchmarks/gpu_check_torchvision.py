@@ -66,8 +66,8 @@ def make_bundle(root: Path, model: str, layout: str) -> Path:
 
 
 def equivalence_on(device: str, bundle: Path, export: Path, sizes) -> dict:
-    from bbadapt.detection.torchvision_export import import_runtime, load_gluon
-    from bbadapt.detection.torchvision_export_check import CheckOptions, run_check
+    from converters.writers.torchvision_detector import import_runtime, load_gluon
+    from converters.writers.torchvision_detector_check import CheckOptions, run_check
 
     model = import_runtime(export).load(export, device)
     return run_check(load_gluon(bundle), model, CheckOptions(sizes=sizes))
@@ -78,8 +78,8 @@ def train(device: str, export: Path, steps: int, size: tuple[int, int] = TRAIN_S
     time (seeded): the loss is one function, and it must fall."""
     import torch
 
-    from bbadapt.core import images
-    from bbadapt.detection.torchvision_export import import_runtime
+    from bbadapt.verify import images
+    from converters.writers.torchvision_detector import import_runtime
 
     model = import_runtime(export).load(export, device).train()
     model.transform.min_size, model.transform.max_size = (size[0],), 1000
@@ -134,7 +134,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-tv-") as tmp:
         root = Path(tmp)
         for layout in args.layouts.split(","):
-            from bbadapt.detection.torchvision_export import ExportOptions, export_detector
+            from converters.writers.torchvision_detector import ExportOptions, export_detector
 
             t0 = time.perf_counter()
             bundle = make_bundle(root, model, layout)

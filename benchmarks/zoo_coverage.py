@@ -15,9 +15,10 @@ import argparse
 import time
 
 from bbadapt import adapt
-from bbadapt.core import images, zoo
+from bbadapt.core import zoo
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import randomize
+from bbadapt.verify import images
 from bbadapt.verify.equivalence import CheckOptions, check, reference
 
 BN_MODES = ("global-stats", "affine", "fused")

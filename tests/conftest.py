@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 
-from bbadapt.core import images, zoo
+from bbadapt.core import zoo
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import randomize
+from bbadapt.verify import images
 
 zoo.import_gluoncv()  # before any test module imports gluoncv: it refuses to import beside torch >= 2
 

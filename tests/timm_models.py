@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core import images
 from bbadapt.core.spec import PRESETS, InputSpec
+from bbadapt.verify import images
 
 
 def timm_model(name: str, seed: int = 0, spec: InputSpec = PRESETS["imagenet"], **kwargs):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bbadapt.bundle.manifest import read_manifest
 from bbadapt.bundle.schema import BACKBONE_PARAMS, BundleManifest
-from bbadapt.core.errors import ModelError, OutputError
+from bbadapt.platform.errors import ModelError, OutputError
 
 
 def save_backbone(adapted, directory: Path) -> str:

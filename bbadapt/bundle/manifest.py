@@ -22,8 +22,8 @@ from bbadapt.bundle.schema import (
     BundleManifest,
     read_small,
 )
-from bbadapt.core import atomic
-from bbadapt.core.errors import OutputError
+from bbadapt.platform import atomic
+from bbadapt.platform.errors import OutputError
 
 PARAMS = BACKBONE_PARAMS  # the name this module always exported
 __all__ = ["KINDS", "MANIFEST", "MAX_MANIFEST_BYTES", "OUTPUT_FILES", "PARAMS", "SCHEMA_VERSION", "BundleManifest",

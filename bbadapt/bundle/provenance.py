@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from bbadapt.core.errors import OptionError, WeightsError
 from bbadapt.core.weights import sha256_of
+from bbadapt.platform.errors import OptionError, WeightsError
 
 
 def recorded_files(prov: dict) -> dict[str, Optional[str]]:

@@ -12,7 +12,7 @@ dataclasses, and every default and file name is written down once.
 * :class:`TorchvisionExport` - ``config.json`` of ``bbadapt export --torchvision`` for a detector.
 
 ``from_json`` (or ``from_dict``) validates: an unknown kind, a missing or mistyped field is one
-:class:`~bbadapt.core.errors.OutputError` line naming the file and the field. ``to_json`` is the
+:class:`~bbadapt.platform.errors.OutputError` line naming the file and the field. ``to_json`` is the
 only writer. Free-form parts (the weights provenance, the check summary, the plan records, the
 detector's settings) stay JSON values the type carries as they are, with typed accessors for what
 readers read; keys this bbadapt does not know are kept in ``extra`` and written back unchanged.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from bbadapt.core.errors import OutputError
+from bbadapt.platform.errors import OutputError
 
 SCHEMA_VERSION = 1
 KINDS = ("backbone", "detector")
@@ -236,7 +236,7 @@ class DetectorSection:
 class CheckpointSection:
     """``manifest["checkpoint"]``: where a training run stood when it wrote this checkpoint.
 
-    ``config`` is the run's :class:`~bbadapt.detection.options.TrainConfig` as JSON (a resumed
+    ``config`` is the run's :class:`~bbadapt.engines.gluon.options.TrainConfig` as JSON (a resumed
     run must match it); epochs count from 1.
     """
 

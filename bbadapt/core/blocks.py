@@ -12,8 +12,8 @@ import functools
 
 import numpy as np
 
-from bbadapt.core.errors import ModelError
 from bbadapt.core.foldmath import bn_affine
+from bbadapt.platform.errors import ModelError
 
 BLOCK_CLASSES = ("FrozenAffine", "Identity")  # defined on first use: importing this module must not import mxnet
 

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import ClassVar, Union
 
-from bbadapt.core.errors import ModelError
+from bbadapt.platform.errors import ModelError
 
 
 class PlanStepError(ModelError):

@@ -25,7 +25,6 @@ import numpy as np
 
 from bbadapt.core import foldmath
 from bbadapt.core.blocks import bn_constants, get_block, make_frozen_affine, param_value, replace_block, set_conv
-from bbadapt.core.errors import ModelError, OptionError, WeightsError
 from bbadapt.core.plan import (
     Affine,
     FoldIntoBN,
@@ -40,6 +39,7 @@ from bbadapt.core.plan import (
 )
 from bbadapt.core.spec import InputSpec, affine_map, parse_spec
 from bbadapt.core.trace import Graph, block_paths, trace
+from bbadapt.platform.errors import ModelError, OptionError, WeightsError
 
 FOLDS = ("auto", "bn", "conv")
 BN_MODES = ("global-stats", "affine", "fused")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bbadapt.core.errors import SpecError
+from bbadapt.platform.errors import SpecError
 
 ORDERS = ("rgb", "bgr")
 _PERM = {"rgb": (0, 1, 2), "bgr": (2, 1, 0)}

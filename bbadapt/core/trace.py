@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from bbadapt.core.errors import ModelError
+from bbadapt.platform.errors import ModelError
 
 
 @dataclass

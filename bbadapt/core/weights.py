@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 
 
 def structural_params(net) -> dict:

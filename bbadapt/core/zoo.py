@@ -11,8 +11,8 @@ import contextlib
 import difflib
 from dataclasses import dataclass
 
-from bbadapt.core.errors import ModelError, WeightsError
-from bbadapt.core.gluoncv_import import import_gluoncv  # noqa: F401 - re-exported: bbadapt.core.zoo.import_gluoncv
+from bbadapt.platform.errors import ModelError, WeightsError
+from bbadapt.platform.gluoncv_import import import_gluoncv  # noqa: F401 - re-exported: bbadapt.core.zoo.import_gluoncv
 
 # The ResNet paper's table, the one copy in bbadapt: depth -> (blocks per stage, bottleneck).
 RESNET_LAYOUTS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
@@ -97,7 +97,7 @@ def instantiate(info: ModelInfo, pretrained: bool):
 def build(name: str, pretrained: bool = False):
     """Build a zoo model with its parameters allocated (random init unless ``pretrained``).
 
-    ``pretrained`` fetches the zoo's weights through :mod:`bbadapt.core.download` (timeouts,
+    ``pretrained`` fetches the zoo's weights through :mod:`bbadapt.platform.download` (timeouts,
     sha1 verified, clean cache); see :func:`build_pretrained` for the file's provenance.
     """
     import mxnet as mx
@@ -112,14 +112,14 @@ def build(name: str, pretrained: bool = False):
 
 
 def build_pretrained(name: str, say=None):
-    """(net with the zoo's pretrained weights, :class:`~bbadapt.core.download.Fetched` file record).
+    """(net with the zoo's pretrained weights, :class:`~bbadapt.platform.download.Fetched` file record).
 
     The zoo's own builder loads the file (gluoncv's pruned nets, for one, load it their own
     way); only where the file comes from is bbadapt's: both zoos resolve
     ``model_store.get_model_file`` when a pretrained model is built, and for that call it is
     bbadapt's verified download.
     """
-    from bbadapt.core import download
+    from bbadapt.platform import download
 
     info = model_info(name)
     fetched: list = []

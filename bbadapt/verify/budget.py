@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bbadapt.core.errors import ResourceError
+from bbadapt.platform.errors import ResourceError
 
 PROBE_SIDE = 64  # the size the activation shapes are read at; they scale with the pixel count
 # Peak growth per activation element of one image, measured with benchmarks/bench_check_memory.py:

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bbadapt.core import images as imgs
 from bbadapt.core.rewrite import Adapted, clone
 from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.trace import Graph, trace
+from bbadapt.verify import images as imgs
 from bbadapt.verify.check_report import CheckReport, Probe
 from bbadapt.verify.yardstick import SEED, nudged_twin
 

@@ -52,11 +52,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bbadapt.core import foldmath
-from bbadapt.core import images as imgs
 from bbadapt.core.blocks import bn_constants, get_block
 from bbadapt.core.plan import FoldIntoBN, FoldIntoConv, Fuse, InsertInputAffine
 from bbadapt.core.rewrite import Adapted, InputMap, clone
 from bbadapt.core.trace import block_paths
+from bbadapt.verify import images as imgs
 from bbadapt.verify.check_report import Training
 from bbadapt.verify.equivalence import INCONCLUSIVE_ABOVE, CheckOptions, compare
 

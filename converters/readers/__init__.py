@@ -39,7 +39,7 @@ def formats() -> list[Format]:
 
 
 def by_name(name: str) -> Format:
-    from bbadapt.core.errors import OptionError
+    from bbadapt.platform.errors import OptionError
 
     known = {f.name: f for f in formats()}
     if name not in known:
@@ -49,7 +49,7 @@ def by_name(name: str) -> Format:
 
 def detect(path: str | os.PathLike) -> Format:
     """The format of ``path``, from its content (magic bytes, JSON, HDF5, zip, pickle)."""
-    from bbadapt.core.errors import WeightsError
+    from bbadapt.platform.errors import WeightsError
 
     if Path(path).is_dir():
         return _detect_folder(Path(path))
@@ -64,7 +64,7 @@ def detect(path: str | os.PathLike) -> Format:
 
 def read(path: str | os.PathLike, fmt: str | None = None, arch: str | None = None, progress=None) -> Converted:
     """Read foreign weights; ``fmt`` overrides detection and must match the content."""
-    from bbadapt.core.errors import WeightsError
+    from bbadapt.platform.errors import WeightsError
 
     if Path(path).is_dir():  # a format that is a folder of files (timm's save_for_hf)
         chosen = _detect_folder(Path(path))
@@ -83,7 +83,7 @@ def read(path: str | os.PathLike, fmt: str | None = None, arch: str | None = Non
 
 
 def _detect_folder(path: Path) -> Format:
-    from bbadapt.core.errors import WeightsError
+    from bbadapt.platform.errors import WeightsError
 
     for fmt in formats():
         if fmt.folder is not None and fmt.folder(path):

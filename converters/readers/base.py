@@ -19,9 +19,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bbadapt.core.errors import WeightsError
 from bbadapt.core.registry import Converted
 from bbadapt.core.zoo import resnet_depth
+from bbadapt.platform.errors import WeightsError
 
 HEAD_BYTES = 4096  # what sniffers see of a file
 MAX_FILE_BYTES = 4 << 30  # no ResNet's weights come near (ResNet-152 in float64: 0.5 GB)

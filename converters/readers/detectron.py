@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.architectures.gluon_resnet import gluon_resnet_v1
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.foldmath import batchnorm_for_affine
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.zoo import RESNET_LAYOUTS
+from bbadapt.platform.errors import ModelError, WeightsError
 from converters.readers import safe_pickle
 from converters.readers.base import (
     Format,

@@ -20,8 +20,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted
+from bbadapt.platform.errors import ModelError, WeightsError
 from converters.readers import mxnet_symbol, ndarray_file
 from converters.readers.base import Float32Tensors, Format, file_digest, float32_tensors, require_file
 

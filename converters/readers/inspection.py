@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import BbadaptError, WeightsError
+from bbadapt.platform.errors import BbadaptError, WeightsError
 from converters.readers import ndarray_file, safe_pickle, safetensors_io
 from converters.readers.base import HEAD_BYTES, dtype_name, file_digest, numeric, open_regular
 
@@ -136,7 +136,7 @@ def _status(info: dict, arrays: dict) -> str:
 
 
 def _torchvision_tensors(path: Path) -> tuple[dict, dict, str]:
-    from bbadapt.core.errors import ModelError
+    from bbadapt.platform.errors import ModelError
     from converters.readers import torchvision
 
     arrays, facts = torchvision.read_state_dict(path)
@@ -154,7 +154,7 @@ def _torchvision_tensors(path: Path) -> tuple[dict, dict, str]:
 
 
 def _timm_tensors(path: Path, architecture: str | None = None) -> tuple[dict, dict, str]:
-    from bbadapt.core.errors import ModelError
+    from bbadapt.platform.errors import ModelError
     from converters.readers import timm
     from converters.readers import torchvision as tv
 
@@ -197,7 +197,7 @@ KERAS_TENSOR_NAMES = {"conv": ("kernel", "bias"), "bn": ("gamma", "beta", "movin
 
 
 def _keras_tensors(path: Path) -> tuple[dict, dict, str]:
-    from bbadapt.core.errors import ModelError
+    from bbadapt.platform.errors import ModelError
     from converters.readers import keras
 
     weights = keras.read_keras_file(path)
@@ -217,7 +217,7 @@ def _keras_tensors(path: Path) -> tuple[dict, dict, str]:
 
 
 def _detectron_tensors(path: Path) -> tuple[dict, dict, str]:
-    from bbadapt.core.errors import ModelError
+    from bbadapt.platform.errors import ModelError
     from converters.readers import detectron
 
     blobs = detectron.blobs_of(safe_pickle.load(path), path)

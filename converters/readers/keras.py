@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.core.architectures.keras_resnet import KERAS_EPS
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.zoo import RESNET_LAYOUTS
+from bbadapt.platform.errors import ModelError, WeightsError
 from converters.readers import limits
 from converters.readers.base import (
     Format,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import zipfile
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 
 MAX_RATIO = 20
 MAX_UNPACKED_BYTES = 2 << 30

@@ -25,10 +25,10 @@ from collections import Counter
 from pathlib import Path
 
 from bbadapt.core.architectures.symbolic_resnet import layer_paths, symbolic_resnet
-from bbadapt.core.errors import ModelError, WeightsError
-from bbadapt.core.native import quiet_native_output
 from bbadapt.core.registry import Converted, custom_info
 from bbadapt.core.trace import block_paths
+from bbadapt.platform.errors import ModelError, WeightsError
+from bbadapt.platform.native import quiet_native_output
 from converters.readers import ndarray_file
 from converters.readers.base import Format, file_digest, float32_tensors, require_file, unmatched_error
 

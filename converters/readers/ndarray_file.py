@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 from converters.readers import limits
 from converters.readers.base import BFLOAT16, open_regular, require_file
 

@@ -3,7 +3,7 @@
 ``pickle.load`` calls whatever global a file names (``os.system``, ``builtins.eval`` ...):
 loading a ``.pkl`` from the internet is running its author's code. This unpickler
 resolves only the few globals that rebuilding numpy arrays needs; any other global is
-refused *before* it is called, with a :class:`~bbadapt.core.errors.WeightsError` that names it.
+refused *before* it is called, with a :class:`~bbadapt.platform.errors.WeightsError` that names it.
 
 Plain containers (dict, list, tuple, str, bytes, numbers, bool, None) need no global at
 all: pickle has opcodes for them. What needs a global, and is allowed:
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 from converters.readers.base import open_regular
 
 

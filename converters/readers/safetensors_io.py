@@ -7,7 +7,7 @@ then the raw little-endian tensor bytes; offsets are relative to the end of the 
 A valid file has its tensors packed without overlap or holes and nothing after them.
 
 Reading is strict: every way a file can be cut short or lie about itself is one
-:class:`~bbadapt.core.errors.WeightsError` line, because a quietly mis-read tensor would pass
+:class:`~bbadapt.platform.errors.WeightsError` line, because a quietly mis-read tensor would pass
 through a conversion as wrong weights.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 from converters.readers import limits
 from converters.readers.base import BFLOAT16, open_regular
 
@@ -149,7 +149,7 @@ def dumps(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None)
 def save(out: str | os.PathLike, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
          force: bool = False) -> None:
     """Write a safetensors file atomically (temp file + rename); refuse an existing ``out`` unless ``force``."""
-    from bbadapt.core.atomic import write_file
+    from bbadapt.platform.atomic import write_file
 
     payload = dumps(arrays, metadata)
     write_file(out, lambda tmp: tmp.write_bytes(payload), force)

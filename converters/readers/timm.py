@@ -35,9 +35,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.registry import Converted
 from bbadapt.core.spec import PRESETS, InputSpec
+from bbadapt.platform.errors import ModelError, WeightsError
 from converters.readers import torchvision as tv
 from converters.readers.base import Format, ResNetNaming, file_digest, open_regular, read_layout
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.foldmath import unit_variance
 from bbadapt.core.registry import Converted
 from bbadapt.core.zoo import RESNET_LAYOUTS
+from bbadapt.platform.errors import ModelError, WeightsError
 from converters.readers import limits, safetensors_io
 from converters.readers.base import (
     Format,

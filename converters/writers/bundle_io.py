@@ -1,6 +1,6 @@
 """What exporters share: reopen a bbadapt bundle, and the check figures an export summary carries.
 
-Files are written through :func:`bbadapt.core.atomic.write_file`.
+Files are written through :func:`bbadapt.platform.atomic.write_file`.
 
 An exporter never trusts its own arithmetic: it reads what it wrote back, runs it beside
 the bundle's backbone on real photos and refuses to leave a file whose function differs.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bbadapt.bundle.schema import BundleManifest
-from bbadapt.core.errors import OutputError
+from bbadapt.platform.errors import OutputError
 
 Progress = Callable[[str], None]
 

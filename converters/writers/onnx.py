@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import OutputError
+from bbadapt.platform.errors import OutputError
 from converters.readers.base import file_digest
 
 OPSET = 13  # the highest opset mxnet 1.9.1's mx2onnx has translations for
@@ -159,8 +159,8 @@ def compare(payload: bytes, net, target, sizes=None, n_photos: int = 2) -> dict:
     """Run the ONNX model and MXNet on real photos (target-normalized); max abs/rel error per size."""
     import mxnet as mx
 
-    from bbadapt.core import images
     from bbadapt.core.spec import parse_spec
+    from bbadapt.verify import images
 
     target = parse_spec(target)
     name, run = runtime(payload)
@@ -190,7 +190,7 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, 
     Refuses an existing ``out`` unless ``force``; leaves nothing on failure. Returns a
     summary with the measured errors.
     """
-    from bbadapt.core.atomic import check_target, write_file
+    from bbadapt.platform.atomic import check_target, write_file
     from converters.writers.bundle_io import open_bundle
 
     say = progress or (lambda _m: None)

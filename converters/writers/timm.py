@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbadapt.core.errors import ModelError, OutputError
+from bbadapt.platform.errors import ModelError, OutputError
 from converters.readers import safetensors_io
 from converters.readers.base import file_digest
 
@@ -109,7 +109,7 @@ def _check_in_timm(arch: str, weights: Path, bundle, spec, sizes) -> dict:
     import timm
     import torch
 
-    from bbadapt.core import images
+    from bbadapt.verify import images
 
     overlay = {"file": str(weights)}
     try:
@@ -154,8 +154,8 @@ def export_ownership_problem(out: Path) -> str | None:
 def export_bundle(bundle_dir: str | Path, out: str | Path, force: bool = False, progress=None,
                   sizes: list[tuple[int, int]] | None = None, backbone: bool = False) -> dict:
     """Write a bundle's backbone as a timm folder ``out`` (see the module docstring); returns a summary with the check."""
-    from bbadapt.core import atomic
     from bbadapt.core.plan import FoldIntoConv, input_step
+    from bbadapt.platform import atomic
     from converters.writers.bundle_io import open_bundle
     from converters.writers.torchvision import resnet_state
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from bbadapt.bundle.schema import BundleManifest, directory_of
 from bbadapt.core import foldmath
-from bbadapt.core.errors import ModelError, OutputError
+from bbadapt.platform.errors import ModelError, OutputError
 from converters.readers import safetensors_io
 from converters.readers.base import file_digest
 from converters.readers.torchvision import IGNORED_SUFFIX, VAR_ONE, conv_bn_pairs, expected_shapes
@@ -139,11 +139,11 @@ def export_bundle(bundle_dir: str | Path | BundleManifest, out: str | Path, forc
     the bundle's SOURCE spec (see the module docstring). ``backbone``: take the backbone of a
     detector bundle. ``bundle_dir``: a directory or its manifest (``BundleManifest``, not read again).
     Returns a summary with the check.
-    (Detector bundles as torchvision FasterRCNN: :func:`bbadapt.detection.torchvision_export.export`.)
+    (Detector bundles as torchvision FasterRCNN: :func:`converters.writers.torchvision_detector.export`.)
     """
     import bbadapt
-    from bbadapt.core.atomic import check_target, write_file
     from bbadapt.core.spec import parse_spec
+    from bbadapt.platform.atomic import check_target, write_file
     from converters.writers.bundle_io import check_summary, open_bundle
 
     say = progress or (lambda _m: None)

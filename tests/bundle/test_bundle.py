@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
 from bbadapt.core.trace import find_stages
 from bbadapt.pipeline import ConvertOptions, convert
+from bbadapt.verify import images
 
 
 @pytest.mark.parametrize("bn", ["fused", "affine", "global-stats"])
@@ -38,8 +38,9 @@ def test_tiny_batchnorm_variances_are_reported_in_manifest_report_and_terminal(t
     import subprocess
     import sys
 
-    from bbadapt.core import images, zoo
+    from bbadapt.core import zoo
     from bbadapt.core.weights import assign, read_params_file
+    from bbadapt.verify import images
 
     arrays = read_params_file(images.data_dir() / "cifar_resnet20_v1-0000.params")
     key = next(k for k in sorted(arrays) if k.endswith("running_var"))

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from bbadapt.bundle.backbone import load_backbone
-from bbadapt.core import images
 from bbadapt.core.architectures import arch_problem, rebuild
 from bbadapt.core.registry import ALIASES_0_1, stable_name
 from bbadapt.core.trace import block_paths
+from bbadapt.verify import images
 
 BUNDLES = Path(__file__).resolve().parents[1] / "data" / "bundles"
 OLD = BUNDLES / "cifar_resnet20_v1-affine-0.1.0"

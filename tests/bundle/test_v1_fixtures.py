@@ -17,8 +17,8 @@ import pytest
 
 import bbadapt
 from bbadapt.bundle.schema import CHECKPOINTS, EXPORT_FILES, MANIFEST, TRAIN_LOG, BundleManifest, TorchvisionExport
-from bbadapt.core import images
-from bbadapt.detection.options import TrainConfig
+from bbadapt.engines.gluon.options import TrainConfig
+from bbadapt.verify import images
 
 REPO = Path(__file__).resolve().parents[2]
 V1 = REPO / "tests" / "data" / "v1_bundles"
@@ -44,7 +44,7 @@ def v1(tmp_path) -> Path:
 @pytest.fixture
 def one_image(tmp_path) -> str:
     """A VOC set of one training and one validation photo: a run of one step."""
-    from tests.detection.raccoon import raccoon_voc
+    from tests.engines.gluon.raccoon import raccoon_voc
 
     return f"voc:{raccoon_voc(tmp_path / 'voc', train=[1], val=[12])}"
 
@@ -105,7 +105,7 @@ def test_the_v1_detector_rechecks_with_the_cli(v1):
 
 
 def test_the_v1_detector_trains_one_step(v1, one_image):
-    from bbadapt.detection.train import train
+    from bbadapt.engines.gluon.train import train
 
     bundle = bundle_only(v1)
     summary = train(bundle, one_image, SMALL)
@@ -116,7 +116,7 @@ def test_the_v1_detector_trains_one_step(v1, one_image):
 
 
 def test_the_v1_detector_evaluates(v1, one_image):
-    from bbadapt.detection.evaluate import evaluate
+    from bbadapt.engines.gluon.evaluate import evaluate
 
     result = evaluate(v1 / "detector", one_image)
     assert result["metric"] == "voc07" and 0.0 <= result["map"] <= 1.0 and result["epoch"] is None
@@ -134,7 +134,7 @@ def test_the_v1_detector_exports_an_mxnet_symbol(v1, tmp_path):
 
 
 def test_the_v1_checkpoint_evaluates_to_the_map_its_run_recorded(v1):
-    from bbadapt.detection.evaluate import evaluate
+    from bbadapt.engines.gluon.evaluate import evaluate
 
     last = v1 / "detector" / CHECKPOINTS / "last"
     recorded = json.loads((last / MANIFEST).read_text())["checkpoint"]
@@ -146,7 +146,7 @@ def test_the_v1_checkpoint_evaluates_to_the_map_its_run_recorded(v1):
 
 
 def test_the_v1_checkpoint_resumes(v1):
-    from bbadapt.detection.train import train
+    from bbadapt.engines.gluon.train import train
 
     bundle = v1 / "detector"
     summary = train(bundle, f"voc:{RACCOON}", TrainConfig(epochs=2, short_side=192, max_size=320), resume=True)
@@ -156,7 +156,7 @@ def test_the_v1_checkpoint_resumes(v1):
 
 
 def test_the_v1_checkpoint_is_a_start_point_for_a_new_run(v1, tmp_path, one_image):
-    from bbadapt.detection.train import train
+    from bbadapt.engines.gluon.train import train
 
     start = tmp_path / "start"
     shutil.copytree(v1 / "detector" / CHECKPOINTS / "epoch-0001", start)
@@ -177,7 +177,7 @@ def test_the_v1_checkpoint_exports_an_mxnet_symbol_and_is_no_recheck_target(v1, 
 
 def test_the_v1_torchvision_export_is_recognised_as_bbadapts_own(v1):
     """Its 45 MB weights are not committed (see the README): the config and the --force ownership test."""
-    from bbadapt.detection.torchvision_export import export_ownership_problem
+    from converters.writers.torchvision_detector import export_ownership_problem
 
     export = v1 / "torchvision"
     config = TorchvisionExport.from_json(export / "config.json")
@@ -191,7 +191,7 @@ def test_the_v1_torchvision_export_is_recognised_as_bbadapts_own(v1):
 def test_the_v1_torchvision_export_config_builds_with_the_shipped_runtime(v1):
     """Today's runtime builds the model a version-1 config describes (its weights are not here to load)."""
     pytest.importorskip("torchvision")
-    from bbadapt.detection.torchvision_export import import_runtime
+    from converters.writers.torchvision_detector import import_runtime
 
     export = v1 / "torchvision"
     runtime = import_runtime(export)

@@ -11,7 +11,7 @@ import pytest
 
 import bbadapt
 from bbadapt import cli
-from bbadapt.core.errors import OptionError
+from bbadapt.platform.errors import OptionError
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_PARAMS = 8

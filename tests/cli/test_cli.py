@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bbadapt.core.images import data_dir
+from bbadapt.verify.images import data_dir
 
 WEIGHTS = str(data_dir() / "cifar_resnet20_v1-0000.params")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bbadapt.core.cuda_driver import DriverReport, FixedGpus, GpuInfo
 from bbadapt.doctor import collect, render
+from bbadapt.platform.cuda_driver import DriverReport, FixedGpus, GpuInfo
 
 from ..core.fake_cuda import LOG_ENV, fake_site
 

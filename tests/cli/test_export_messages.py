@@ -52,7 +52,7 @@ def test_a_missing_dependency_of_onnxruntime_is_named_too(monkeypatch, capsys, t
 
 def test_the_symbol_export_summary_says_what_each_figure_means():
     """The detector export's summary (from the real comparison function) printed with meanings."""
-    from bbadapt.detection.detector_bundle import compare_detections
+    from bbadapt.engines.gluon.detector_bundle import compare_detections
 
     rows = np.array([[[0.0], [0.0]]]), np.array([[[0.9], [0.8]]]), np.array([[[1, 2, 30, 40], [5, 6, 50, 60.0]]])
     summary = {"symbol": "deploy/frcnn-symbol.json", "params": "deploy/frcnn-0000.params", "input_shape": [1, 3, 320, 480],

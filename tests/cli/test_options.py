@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import bbadapt
-from bbadapt.core.errors import BbadaptError, ModelError, OptionError, SpecError
 from bbadapt.options import ConvertOptions, DetectorOptions, EvaluateOptions, TrainOptions
+from bbadapt.platform.errors import BbadaptError, ModelError, OptionError, SpecError
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR = "cifar_resnet20_v1"
@@ -124,7 +124,7 @@ def test_the_python_api_builds_the_same_objects_the_cli_does():
     assert bbadapt.ConvertOptions is ConvertOptions and bbadapt.DetectorOptions is DetectorOptions
     assert bbadapt.TrainOptions is TrainOptions and bbadapt.EvaluateOptions is EvaluateOptions
     from bbadapt import pipeline
-    from bbadapt.detection import options as detection_options
+    from bbadapt.engines.gluon import options as detection_options
 
     assert pipeline.ConvertOptions is ConvertOptions and pipeline.DetectorOptions is DetectorOptions  # the old homes
     assert detection_options.TrainConfig is TrainOptions
@@ -162,13 +162,13 @@ def test_what_needs_the_model_is_refused_alike_before_any_work(model, detector, 
 
 
 VALIDATORS = {  # (module, name) of each rule; every module holding the same function by name is wrapped too
-    "require_detector_fits": ("bbadapt.detection.options", "require_detector_fits"),
-    "check_classes": ("bbadapt.detection.options", "check_classes"),
-    "check_settings": ("bbadapt.detection.options", "check_settings"),
-    "check_metric": ("bbadapt.detection.options", "check_metric"),
+    "require_detector_fits": ("bbadapt.engines.gluon.options", "require_detector_fits"),
+    "check_classes": ("bbadapt.engines.gluon.options", "check_classes"),
+    "check_settings": ("bbadapt.engines.gluon.options", "check_settings"),
+    "check_metric": ("bbadapt.engines.gluon.options", "check_metric"),
     "check_sizes": ("bbadapt.options", "check_sizes"),
-    "validate_request": ("bbadapt.detection.build", "validate_request"),
-    "settings_for": ("bbadapt.detection.build", "settings_for"),
+    "validate_request": ("bbadapt.engines.gluon.build", "validate_request"),
+    "settings_for": ("bbadapt.engines.gluon.build", "settings_for"),
 }
 METHODS = {"ConvertOptions": (ConvertOptions, "__post_init__"), "DetectorOptions": (DetectorOptions, "__post_init__"),
            "TrainOptions.check": (TrainOptions, "check"), "EvaluateOptions": (EvaluateOptions, "__post_init__")}
@@ -179,8 +179,8 @@ def calls(monkeypatch) -> dict[str, int]:
     """Every validator wrapped in a counter, wherever a module imported it by name; ``calls`` counts."""
     import importlib
 
-    for module in ("bbadapt.pipeline", "bbadapt.detection.build", "bbadapt.detection.detector_bundle",
-                   "bbadapt.detection.train", "bbadapt.detection.evaluate", "bbadapt.cli"):
+    for module in ("bbadapt.pipeline", "bbadapt.engines.gluon.build", "bbadapt.engines.gluon.detector_bundle",
+                   "bbadapt.engines.gluon.train", "bbadapt.engines.gluon.evaluate", "bbadapt.cli"):
         importlib.import_module(module)
     counts = dict.fromkeys([*VALIDATORS, *METHODS], 0)
 
@@ -256,7 +256,7 @@ def test_a_weights_file_is_fitted_once_after_it_is_read(calls, monkeypatch, tmp_
 def test_loose_values_make_one_object_each(calls):
     """The entry points for loose values (a manifest's section, scripts) validate once, by making the object."""
     from bbadapt.core import zoo
-    from bbadapt.detection.build import validate_request
+    from bbadapt.engines.gluon.build import validate_request
 
     made = validate_request(zoo.model_info("resnet18_v1b"), ["dog"], "fpn", 0)
     assert made == DetectorOptions(classes=("dog",), layout="fpn", freeze_at=0)
@@ -264,8 +264,8 @@ def test_loose_values_make_one_object_each(calls):
 
 
 def test_train_and_evaluate_trust_their_options(calls, tmp_path):
-    from bbadapt.detection.evaluate import evaluate
-    from bbadapt.detection.train import train
+    from bbadapt.engines.gluon.evaluate import evaluate
+    from bbadapt.engines.gluon.train import train
 
     config, options = TrainOptions(epochs=1), EvaluateOptions(metric="voc12")
     assert calls["TrainOptions.check"] == 1 and calls["check_metric"] == 1

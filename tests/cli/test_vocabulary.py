@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from bbadapt.detection.options import EvaluateOptions, TrainConfig
+from bbadapt.engines.gluon.options import EvaluateOptions, TrainConfig
 
 COMMANDS = ["convert", "check", "export", "list", "formats", "inspect", "train", "evaluate"]
 WIDE = {**os.environ, "COLUMNS": "400", "TERM": "dumb"}
@@ -82,8 +82,8 @@ def test_train_and_evaluate_take_the_same_device_options(helps):
         assert option in train and option in evaluate
     assert "--gpu" not in evaluate  # the old, different spelling is gone
     # in Python too: the same name, the same string syntax
-    from bbadapt.detection.evaluate import evaluate as evaluate_fn
-    from bbadapt.detection.train import train as train_fn
+    from bbadapt.engines.gluon.evaluate import evaluate as evaluate_fn
+    from bbadapt.engines.gluon.train import train as train_fn
 
     for fn in (train_fn, evaluate_fn):
         assert "gpus" in inspect.signature(fn).parameters

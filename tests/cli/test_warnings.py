@@ -10,7 +10,7 @@ import pytest
 import typer
 
 from bbadapt import cli
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 
 
 def numpy_warns() -> None:

@@ -3,7 +3,7 @@
 ``python -m tests.converters.fuzz_readers TARGET [--examples N] [--derandomize]`` (TARGET: a name
 from :data:`TARGETS` or ``all``). ``tests/converters/test_fuzz.py`` runs a short, deterministic
 budget inside the test suite; ``make fuzz`` a long, random one. A run fails on the first input
-that makes a reader raise anything but a one-line :class:`~bbadapt.core.errors.BbadaptError`;
+that makes a reader raise anything but a one-line :class:`~bbadapt.platform.errors.BbadaptError`;
 Hypothesis then shrinks it to the smallest mutation that still fails and prints it.
 
 Seeds are real files: the packaged gluoncv CIFAR ResNet-20 export (``bbadapt/data``) and the
@@ -35,7 +35,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bbadapt.core.errors import BbadaptError
+from bbadapt.platform.errors import BbadaptError
 
 ROOT = Path(__file__).resolve().parents[2]
 CIFAR_PARAMS = ROOT / "bbadapt" / "data" / "cifar_resnet20_v1-0000.params"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
 from bbadapt.core.blocks import bn_constants, get_block, param_value
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.spec import parse_spec
+from bbadapt.platform.errors import ModelError, WeightsError
+from bbadapt.verify import images
 from converters import readers
 from converters.readers import detectron as dt
 from converters.readers import safe_pickle

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbadapt.core.errors import WeightsError
 from bbadapt.core.weights import structural_params
+from bbadapt.platform.errors import WeightsError
 from converters import readers
 from converters.readers.base import BFLOAT16, float32_tensors
 

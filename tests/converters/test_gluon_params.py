@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images, zoo
-from bbadapt.core.errors import ModelError, WeightsError
+from bbadapt.core import zoo
 from bbadapt.core.weights import structural_params
+from bbadapt.platform.errors import ModelError, WeightsError
+from bbadapt.verify import images
 from converters import readers
 from converters.readers import gluon_params, ndarray_file
 from tests.conftest import SMALL_SIZES, calibrated

@@ -11,8 +11,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from bbadapt.core import images
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
+from bbadapt.verify import images
 from converters.readers import inspection, ndarray_file
 from tests.converters.test_mxnet_symbol import write_checkpoint
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
-from bbadapt.core.errors import ModelError, WeightsError
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import PRESETS
+from bbadapt.platform.errors import ModelError, WeightsError
+from bbadapt.verify import images
 from converters import readers
 from converters.readers import keras as kconv
 from tests import keras_reference as kr

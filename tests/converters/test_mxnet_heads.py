@@ -14,8 +14,8 @@ import json
 import mxnet as mx
 import pytest
 
-from bbadapt.core import images
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
+from bbadapt.verify import images
 from converters import readers as converters
 from converters.readers import mxnet_symbol
 from tests.converters.test_mxnet_symbol import FP32_ROUNDING, GRAPHS, max_rel, write_checkpoint

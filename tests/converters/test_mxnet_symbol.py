@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
-from bbadapt.core.errors import BbadaptError, ModelError, WeightsError
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import randomize, structural_params
+from bbadapt.platform.errors import BbadaptError, ModelError, WeightsError
+from bbadapt.verify import images
 from converters import readers
 from converters.readers import mxnet_symbol, ndarray_file
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
-from bbadapt.core.errors import OutputError
 from bbadapt.core.spec import PRESETS
+from bbadapt.platform.errors import OutputError
+from bbadapt.verify import images
 from tests.conftest import calibrated
 
 

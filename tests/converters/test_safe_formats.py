@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbadapt.core.errors import WeightsError
+from bbadapt.platform.errors import WeightsError
 from converters.readers import safe_pickle, safetensors_io
 from tests import py2pickle
 
@@ -109,7 +109,7 @@ def test_truncated_files_and_garbage_are_refused(tmp_path):
 
 
 def test_an_existing_output_is_kept_unless_forced(tmp_path):
-    from bbadapt.core.errors import OutputError
+    from bbadapt.platform.errors import OutputError
 
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")

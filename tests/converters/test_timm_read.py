@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images, zoo
-from bbadapt.core.errors import WeightsError
+from bbadapt.core import zoo
 from bbadapt.core.spec import PRESETS, InputSpec, parse_spec
 from bbadapt.core.weights import structural_params
+from bbadapt.platform.errors import WeightsError
+from bbadapt.verify import images
 from converters import readers
 from converters.readers import timm as timm_reader
 from converters.readers.inspection import inspect_file

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
-from bbadapt.core.errors import ModelError, OutputError
 from bbadapt.core.spec import PRESETS
+from bbadapt.platform.errors import ModelError, OutputError
+from bbadapt.verify import images
 from converters.writers import timm as timm_out
 from tests.timm_models import forward, save_all, timm_model
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images
-from bbadapt.core.errors import ModelError, OutputError, WeightsError
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.weights import structural_params
+from bbadapt.platform.errors import ModelError, OutputError, WeightsError
+from bbadapt.verify import images
 from converters import readers
 from converters.readers import safetensors_io
 from converters.readers import torchvision as tv

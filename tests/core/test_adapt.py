@@ -7,13 +7,13 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 import bbadapt
-from bbadapt.core import images
 from bbadapt.core.blocks import FrozenAffine, Identity
-from bbadapt.core.errors import WeightsError
 from bbadapt.core.plan import Affine, FoldIntoBN, Fuse
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import parse_spec
 from bbadapt.core.trace import block_paths
+from bbadapt.platform.errors import WeightsError
+from bbadapt.verify import images
 from bbadapt.verify.equivalence import CheckOptions, check
 from tests.conftest import SMALL_SIZES, calibrated
 
@@ -174,7 +174,7 @@ def test_a_hybridized_network_that_already_ran_adapts_and_checks(net18v2):
 
 
 def test_adapting_an_adapted_network_is_refused_in_one_line(net18v1):
-    from bbadapt.core.errors import ModelError
+    from bbadapt.platform.errors import ModelError
 
     adapted = bbadapt.adapt(net18v1, "imagenet", "rgb255")
     with pytest.raises(ModelError, match="already adapted"):

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bbadapt.core.errors import SpecError
 from bbadapt.core.spec import PRESETS, InputSpec, affine_map, apply_map, parse_spec
+from bbadapt.platform.errors import SpecError
 
 
 def raw_images(seed=0, n=2):

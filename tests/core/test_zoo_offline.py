@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bbadapt.core.download import DEFAULT_REPO, repo_url
+from bbadapt.platform.download import DEFAULT_REPO, repo_url
 
 
 def closed_port() -> int:

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images, zoo
+from bbadapt.core import zoo
 from bbadapt.core.rewrite import BN_MODES, clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize
+from bbadapt.verify import images
 from bbadapt.verify.equivalence import CheckOptions, check, reference
 from bbadapt.verify.report import render_markdown
 from tests.conftest import SMALL_SIZES

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images, zoo
-from bbadapt.core.errors import WeightsError
+from bbadapt.core import zoo
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import PRESETS
 from bbadapt.core.trace import block_paths
 from bbadapt.core.weights import calibrate_batchnorms, randomize, structural_params
+from bbadapt.platform.errors import WeightsError
+from bbadapt.verify import images
 from bbadapt.verify.equivalence import CheckOptions, check
 
 FLOAT32_STORAGE = 1e-6  # relative: the moments are stored as float32 (6e-8), with margin

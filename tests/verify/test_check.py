@@ -69,8 +69,9 @@ def test_reports_render_and_hold_the_schema_fields(net18v2, tmp_path):
 
 def test_an_approximate_fold_still_fails_when_a_stage_is_wrong():
     """Away from the zero padding an approximate fold must be exact: every stage interior is judged."""
-    from bbadapt.core import images, zoo
+    from bbadapt.core import zoo
     from bbadapt.core.weights import load_into
+    from bbadapt.verify import images
 
     net = zoo.build("cifar_resnet20_v1")
     load_into(net, images.data_dir() / "cifar_resnet20_v1-0000.params")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import bbadapt
-from bbadapt.core import images, zoo
+from bbadapt.core import zoo
 from bbadapt.core.weights import load_into
+from bbadapt.verify import images
 
 ACCURACY = {"cifar_resnet20_v1": 0.98, "cifar_resnet20_v2": 0.94}
 

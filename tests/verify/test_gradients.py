@@ -57,7 +57,7 @@ def test_fused_states_the_gradient_scale_instead_of_passing(net18v1b):
 
 
 def test_pretrained_cifar_net_with_a_data_bn_passes():
-    from bbadapt.core.images import data_dir
+    from bbadapt.verify.images import data_dir
     from converters.readers import read
 
     net = read(str(data_dir() / "cifar_resnet20_v2-symbol.json")).net

@@ -12,10 +12,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from bbadapt.core import images, zoo
+from bbadapt.core import zoo
 from bbadapt.core.rewrite import clone
 from bbadapt.core.spec import parse_spec
 from bbadapt.pipeline import calibration_images, load_source
+from bbadapt.verify import images
 from tests import trained_like
 
 

@@ -14,8 +14,8 @@ what makes every builder known.
 from __future__ import annotations
 
 from bbadapt.core.architectures import gluon_resnet, keras_resnet, symbolic_resnet  # noqa: F401 - registers builders
-from bbadapt.core.errors import ModelError
 from bbadapt.core.registry import registered, stable_name
+from bbadapt.platform.errors import ModelError
 
 
 def arch_problem(arch: object) -> str | None:

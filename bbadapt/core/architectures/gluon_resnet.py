@@ -6,9 +6,9 @@ needs the same body with its own class count, so it is a builder an ``arch`` rec
 
 from __future__ import annotations
 
-from bbadapt.core.errors import ModelError
 from bbadapt.core.registry import architecture_builder
 from bbadapt.core.zoo import RESNET_LAYOUTS
+from bbadapt.platform.errors import ModelError
 
 
 @architecture_builder("gluon-resnet-v1")

@@ -128,7 +128,7 @@ def _classes():
 
 def _checked(blocks, classes, eps) -> tuple[list[int], int, float]:
     """Builder arguments as they come from a manifest: validated, one ModelError line otherwise."""
-    from bbadapt.core.errors import ModelError
+    from bbadapt.platform.errors import ModelError
 
     try:
         blocks, classes, eps = [int(b) for b in blocks], int(classes), float(eps)

@@ -1,0 +1,1 @@
+"""Detector engines: the MXNet/GluonCV one (gluon/); each reads bundles through bbadapt.bundle."""

@@ -1,0 +1,1 @@
+"""Plumbing: errors, atomic writes, downloads, devices and CUDA discovery; no model math."""
