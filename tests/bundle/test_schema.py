@@ -208,7 +208,7 @@ def test_a_foreign_or_newer_torchvision_config_is_refused():
 
 def test_the_shipped_runtime_reads_the_names_the_schema_writes():
     """frcnn_runtime.py ships inside an export and imports no bbadapt: its constants must agree by value."""
-    from bbadapt.engines.gluon import frcnn_runtime
+    from converters.writers import frcnn_runtime
 
     assert (frcnn_runtime.CONFIG, frcnn_runtime.WEIGHTS, frcnn_runtime.FORMAT) == (EXPORT_CONFIG, EXPORT_WEIGHTS,
                                                                                    TORCHVISION_FORMAT)
