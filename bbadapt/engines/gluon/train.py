@@ -45,6 +45,7 @@ from bbadapt.bundle.schema import (
     epoch_name,
 )
 from bbadapt.core.zoo import import_gluoncv
+from bbadapt.engines.common.schedule import LOSS_LIMIT, LOSSES, WEIGHT_GROWTH_LIMIT, learning_rate  # noqa: F401
 from bbadapt.engines.gluon.detector_bundle import save_detector_params
 from bbadapt.engines.gluon.distributed import Workers, epoch_sampler
 from bbadapt.engines.gluon.options import TrainConfig, resolve_schedule
@@ -56,9 +57,6 @@ import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside 
 
 LOG = TRAIN_LOG  # the names this module always exported; the files are named in bbadapt.bundle.schema
 STATES = TRAINER_STATES
-LOSSES = ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")
-LOSS_LIMIT = 1e4  # a Faster R-CNN loss (normalised per positive) beyond this has exploded, not learned
-WEIGHT_GROWTH_LIMIT = 10.0  # trainable weights' global L2 norm vs the run's start: beyond this, exploded
 
 
 # ----------------------------------------------------------------------------- devices
@@ -122,19 +120,6 @@ def read_checkpoint(directory: Path) -> BundleManifest:
 
 
 # ----------------------------------------------------------------------------- schedule
-
-
-def learning_rate(config: TrainConfig, epoch: int, batch: int) -> float:
-    """The lr at ``batch`` of ``epoch``: linear warmup from ``warmup_factor`` over the first
-    ``warmup_iters`` iterations of epoch 0 (as gluoncv's script), times ``lr_decay`` per step passed.
-
-    A pure function of the position, so a resumed run continues the schedule exactly.
-    """
-    lr = config.lr * config.lr_decay ** sum(1 for s in config.lr_steps if epoch >= s)
-    if epoch == 0 and config.warmup_iters and batch < config.warmup_iters:
-        alpha = batch / config.warmup_iters
-        lr *= config.warmup_factor * (1 - alpha) + alpha
-    return lr
 
 
 # ----------------------------------------------------------------------------- progress
