@@ -505,6 +505,9 @@ def train_cmd(
                 result = train(directory, dataset, config, gpus=gpus, resume=resume, horovod=horovod, progress=progress)
         except KeyboardInterrupt:
             last = directory / CHECKPOINTS / LAST
+            if torch_engine and sys.modules["bbadapt.engines.torch.train"].TERMINATED:
+                fail("stopped by torchrun: another process of this job failed or was killed; "
+                     + (f"{last} is intact (continue with --resume)" if last.is_dir() else "no checkpoint was written"), 1)
             fail(f"interrupted; {last} is intact (continue with --resume)" if last.is_dir()
                  else "interrupted; no checkpoint was written", 130)
         if result["rank"] != 0:

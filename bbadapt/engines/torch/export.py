@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -90,6 +91,28 @@ def load_model(directory: str | os.PathLike, device="cpu"):
     return model, export
 
 
-def state_arrays(model) -> dict:
-    """The model's state dict as numpy arrays (what ``model.safetensors`` holds)."""
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+_SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32", "float16": "F16",
+                       "bfloat16": "BF16"}
+
+
+def safetensors_bytes(model, metadata: dict[str, str]) -> bytes:
+    """``model.safetensors`` of the model's state dict (the layout the export's runtime reads), written here so the
+    torch engine needs neither the ``safetensors`` package nor bbadapt's readers."""
+    header: dict = {"__metadata__": dict(metadata)}
+    chunks, offset = [], 0
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous()
+        raw = data.view(-1).view(torch_uint8()).numpy().tobytes() if data.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(data.dtype).removeprefix("torch.")], "shape": list(data.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8

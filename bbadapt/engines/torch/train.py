@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -40,7 +39,6 @@ import torch
 from bbadapt.bundle.schema import (
     BEST,
     CHECKPOINTS,
-    EPOCH_PREFIX,
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
     LAST,
@@ -273,7 +271,16 @@ class _Run:
         h = hashlib.sha256()
         for p in self.params:
             h.update(p.detach().cpu().numpy().tobytes())
-        return [h.hexdigest()]
+        digests = [h.hexdigest()]
+        if self.ranks.active:  # every rank must end with the same parameters
+            import torch.distributed as dist
+
+            digests = [None] * self.ranks.size
+            dist.all_gather_object(digests, h.hexdigest())
+            if len(set(digests)) > 1:
+                raise OutputError(f"the {self.ranks.size} torchrun processes ended with different parameters "
+                                  f"({', '.join(d[:12] for d in digests)})")
+        return digests
 
     def _epoch(self, loader) -> None:
         self.net.train()
@@ -383,11 +390,9 @@ class _Run:
         config = TorchvisionExport.from_dict({**self.export.to_dict(), tv.CHECKPOINT_SECTION: section.to_dict()})
         written = root / epoch_name(self.epoch)
         root.mkdir(parents=True, exist_ok=True)
-        from converters.readers.safetensors_io import dumps
-
         with ckpt.writing(written) as stage:
             metadata = {"format": "pt", "bbadapt.format": self.export.format, "bbadapt.layout": self.export.layout}
-            (stage / EXPORT_WEIGHTS).write_bytes(dumps(tv.state_arrays(self.model), metadata))
+            (stage / EXPORT_WEIGHTS).write_bytes(tv.safetensors_bytes(self.model, metadata))
             (stage / EXPORT_CONFIG).write_text(config.to_json())
             shutil.copyfile(self.dir / self.export.runtime, stage / self.export.runtime)
             torch.save({"optimizer": self.optimizer.state_dict(),
@@ -402,14 +407,14 @@ class _Run:
                   "val_map": val_map, "best": improved})
 
 
+TERMINATED = []  # set when the launcher sent SIGTERM: the CLI's line then names the other process
+
+
 def install_sigterm() -> None:
     """SIGTERM (torchrun stopping the job after another rank died) unwinds like Ctrl-C, so a checkpoint
     being staged is removed and the ones already written stay intact."""
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
+        TERMINATED.append(signum)
         raise KeyboardInterrupt
 
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
-
-
-__all__ = ["BEST", "EPOCH_PREFIX", "LAST", "install_sigterm", "pick_device", "train", "sys"]
+    signal.signal(signal.SIGTERM, handler)
