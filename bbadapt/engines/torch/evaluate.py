@@ -36,8 +36,8 @@ def predictions(model, data, input_range: str, device, *, amp_dtype=None,
                 out = model([x.to(device)])[0]
             height, width = x.shape[-2:]
             boxes = out["boxes"].float().cpu().numpy().astype(np.float32)
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width - 1)  # gluoncv clips to the image before scaling back
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height - 1)
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)  # as gluoncv's BBoxClipToImage (to the image's size)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
             yield (i, out["labels"].cpu().numpy().astype(np.float32) - 1, out["scores"].float().cpu().numpy(), boxes)
             if progress:
                 progress(i + 1, len(images))
