@@ -20,6 +20,7 @@ from bbadapt.engines.common.datasets import open_dataset
 from bbadapt.engines.common.metrics import Prediction, default_metric, score
 from bbadapt.engines.torch import export as tv
 from bbadapt.engines.torch.data import DetectionSet
+from bbadapt.engines.torch.devices import pick_device
 
 
 @torch.no_grad()
@@ -48,8 +49,6 @@ def predictions(model, data, input_range: str, device, *, amp_dtype=None,
 def evaluate(directory: str | os.PathLike, dataset: str, options, *, gpus: Optional[str] = None,
              progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """mAP of an export or torch checkpoint at ``directory`` on ``dataset`` (an :class:`EvaluateOptions`)."""
-    from bbadapt.engines.torch.train import pick_device
-
     directory = Path(directory)
     export = tv.read_export(directory)
     run = tv.checkpoint_of(export, directory)

@@ -54,7 +54,8 @@ from bbadapt.engines.common.progress import Log
 from bbadapt.engines.common.schedule import LOSS_LIMIT, LOSSES, WEIGHT_GROWTH_LIMIT, learning_rate, resolve_schedule
 from bbadapt.engines.torch import export as tv
 from bbadapt.engines.torch.data import DetectionSet, collate
-from bbadapt.platform.errors import BbadaptError, DeviceError, OptionError, OutputError
+from bbadapt.engines.torch.devices import pick_device
+from bbadapt.platform.errors import BbadaptError, OptionError, OutputError
 
 # torchvision's loss names -> the four both engines log
 TORCHVISION_LOSSES = {"loss_objectness": "rpn_cls", "loss_rpn_box_reg": "rpn_box", "loss_classifier": "rcnn_cls",
@@ -113,25 +114,6 @@ class Ranks:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def pick_device(gpus: Optional[str]) -> torch.device:
-    """``--gpus``: the GPU of this process (under torchrun, the local rank's); None: the CPU."""
-    if gpus is None:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DeviceError("GPU requested but torch sees no GPU (a CPU build of torch, or no driver); use --cpu")
-    ids = [int(v) for v in str(gpus).split(",") if v.strip()]
-    if "LOCAL_RANK" in os.environ:
-        index = int(os.environ["LOCAL_RANK"])
-    elif len(ids) > 1:
-        raise OptionError("the torch engine drives one GPU per process: launch it with torchrun --nproc_per_node "
-                          f"{len(ids)} ... --gpus 0 for {len(ids)} GPUs")
-    else:
-        index = ids[0]
-    if index >= torch.cuda.device_count():
-        raise DeviceError(f"GPU {index} requested but torch sees {torch.cuda.device_count()} GPU(s)")
-    return torch.device("cuda", index)
 
 
 def config_dict(config) -> dict:
