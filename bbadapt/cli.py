@@ -480,18 +480,34 @@ def train_cmd(
     """Train a Faster R-CNN bundle on VOC or COCO data; checkpoints go to DIR/checkpoints/."""
     with user_errors():
         config = TrainConfig(**_fields_of(TrainConfig, {**locals(), "lr_steps": _epoch_steps(lr_steps)}))  # validated
-        from bbadapt.engines.gluon.datasets import parse_dataset  # imports mxnet: after the options' own errors
+        from bbadapt.engines.common.datasets import parse_dataset
+        from bbadapt.engines.common.progress import console_progress
+        from bbadapt.engines.torch.export import is_export
         from bbadapt.platform.devices import device_choice
 
         parse_dataset(dataset)  # usage errors before any bundle or data is read
         gpus = device_choice(gpus, cpu)
-        from bbadapt.engines.gluon.train import console_progress, train
+        torch_engine = is_export(directory)  # the engine follows the directory's content: an export trains in torch
+        if torch_engine:
+            if horovod:
+                raise OptionError("--horovod drives the MXNet engine; a torchvision export trains on several processes "
+                                  "under torchrun (torchrun --nproc_per_node N bbadapt train ...)")
+            from bbadapt.engines.torch.train import install_sigterm
+            from bbadapt.engines.torch.train import train as torch_train
+
+            install_sigterm()
+            train = lambda *a, horovod, **k: torch_train(*a, **k)  # noqa: ARG005
+        else:
+            from bbadapt.engines.gluon.train import train
 
         try:
             with console_progress(err_console) as progress:
                 result = train(directory, dataset, config, gpus=gpus, resume=resume, horovod=horovod, progress=progress)
         except KeyboardInterrupt:
             last = directory / CHECKPOINTS / LAST
+            if torch_engine and sys.modules["bbadapt.engines.torch.train"].TERMINATED:
+                fail("stopped by torchrun: another process of this job failed or was killed; "
+                     + (f"{last} is intact (continue with --resume)" if last.is_dir() else "no checkpoint was written"), 1)
             fail(f"interrupted; {last} is intact (continue with --resume)" if last.is_dir()
                  else "interrupted; no checkpoint was written", 130)
         if result["rank"] != 0:
@@ -505,7 +521,7 @@ def train_cmd(
                          if (path := directory / CHECKPOINTS / name).is_symlink())
         out_console.print(f"trained epochs {result['started_at_epoch'] + 1}..{result['epochs']} "
                           f"({result['iterations']} iterations in all, lr {result['lr']:g}, warmup "
-                          f"{result['warmup_iters']}); best VOC07 mAP {best}; checkpoints in "
+                          f"{result['warmup_iters']}); best validation mAP {best}; checkpoints in "
                           f"{directory / 'checkpoints'}{f' ({refs})' if refs else ''}", markup=False)
 
 
@@ -523,19 +539,23 @@ def evaluate_cmd(
     """Print detection mAP per class and the mean."""
     with user_errors():
         options = EvaluateOptions(**_fields_of(EvaluateOptions, locals()))  # the metric is refused here
-        from bbadapt.engines.gluon.datasets import parse_dataset  # imports mxnet: after the options' own errors
+        from bbadapt.engines.common.datasets import parse_dataset
+        from bbadapt.engines.torch.export import is_export
         from bbadapt.platform.devices import device_choice
 
         parse_dataset(dataset)
         gpus = device_choice(gpus, cpu)
-        from bbadapt.engines.gluon.evaluate import evaluate
+        if is_export(directory):  # a torchvision export or a torch checkpoint: the torch engine (no mxnet)
+            from bbadapt.engines.torch.evaluate import evaluate
+        else:
+            from bbadapt.engines.gluon.evaluate import evaluate
 
         with progress_line() as say:
             result = evaluate(directory, dataset, options, gpus=gpus,
                               progress=lambda i, n: say(f"image {i}/{n}") if i % 10 == 0 else None)
         for name, ap in result["per_class"].items():
             out_console.print(f"{name:<20} {ap:.4f}", markup=False)
-        out_console.print(f"{metric} mAP {result['map']:.4f} on {result['images']} images "
+        out_console.print(f"{result['metric']} mAP {result['map']:.4f} on {result['images']} images "
                           f"(short side {result['short_side']})", markup=False)
 
 

@@ -2,20 +2,17 @@
 
 Predictions and scoring are separate steps on purpose: :func:`predictions` runs the
 detector over a dataset, :func:`score` turns any stream of per-image detections into mAP
-through gluoncv's own metrics (``VOC07MApMetric``, ``VOCMApMetric``) or pycocotools. The
+through the shared scoring of :mod:`bbadapt.engines.common.metrics` (gluoncv's VOC metrics
+restated in numpy) or pycocotools. The
 tests feed ground truth through :func:`score` to pin the metric path down independently of
 a (randomly initialised) detector.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -62,56 +59,12 @@ def score(data, preds: Iterable[Prediction], metric: str = "voc07") -> dict:
 
 
 def _score(data, preds: Iterable[Prediction], metric: str) -> dict:
-    """:func:`score` for a metric already validated (an :class:`EvaluateOptions`'s)."""
-    if metric == "coco":
-        return _score_coco(data, preds)
-    from gluoncv.utils.metrics.voc_detection import VOC07MApMetric, VOCMApMetric
+    """:func:`score` for a metric already validated (an :class:`EvaluateOptions`'s): the scoring both engines share
+    (:mod:`bbadapt.engines.common.metrics`; ``auto`` is COCO AP on COCO data, VOC07 on VOC)."""
+    from bbadapt.engines.common.metrics import default_metric
+    from bbadapt.engines.common.metrics import score as shared_score
 
-    scorer = (VOC07MApMetric if metric == "voc07" else VOCMApMetric)(iou_thresh=0.5, class_names=list(data.classes))
-    for i, ids, scores, boxes in preds:
-        gt = data.label(i)
-        scorer.update(boxes[None], ids[None], scores[None], gt[None, :, :4], gt[None, :, 4], gt[None, :, 5])
-    names, values = scorer.get()
-    per_class = {n: float(v) for n, v in zip(names[:-1], values[:-1], strict=True)}
-    return {"metric": metric, "map": float(values[-1]), "per_class": per_class, "images": len(data)}
-
-
-def _score_coco(data, preds: Iterable[Prediction]) -> dict:
-    """COCO AP@[.5:.95] with pycocotools, against the dataset's own annotation file."""
-    from bbadapt.engines.gluon.datasets import COCOSet
-
-    if not isinstance(data, COCOSet):
-        raise OptionError("metric 'coco' needs a coco: dataset (its annotation file holds the category ids)")
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    doc = json.loads(Path(data.annotations).read_text())
-    cat_of = {str(c["name"]).strip(): c["id"] for c in doc["categories"]}
-    results = []
-    for i, ids, scores, boxes in preds:
-        for cls, s, (x1, y1, x2, y2) in zip(ids, scores, boxes, strict=True):
-            if cls < 0 or data.classes[int(cls)] not in cat_of:
-                continue  # padding, or a bundle class this file has no category for (nothing to match)
-            results.append({"image_id": data.image_ids[i], "category_id": cat_of[data.classes[int(cls)]],
-                            "bbox": [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)], "score": float(s)})
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints; the CLI's output is ours
-        truth = COCO(str(data.annotations))
-        if not results:
-            return {"metric": "coco", "map": 0.0, "map50": 0.0, "per_class": {}, "images": len(data)}
-        found = truth.loadRes(results)
-        ev = COCOeval(truth, found, "bbox")
-        ev.params.imgIds = list(data.image_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    per_class = {}
-    for k, cat in enumerate(ev.params.catIds):
-        precision = ev.eval["precision"][:, :, k, 0, -1]
-        valid = precision[precision > -1]
-        name = next(n for n, c in cat_of.items() if c == cat)
-        per_class[name] = float(valid.mean()) if valid.size else float("nan")
-    return {"metric": "coco", "map": float(ev.stats[0]), "map50": float(ev.stats[1]), "per_class": per_class,
-            "images": len(data)}
+    return shared_score(data, preds, default_metric(metric, data))
 
 
 def evaluate(directory: str | os.PathLike, dataset: str, options: Optional[EvaluateOptions] = None, *,

@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Optional
 
+from bbadapt.engines.common.schedule import (  # noqa: F401 - engine-neutral; importable from here, as before
+    LR_PER_IMAGE,
+    RANDOM_LR_FACTOR,
+    RANDOM_WARMUP_ITERS,
+    WARMUP_ITERS,
+    default_schedule,
+    resolve_schedule,
+)
 from bbadapt.platform.errors import ModelError, OptionError
 
 DETECTORS = ("faster-rcnn",)
 LAYOUTS = ("c4", "fpn")
 FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone
-METRICS = ("voc07", "voc12", "coco")
+METRICS = ("voc07", "voc12", "coco", "auto")  # auto: COCO AP on coco: data, VOC07 on voc:
 
 # gluoncv 0.10.5 model_zoo/rcnn/faster_rcnn/predefined_models.py, faster_rcnn_resnet50_v1b_voc
 C4_DEFAULTS: dict = {
@@ -115,17 +123,6 @@ def require_detector_fits(info, detector: DetectorOptions) -> None:
         raise ModelError(f"{info.name} is a CIFAR network (32x32 inputs, no stride-16/32 stages); "
                          "a Faster R-CNN needs an ImageNet-style ResNet")
 
-# GluonCV's recipe (scripts/detection/faster_rcnn/train_faster_rcnn.py, COCO): lr 0.01 for 8 images
-# per step, i.e. 0.00125 per image (the linear scaling rule), after a linear warmup from lr/3.
-LR_PER_IMAGE = 0.00125
-WARMUP_ITERS = 100
-# A detector whose backbone weights are random starts with R-CNN losses of 10-20 (logits of random
-# stage-4 features); at GluonCV's lr without warmup the loss quadrupled in one step before settling
-# (measured, resnet18_v1b, short side 192), and at 0.01 it diverged: a quarter of it, warmed up longer.
-RANDOM_LR_FACTOR = 0.25
-RANDOM_WARMUP_ITERS = 200
-
-
 @dataclass
 class TrainConfig:
     """Every setting of a run; stored in each checkpoint so a resumed run continues the same schedule.
@@ -179,37 +176,6 @@ class TrainConfig:
         warmup = 0 if self.warmup_iters is None else self.warmup_iters
         if not 0 <= self.flip_p <= 1 or warmup < 0 or self.lr_decay <= 0 or self.num_workers < 0:
             raise OptionError("flip probability must be in [0, 1]; warmup iterations, workers >= 0; lr decay > 0")
-
-
-def default_schedule(batch_size: int, random_weights: bool) -> tuple[float, int, str]:
-    """(lr, warmup iterations, why) when the user gives neither ``--lr`` nor ``--warmup``."""
-    lr = LR_PER_IMAGE * batch_size
-    if random_weights:
-        return (lr * RANDOM_LR_FACTOR, RANDOM_WARMUP_ITERS,
-                f"{RANDOM_LR_FACTOR:g} x GluonCV's {LR_PER_IMAGE:g} per image: the bundle's weights are random")
-    return lr, WARMUP_ITERS, f"GluonCV's {LR_PER_IMAGE:g} per image x batch size {batch_size}"
-
-
-def resolve_schedule(config: TrainConfig, random_weights: bool, stored: Optional[dict] = None) -> tuple[TrainConfig, str]:
-    """``config`` with ``lr``/``warmup_iters`` filled in (from the resumed run, else the defaults), and a note.
-
-    ``random_weights``: the bundle's backbone weights are random (``BundleManifest.random_weights``).
-    """
-    stored = stored or {}
-    lr, warmup, why = default_schedule(config.batch_size, random_weights)
-    notes = []
-    if config.lr is None:
-        lr = stored.get("lr", lr)
-        notes.append(f"lr {lr:g} ({'as the resumed run' if 'lr' in stored else why})")
-    else:
-        lr = config.lr
-    if config.warmup_iters is None:
-        warmup = stored.get("warmup_iters", warmup)
-        notes.append(f"warmup {warmup} iterations from lr x {config.warmup_factor:.2g}"
-                     f"{' (as the resumed run)' if 'warmup_iters' in stored else ''}")
-    else:
-        warmup = config.warmup_iters
-    return replace(config, lr=float(lr), warmup_iters=int(warmup)), "; ".join(notes)
 
 
 TrainOptions = TrainConfig  # the name issue 19 gives it, beside ConvertOptions and DetectorOptions

@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Optional
 
@@ -45,20 +44,21 @@ from bbadapt.bundle.schema import (
     epoch_name,
 )
 from bbadapt.core.zoo import import_gluoncv
+from bbadapt.engines.common.checkpoints import point_reference, referenced  # noqa: F401
+from bbadapt.engines.common.progress import Log as _Log  # noqa: F401
+from bbadapt.engines.common.progress import console_progress  # noqa: F401 - the CLI's, shared by both engines
+from bbadapt.engines.common.schedule import LOSS_LIMIT, LOSSES, WEIGHT_GROWTH_LIMIT, learning_rate  # noqa: F401
 from bbadapt.engines.gluon.detector_bundle import save_detector_params
 from bbadapt.engines.gluon.distributed import Workers, epoch_sampler
 from bbadapt.engines.gluon.options import TrainConfig, resolve_schedule
 from bbadapt.engines.gluon.runtime import check_proposals, detector_manifest, load_quietly
-from bbadapt.platform.atomic import point_at, remove_directory
+from bbadapt.platform.atomic import remove_directory
 from bbadapt.platform.errors import BbadaptError, DeviceError, OptionError, OutputError
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
 
 LOG = TRAIN_LOG  # the names this module always exported; the files are named in bbadapt.bundle.schema
 STATES = TRAINER_STATES
-LOSSES = ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")
-LOSS_LIMIT = 1e4  # a Faster R-CNN loss (normalised per positive) beyond this has exploded, not learned
-WEIGHT_GROWTH_LIMIT = 10.0  # trainable weights' global L2 norm vs the run's start: beyond this, exploded
 
 
 # ----------------------------------------------------------------------------- devices
@@ -92,24 +92,6 @@ def write_checkpoint(target: Path, net, trainer, manifest: BundleManifest, secti
         store_manifest(stage, manifest.replace(checkpoint=section))
 
 
-def point_reference(root: Path, name: str, epoch_dir: Path) -> None:
-    """``checkpoints/last`` or ``best`` -> ``epoch-NNNN`` (a relative link, swapped atomically)."""
-    try:
-        point_at(root / name, epoch_dir.name)
-    except OutputError as exc:
-        raise OutputError(f"{exc}; the checkpoints written before are intact") from None
-
-
-def referenced(root: Path) -> set[str]:
-    """Names of the epoch directories ``last`` and ``best`` point at (real directories name themselves)."""
-    names = set()
-    for ref in (LAST, BEST):
-        path = root / ref
-        if path.is_symlink():
-            names.add(Path(os.readlink(path)).name)
-    return names
-
-
 def read_checkpoint(directory: Path) -> BundleManifest:
     """The manifest of a training checkpoint (its ``checkpoint`` section validated with it), read once."""
     manifest = detector_manifest(directory)
@@ -124,102 +106,7 @@ def read_checkpoint(directory: Path) -> BundleManifest:
 # ----------------------------------------------------------------------------- schedule
 
 
-def learning_rate(config: TrainConfig, epoch: int, batch: int) -> float:
-    """The lr at ``batch`` of ``epoch``: linear warmup from ``warmup_factor`` over the first
-    ``warmup_iters`` iterations of epoch 0 (as gluoncv's script), times ``lr_decay`` per step passed.
-
-    A pure function of the position, so a resumed run continues the schedule exactly.
-    """
-    lr = config.lr * config.lr_decay ** sum(1 for s in config.lr_steps if epoch >= s)
-    if epoch == 0 and config.warmup_iters and batch < config.warmup_iters:
-        alpha = batch / config.warmup_iters
-        lr *= config.warmup_factor * (1 - alpha) + alpha
-    return lr
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-@contextlib.contextmanager
-def console_progress(console) -> Iterator[Callable[[dict], None]]:
-    """A rich progress bar (loss components, samples/s) on a terminal; plain lines otherwise.
-
-    Plain lines are printed for logged iterations, validations and checkpoints only, so a CI
-    log gets what ``train.log.jsonl`` gets, readable.
-    """
-    if console.is_terminal:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        columns = (TextColumn("{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[losses]}"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task("train", total=None, epoch="-", losses="")
-            yield lambda record: _bar_update(bar, task, console, record)
-    else:
-        yield lambda record: _plain_line(console, record)
-
-
-def _loss_text(record: dict) -> str:
-    parts = " ".join(f"{k}={record[k]:.3f}" for k in LOSSES)
-    return f"loss={record['loss']:.3f} ({parts}) lr={record['lr']:.2e} {record['samples_per_s']:.2f} samples/s"
-
-
-def _epoch_text(record: dict) -> str:
-    return f"epoch {record['epoch']}/{record['epochs']}" if record.get("epochs") else f"epoch {record['epoch']}"
-
-
-def _bar_update(bar, task, console, record: dict) -> None:
-    if record["event"] == "iter":
-        bar.update(task, completed=record["batch"] + 1, total=record["batches"], epoch=_epoch_text(record),
-                   losses=_loss_text(record))
-    else:
-        _plain_line(console, record)
-
-
-def _plain_line(console, record: dict) -> None:
-    event = record["event"]
-    if event == "start":
-        if record["epoch"] > record["epochs"]:
-            return
-        line = (f"training epochs {record['epoch']}..{record['epochs']} on {record['images']} images: "
-                f"lr {record['lr']:g}, warmup {record['warmup_iters']} iterations"
-                + (f" (defaults: {record['defaults']})" if record.get("defaults") else ""))
-    elif event == "iter" and record.get("logged"):
-        line = f"{_epoch_text(record)} batch {record['batch'] + 1}/{record['batches']}: {_loss_text(record)}"
-    elif event == "epoch":
-        line = (f"{_epoch_text(record)} done ({record['batches']} batches, {record['workers']} worker(s)): "
-                f"{_loss_text(record)}")
-    elif event == "val":
-        line = f"{_epoch_text(record)} validation: {record['metric']} mAP {record['map']:.4f}"
-    elif event == "checkpoint":
-        line = f"checkpoint {record['path']}{' (new best)' if record['best'] else ''}"
-    else:
-        return
-    console.print(line, markup=False, highlight=False)
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-class _Log:
-    """``train.log.jsonl`` (rank 0 only) plus the progress callback."""
-
-    def __init__(self, path: Optional[Path], progress: Optional[Callable[[dict], None]]):
-        self.path, self.progress = path, progress
-
-    def __call__(self, record: dict, write: bool = True) -> None:
-        record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record}
-        if write and self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.progress:
-            self.progress({**record, "logged": write})
 
 
 def train(bundle_dir: str | os.PathLike, dataset: str, config: Optional[TrainConfig] = None, *,
