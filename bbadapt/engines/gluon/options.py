@@ -22,7 +22,7 @@ from bbadapt.platform.errors import ModelError, OptionError
 DETECTORS = ("faster-rcnn",)
 LAYOUTS = ("c4", "fpn")
 FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone
-METRICS = ("voc07", "voc12", "coco")
+METRICS = ("auto", "voc07", "voc12", "coco")  # auto: coco on COCO data, voc07 on VOC data
 
 # gluoncv 0.10.5 model_zoo/rcnn/faster_rcnn/predefined_models.py, faster_rcnn_resnet50_v1b_voc
 C4_DEFAULTS: dict = {
@@ -143,7 +143,9 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_iters: Optional[int] = None  # linear warmup over the first iterations of epoch 1
     warmup_factor: float = 1 / 3
-    batch_size: int = 1  # images per step over all devices and all horovod workers (the global batch)
+    # images per step over all devices and all horovod workers (the global batch); None: one image per
+    # device per worker, resolved by the engine when the devices and workers are known (resolve_batch_size)
+    batch_size: Optional[int] = None
     short_side: int = 600
     max_size: int = 1000
     flip_p: float = 0.5
@@ -168,7 +170,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """The rules of every setting; runs in ``__post_init__`` (and again after any ``replace``)."""
-        positive = {"epochs": self.epochs, "lr": 1 if self.lr is None else self.lr, "batch_size": self.batch_size,
+        positive = {"epochs": self.epochs, "lr": 1 if self.lr is None else self.lr,
+                    "batch_size": 1 if self.batch_size is None else self.batch_size,
                     "short_side": self.short_side, "max_size": self.max_size, "checkpoint_every": self.checkpoint_every,
                     "val_interval": self.val_interval, "log_interval": self.log_interval}
         for name, value in positive.items():
@@ -196,7 +199,7 @@ def resolve_schedule(config: TrainConfig, random_weights: bool, stored: Optional
     ``random_weights``: the bundle's backbone weights are random (``BundleManifest.random_weights``).
     """
     stored = stored or {}
-    lr, warmup, why = default_schedule(config.batch_size, random_weights)
+    lr, warmup, why = default_schedule(config.batch_size or 1, random_weights)  # None: resolve_batch_size's job
     notes = []
     if config.lr is None:
         lr = stored.get("lr", lr)
@@ -215,6 +218,29 @@ def resolve_schedule(config: TrainConfig, random_weights: bool, stored: Optional
 TrainOptions = TrainConfig  # the name issue 19 gives it, beside ConvertOptions and DetectorOptions
 
 
+def resolve_batch_size(config: TrainConfig, devices: int, workers: int) -> TrainConfig:
+    """``config`` with an unset ``batch_size`` made one image per device per worker (``devices x workers``).
+
+    An explicit value keeps its global-batch meaning (and its divisibility rule); the default works
+    under any launcher (``horovodrun -np N``) without the user doing that sum.
+    """
+    if config.batch_size is not None:
+        return config
+    return replace(config, batch_size=devices * workers)
+
+
+def resolve_metric(metric: str, coco_data: bool) -> str:
+    """``auto``: COCO AP (pycocotools) on COCO data, VOC07 mAP on VOC data; any other metric as given."""
+    if metric != "auto":
+        return metric
+    if not coco_data:
+        return "voc07"
+    if importlib.util.find_spec("pycocotools") is None:
+        raise OptionError("COCO data is scored with COCO AP by default, which needs pycocotools: "
+                          "pip install 'bbadapt[coco]' (or pass --metric voc07)")
+    return "coco"
+
+
 def check_metric(metric: str) -> str:
     """A metric bbadapt scores, and for ``coco`` pycocotools installed (found without importing it)."""
     if metric not in METRICS:
@@ -231,7 +257,7 @@ class EvaluateOptions:
     The metric is validated when the object is made; :func:`~bbadapt.engines.gluon.evaluate.evaluate` trusts it.
     """
 
-    metric: str = "voc07"
+    metric: str = "auto"  # COCO AP on coco: data, VOC07 mAP on voc: data (resolve_metric)
     split: str = "val"
     short_side: Optional[int] = None
     max_size: Optional[int] = None
