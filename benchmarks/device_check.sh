@@ -32,6 +32,7 @@ done
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 WORK="${DEVICE_CHECK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")}"
+mkdir -p "$WORK"
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
