@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,test,lint,torch,timm,onnx]"
+	$(BIN)/python -m pip install -q -e ".[cpu,test,lint,torch,timm,onnx,coco]"
 	# onnxruntime's metadata asks numpy>=1.24.2 (mxnet 1.9.1 needs <1.24); 1.16.3 runs on 1.23.5 (tested)
 	$(BIN)/python -m pip install -q --no-deps onnxruntime==1.16.3
 	touch $(STAMP)

@@ -456,8 +456,9 @@ def train_cmd(
     warmup_iters: Optional[int] = typer.Option(TRAIN.warmup_iters, "--warmup", min=0, help=(
         f"iterations of linear warmup from lr x {TRAIN.warmup_factor:.2g}"), show_default=(
         f"{WARMUP_ITERS}; {RANDOM_WARMUP_ITERS} for random backbone weights; with --resume: the run's")),
-    batch_size: int = typer.Option(TRAIN.batch_size, min=1, help="images per step over all devices and all --horovod "
-                                   "workers (the global batch, as gluoncv's script); a multiple of devices x workers"),
+    batch_size: Optional[int] = typer.Option(TRAIN.batch_size, min=1, help="images per step over all devices and all "
+                                             "--horovod workers (the global batch, as gluoncv's script); a multiple of "
+                                             "devices x workers", show_default="one image per device per worker"),
     gpus: Optional[str] = typer.Option(None, help=GPUS_HELP + "; several: data parallel", show_default=NO_GPU),
     cpu: bool = typer.Option(False, "--cpu", help=CPU_HELP, show_default="off"),
     amp: bool = typer.Option(TRAIN.amp, "--amp/--no-amp", help="mixed precision (GPU only)"),
@@ -529,7 +530,8 @@ def train_cmd(
 def evaluate_cmd(
     directory: Path = typer.Argument(..., help="a checkpoint (DIR/checkpoints/best) or a detector bundle"),
     dataset: str = typer.Option(..., help="voc:DIR or coco:ANNOTATIONS.json[:IMAGES_DIR]"),
-    metric: str = typer.Option(EVALUATE.metric, help="voc07 (11-point), voc12 (area) or coco (needs pycocotools)"),
+    metric: str = typer.Option(EVALUATE.metric, help="auto (coco on COCO data, voc07 on VOC data), voc07 (11-point), "
+                               "voc12 (area) or coco (needs pycocotools)"),
     split: str = typer.Option(EVALUATE.split, help="VOC image set to evaluate on"),
     gpus: Optional[str] = typer.Option(None, help=GPUS_HELP + "; evaluation uses one", show_default=NO_GPU),
     cpu: bool = typer.Option(False, "--cpu", help=CPU_HELP, show_default="off"),

@@ -59,7 +59,7 @@ BAD = {
     "zero-lr": (["train", "DIR", "--dataset", "voc:DIR", "--lr", "0"], lambda: TrainOptions(lr=0.0), OptionError,
                 "--lr must be positive, got 0.0"),
     "metric": (["evaluate", "DIR", "--dataset", "voc:DIR", "--metric", "map"], lambda: EvaluateOptions(metric="map"),
-               OptionError, "unknown metric 'map'; choose one of: voc07, voc12, coco, auto"),
+               OptionError, "unknown metric 'map'; choose one of: auto, voc07, voc12, coco"),
 }
 
 

@@ -64,7 +64,8 @@ def test_train_and_evaluate_defaults_are_the_dataclass_fields(helps):
     """Each default is written once (TrainConfig / EvaluateOptions) and --help shows that value."""
     train = options_of(helps["train"])
     config = TrainConfig()
-    for field, option in [("epochs", "--epochs"), ("batch_size", "--batch-size"), ("short_side", "--short-side"),
+    assert config.batch_size is None and "[default: (one image per device per worker)]" in train["--batch-size"]
+    for field, option in [("epochs", "--epochs"), ("short_side", "--short-side"),
                           ("max_size", "--max-size"), ("checkpoint_every", "--checkpoint-every"),
                           ("val_interval", "--val-interval"), ("log_interval", "--log-interval"), ("seed", "--seed"),
                           ("num_workers", "--workers"), ("train_split", "--train-split"), ("val_split", "--val-split")]:

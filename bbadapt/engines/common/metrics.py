@@ -195,4 +195,13 @@ def default_metric(metric: str, data) -> str:
     """``auto``: COCO AP on COCO data, VOC07 mAP on VOC data; any other metric as given."""
     if metric != "auto":
         return metric
-    return "coco" if getattr(data, "kind", None) == "coco" else "voc07"
+    if getattr(data, "kind", None) != "coco":
+        return "voc07"
+    import importlib.util
+
+    if importlib.util.find_spec("pycocotools") is None:
+        from bbadapt.platform.errors import OptionError
+
+        raise OptionError("COCO data is scored with COCO AP by default, which needs pycocotools: "
+                          "pip install 'bbadapt[coco]' (or pass --metric voc07)")
+    return "coco"

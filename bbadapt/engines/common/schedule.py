@@ -22,6 +22,18 @@ LOSS_LIMIT = 1e4  # a Faster R-CNN loss (normalised per positive) beyond this ha
 WEIGHT_GROWTH_LIMIT = 10.0  # trainable weights' global L2 norm vs the run's start: beyond this, exploded
 
 
+def resolve_batch_size(config, devices: int, workers: int):
+    """``config`` with an unset ``batch_size`` made one image per device per worker (``devices x workers``).
+
+    An explicit value keeps its global-batch meaning (and its divisibility rule); the default works
+    under any launcher (``horovodrun -np N``, ``torchrun --nproc_per_node N``) without the user doing
+    that sum. Both engines call it once their devices and workers are known.
+    """
+    if config.batch_size is not None:
+        return config
+    return replace(config, batch_size=devices * workers)
+
+
 def default_schedule(batch_size: int, random_weights: bool) -> tuple[float, int, str]:
     """(lr, warmup iterations, why) when the user gives neither ``--lr`` nor ``--warmup``."""
     lr = LR_PER_IMAGE * batch_size
@@ -35,7 +47,7 @@ def resolve_schedule(config, random_weights: bool, stored: Optional[dict] = None
     """``config`` (a ``TrainConfig``) with ``lr``/``warmup_iters`` filled in (from the resumed run, else the
     defaults), and a note. ``random_weights``: the detector's backbone weights are random."""
     stored = stored or {}
-    lr, warmup, why = default_schedule(config.batch_size, random_weights)
+    lr, warmup, why = default_schedule(config.batch_size or 1, random_weights)  # None: resolve_batch_size's job
     notes = []
     if config.lr is None:
         lr = stored.get("lr", lr)

@@ -18,7 +18,11 @@ from typing import Optional
 import numpy as np
 
 from bbadapt.core.zoo import import_gluoncv
-from bbadapt.engines.gluon.options import METRICS, EvaluateOptions, check_metric  # noqa: F401 - importable from here too
+from bbadapt.engines.gluon.options import (  # noqa: F401 - importable from here too
+    METRICS,
+    EvaluateOptions,
+    check_metric,
+)
 from bbadapt.platform.errors import OptionError
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
@@ -54,7 +58,10 @@ def predictions(net, data, ctx, spec, short: int, max_size: int, *,
 
 
 def score(data, preds: Iterable[Prediction], metric: str = "voc07") -> dict:
-    """mAP of ``preds`` against ``data``'s labels: ``{"metric", "map", "per_class": {name: AP}}``."""
+    """mAP of ``preds`` against ``data``'s labels: ``{"metric", "map", "per_class": {name: AP}}``.
+
+    ``metric="auto"``: COCO AP on a COCO dataset, VOC07 mAP on VOC data.
+    """
     return _score(data, preds, check_metric(metric))
 
 

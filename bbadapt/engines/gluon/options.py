@@ -23,6 +23,7 @@ from bbadapt.engines.common.schedule import (  # noqa: F401 - engine-neutral; im
     RANDOM_WARMUP_ITERS,
     WARMUP_ITERS,
     default_schedule,
+    resolve_batch_size,
     resolve_schedule,
 )
 from bbadapt.platform.errors import ModelError, OptionError
@@ -30,7 +31,7 @@ from bbadapt.platform.errors import ModelError, OptionError
 DETECTORS = ("faster-rcnn",)
 LAYOUTS = ("c4", "fpn")
 FREEZE_LEVELS = range(6)  # 0: nothing frozen ... 5: the whole backbone
-METRICS = ("voc07", "voc12", "coco", "auto")  # auto: COCO AP on coco: data, VOC07 on voc:
+METRICS = ("auto", "voc07", "voc12", "coco")  # auto: coco on COCO data, voc07 on VOC data
 
 # gluoncv 0.10.5 model_zoo/rcnn/faster_rcnn/predefined_models.py, faster_rcnn_resnet50_v1b_voc
 C4_DEFAULTS: dict = {
@@ -140,7 +141,9 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_iters: Optional[int] = None  # linear warmup over the first iterations of epoch 1
     warmup_factor: float = 1 / 3
-    batch_size: int = 1  # images per step over all devices and all horovod workers (the global batch)
+    # images per step over all devices and all horovod workers (the global batch); None: one image per
+    # device per worker, resolved by the engine when the devices and workers are known (resolve_batch_size)
+    batch_size: Optional[int] = None
     short_side: int = 600
     max_size: int = 1000
     flip_p: float = 0.5
@@ -165,7 +168,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """The rules of every setting; runs in ``__post_init__`` (and again after any ``replace``)."""
-        positive = {"epochs": self.epochs, "lr": 1 if self.lr is None else self.lr, "batch_size": self.batch_size,
+        positive = {"epochs": self.epochs, "lr": 1 if self.lr is None else self.lr,
+                    "batch_size": 1 if self.batch_size is None else self.batch_size,
                     "short_side": self.short_side, "max_size": self.max_size, "checkpoint_every": self.checkpoint_every,
                     "val_interval": self.val_interval, "log_interval": self.log_interval}
         for name, value in positive.items():
@@ -197,7 +201,7 @@ class EvaluateOptions:
     The metric is validated when the object is made; :func:`~bbadapt.engines.gluon.evaluate.evaluate` trusts it.
     """
 
-    metric: str = "voc07"
+    metric: str = "auto"  # COCO AP on coco: data, VOC07 mAP on voc: data (engines.common.metrics.default_metric)
     split: str = "val"
     short_side: Optional[int] = None
     max_size: Optional[int] = None

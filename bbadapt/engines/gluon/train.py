@@ -50,7 +50,7 @@ from bbadapt.engines.common.progress import console_progress  # noqa: F401 - the
 from bbadapt.engines.common.schedule import LOSS_LIMIT, LOSSES, WEIGHT_GROWTH_LIMIT, learning_rate  # noqa: F401
 from bbadapt.engines.gluon.detector_bundle import save_detector_params
 from bbadapt.engines.gluon.distributed import Workers, epoch_sampler
-from bbadapt.engines.gluon.options import TrainConfig, resolve_schedule
+from bbadapt.engines.gluon.options import TrainConfig, resolve_batch_size, resolve_schedule
 from bbadapt.engines.gluon.runtime import check_proposals, detector_manifest, load_quietly
 from bbadapt.platform.atomic import remove_directory
 from bbadapt.platform.errors import BbadaptError, DeviceError, OptionError, OutputError
@@ -144,6 +144,7 @@ def train(bundle_dir: str | os.PathLike, dataset: str, config: Optional[TrainCon
     if config.amp and any(c.device_type != "gpu" for c in ctx):
         raise DeviceError("--amp (mixed precision) needs GPUs; MXNet 1.9.1's CPU AMP (bfloat16) "
                           "fails at the first convolution without AVX-512 (see docs/gpu.md)")
+    config = resolve_batch_size(config, len(ctx), workers.size)  # unset: one image per device per worker
     per_worker = workers.per_worker_batch(config.batch_size, len(ctx))
     start = _start_state(bundle_dir, resume)  # every worker: all must stop, or none
     run = start.checkpoint if start is not None else None

@@ -51,7 +51,14 @@ from bbadapt.engines.common import checkpoints as ckpt
 from bbadapt.engines.common.datasets import open_dataset, parse_dataset
 from bbadapt.engines.common.metrics import default_metric, score
 from bbadapt.engines.common.progress import Log
-from bbadapt.engines.common.schedule import LOSS_LIMIT, LOSSES, WEIGHT_GROWTH_LIMIT, learning_rate, resolve_schedule
+from bbadapt.engines.common.schedule import (
+    LOSS_LIMIT,
+    LOSSES,
+    WEIGHT_GROWTH_LIMIT,
+    learning_rate,
+    resolve_batch_size,
+    resolve_schedule,
+)
 from bbadapt.engines.torch import export as tv
 from bbadapt.engines.torch.data import DetectionSet, collate
 from bbadapt.engines.torch.devices import pick_device
@@ -151,6 +158,7 @@ def train(directory: str | os.PathLike, dataset: str, config, *, gpus: Optional[
     export = tv.read_export(directory)  # one line for anything that is not an export, before any data is read
     device = pick_device(gpus)
     ranks = Ranks(device)
+    config = resolve_batch_size(config, 1, ranks.size)  # unset: one image per process (one device each)
     if config.batch_size % ranks.size:
         raise OptionError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
                           f"{ranks.size} torchrun processes")

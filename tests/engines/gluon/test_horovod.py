@@ -211,6 +211,22 @@ def test_batch_size_is_the_global_batch_split_over_the_workers(two_epochs):
     assert finish["iteration"] == 4
 
 
+def test_default_options_run_one_image_per_worker(bundle, voc, tmp_path):
+    """No --batch-size under horovodrun -np 2: one image per device per worker, a global batch of 2
+    (it used to stop with "--batch-size 1 ... must be a multiple of the 2 workers")."""
+    out = tmp_path / "frcnn"
+    shutil.copytree(bundle, out)
+    code, text = horovod_train(out, voc, "--epochs", "1", output=tmp_path / "job.txt")
+    assert code == 0, text
+    assert not worker_tracebacks(text)
+    iters = records(out, "iter")
+    assert [(r["epoch"], r["batch"], r["batches"]) for r in iters] == [(1, 0, 2), (1, 1, 2)]
+    (finish,) = records(out, "finish")
+    assert finish["workers"] == 2 and finish["param_digests"][0] == finish["param_digests"][1]
+    stored = json.loads((out / "checkpoints" / "last" / "manifest.json").read_text())["checkpoint"]["config"]
+    assert stored["batch_size"] == 2  # the resolved global batch is what a --resume must match
+
+
 def test_batch_size_not_divisible_by_the_workers_is_refused(bundle, voc, tmp_path):
     out = tmp_path / "frcnn"
     shutil.copytree(bundle, out)

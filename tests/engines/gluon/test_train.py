@@ -15,6 +15,7 @@ values that follow from their definitions (11-point vs area).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -277,9 +278,34 @@ def test_evaluate_reproduces_the_validation_map_recorded_in_the_checkpoint(train
     assert "on 2 images (short side 128)" in mean
     # the same photos as a COCO file: same mAP
     ann = coco_from_voc(data, ["raccoon-9", "raccoon-10"], tmp_path / "val.json")
-    coco = cli("evaluate", out / "checkpoints" / "best", "--dataset", f"coco:{ann}:{data / 'JPEGImages'}")
+    as_coco = ["evaluate", out / "checkpoints" / "best", "--dataset", f"coco:{ann}:{data / 'JPEGImages'}"]
+    coco = cli(*as_coco, "--metric", "voc07")
     assert coco.returncode == 0, coco.stderr
     assert coco.stdout.strip().splitlines()[-1] == mean
+    # no --metric on COCO data: COCO AP (the default metric is auto), or one line saying what it needs
+    auto = cli(*as_coco)
+    if importlib.util.find_spec("pycocotools") is None:
+        assert auto.returncode == 1 and "COCO data is scored with COCO AP by default, which needs pycocotools" \
+            in auto.stderr, auto.stderr
+        return
+    assert auto.returncode == 0, auto.stderr
+    assert auto.stdout.strip().splitlines()[-1].startswith("coco mAP ")
+
+
+def test_the_default_metric_is_coco_ap_on_coco_data_and_voc07_on_voc_data(tmp_path):
+    """``EvaluateOptions().metric`` is ``auto``: what the data's own community scores it with."""
+    assert EvaluateOptions().metric == "auto"
+    voc = open_dataset(f"voc:{RACCOON}", ["raccoon"], "val")
+    assert score(voc, _ground_truth(voc), "auto")["metric"] == "voc07"
+    names = (RACCOON / "VOC2017/ImageSets/Main/val.txt").read_text().split()[:4]
+    ann = coco_from_voc(RACCOON / "VOC2017", names, tmp_path / "val.json")
+    coco = open_dataset(f"coco:{ann}:{RACCOON / 'VOC2017' / 'JPEGImages'}", ["raccoon"])
+    if importlib.util.find_spec("pycocotools") is None:
+        with pytest.raises(OptionError, match=r"COCO data is scored with COCO AP by default, which needs pycocotools"):
+            score(coco, _ground_truth(coco), "auto")
+        return
+    result = score(coco, _ground_truth(coco), "auto")
+    assert result["metric"] == "coco" and result["map"] == pytest.approx(1.0) and "map50" in result
 
 
 def _ground_truth(data, keep=lambda i: True):
