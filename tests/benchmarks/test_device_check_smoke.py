@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_DIR": str(tmp_path)}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "device_check.sh"), "--cpu", "--smoke"],
-                            capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)  # a hang guard, not a speed assertion
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records}
     failed = [f"{r['step']}: {r['note']}" for r in records if not r["passed"]]
