@@ -22,7 +22,7 @@ import pytest
 from bbadapt.doctor import collect, render
 from bbadapt.platform.cuda_driver import DriverReport, FixedGpus, GpuInfo
 
-from ..core.fake_cuda import LOG_ENV, fake_site
+from ..platform.fake_cuda import LOG_ENV, fake_site
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_BUILD = "this mxnet is the CPU-only build"
