@@ -44,7 +44,7 @@ from bbadapt.bundle.schema import (
     epoch_name,
 )
 from bbadapt.core.zoo import import_gluoncv
-from bbadapt.engines.common.checkpoints import point_reference, referenced  # noqa: F401
+from bbadapt.engines.common.checkpoints import point_reference, prune, referenced, resume_point  # noqa: F401
 from bbadapt.engines.common.progress import Log as _Log  # noqa: F401
 from bbadapt.engines.common.progress import console_progress  # noqa: F401 - the CLI's, shared by both engines
 from bbadapt.engines.common.schedule import LOSS_LIMIT, LOSSES, WEIGHT_GROWTH_LIMIT, learning_rate  # noqa: F401
@@ -52,7 +52,6 @@ from bbadapt.engines.gluon.detector_bundle import save_detector_params
 from bbadapt.engines.gluon.distributed import Workers, epoch_sampler
 from bbadapt.engines.gluon.options import TrainConfig, resolve_batch_size, resolve_schedule
 from bbadapt.engines.gluon.runtime import check_proposals, detector_manifest, load_quietly
-from bbadapt.platform.atomic import remove_directory
 from bbadapt.platform.errors import BbadaptError, DeviceError, OptionError, OutputError
 
 import_gluoncv()  # gluoncv is imported lazily below; this makes it work beside torch >= 2
@@ -183,18 +182,9 @@ def _same_run(config: TrainConfig, stored: dict) -> None:
 
 
 def _start_state(bundle_dir: Path, resume: bool) -> Optional[BundleManifest]:
-    """The checkpoint ``--resume`` continues (read once), or None for a new run."""
-    checkpoints = bundle_dir / CHECKPOINTS
-    if not resume:
-        if checkpoints.is_dir() and any(p.name in (LAST, BEST) or p.name.startswith(EPOCH_PREFIX)
-                                                  for p in checkpoints.iterdir()):
-            raise OutputError(f"{checkpoints} holds checkpoints of an earlier run; pass --resume to continue it, "
-                              "or move them away")
-        return None
-    last = checkpoints / LAST
-    if not last.is_dir():
-        raise OutputError(f"nothing to resume: {last} does not exist")
-    return read_checkpoint(last)
+    """The checkpoint ``--resume`` continues (read once), or None for a new run (the rule both engines share)."""
+    last = resume_point(bundle_dir, resume)
+    return None if last is None else read_checkpoint(last)
 
 
 def _datasets(manifest: BundleManifest, config: TrainConfig):
@@ -422,11 +412,7 @@ class _Run:
         return epoch % self.config.checkpoint_every == 0 or epoch == self.config.epochs
 
     def _prune(self, root: Path) -> None:
-        keep = referenced(root)
-        for path in root.glob(f"{EPOCH_PREFIX}*"):
-            number = path.name.removeprefix(EPOCH_PREFIX)
-            if number.isdecimal() and not self._kept(int(number)) and path.name not in keep:
-                remove_directory(path)
+        prune(root, self._kept)  # the layout both engines share
 
 
 def _weight_norm(trainer) -> float:
