@@ -40,10 +40,13 @@ lint: $(STAMP)
 # The slowest directories are collected first (xdist hands out tests in collection order): collected
 # last, the benchmark smokes (70 s and 170 s) and the CLI's 20 s conversions left one worker busy
 # alone at the end. Measured on 2 cores: run 1 14:09 instead of 15:18, run 2 14:05 instead of 15:32.
+# --max-worker-restart=0: a worker that crashes fails the run at once. xdist's replacement worker, under
+# --dist loadgroup, waited forever for work (seen here and on CI: a segfault at 97% of run 1, then idle until
+# the CI limit). Run 1's workers never import torch (see tests/conftest.py): loading it beside MXNet crashed one.
 FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle tests/test_architecture.py
 SECOND_RUN := tests/benchmarks tests/engines tests/converters
 PYTEST      := OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
-               $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider --durations=10
+               $(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -p no:cacheprovider --durations=10
 # horovod has no binary wheels: built once per machine into ~/.cache/bbadapt/wheels/horovod-VERSION-py311-mxnetX/
 # (scripts/horovod-wheel.sh), then installed from there in seconds.
 HOROVOD := $(VENV)/.horovod

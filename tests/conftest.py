@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import sys
 
 import pytest
 
@@ -68,3 +69,35 @@ def module_outputs_are_removed(request, tmp_path_factory):
             path.unlink(missing_ok=True)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# The first pytest run's directories (Makefile FIRST_RUN) keep torch out of their worker processes: importing
+# torch into a long-lived worker that has MXNet, scipy and matplotlib loaded segfaulted inside torch's native
+# import (seen on CI and here), and xdist then waited forever for the lost worker. Tests there that need torch
+# run it in a child process, as the CLI tests already do.
+TORCH_FREE_DIRS = ("cli", "core", "platform", "verify", "bundle")
+TORCH_MODULES = ("torch", "torchvision", "timm")
+
+
+class _NoTorchHere:
+    """A meta-path finder that refuses the torch family by name, with the reason."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in TORCH_MODULES:
+            raise ImportError(f"{fullname} may not be imported in a test worker of tests/{{{','.join(TORCH_FREE_DIRS)}}} "
+                              "beside MXNet (it crashed the worker); import it in a child process (tests/conftest.py)")
+        return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    parts = item.path.relative_to(item.config.rootpath).parts
+    guarded = len(parts) > 1 and parts[0] == "tests" and parts[1] in TORCH_FREE_DIRS
+    blocker = _NoTorchHere()
+    if guarded:
+        sys.meta_path.insert(0, blocker)
+    try:
+        yield
+    finally:
+        if guarded:
+            sys.meta_path.remove(blocker)

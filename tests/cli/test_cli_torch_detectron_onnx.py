@@ -83,8 +83,6 @@ def test_export_to_torchvision_safetensors_then_convert_it_back(bundles, cli, tm
 
 
 def test_export_to_onnx_from_the_cli(bundles, cli, tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
     result = cli("export", bundles["detectron"], "--onnx", "r18.onnx")
     assert result.returncode == 0, result.stderr
     assert "checked with: onnxruntime" in result.stdout and "ONNX opset: 13" in result.stdout
