@@ -45,7 +45,7 @@ from bbadapt.core.spec import InputSpec, parse_spec
 from bbadapt.core.trace import Graph, trace
 from bbadapt.verify import images as imgs
 from bbadapt.verify.check_report import CheckReport, Probe
-from bbadapt.verify.yardstick import SEED, nudged_twin
+from bbadapt.verify.yardstick import SEED, nudge_in_place, restore_twin, written_by_adaptation
 
 FP32_RESOLUTION = 2.0 ** -23
 INCONCLUSIVE_ABOVE = 1e-3  # a raised tolerance above this proves nothing useful: say so
@@ -287,17 +287,27 @@ def _run_candidate(ref: Reference, candidate: _Candidate, say: Callable[[str], N
             c["o64"].append(ref.fp64[k][name])
             c["a32"].append(a32[name])
             c["y64"].append([])
-    runs = [("its float64 twin", "a64", candidate.twin)] + [
-        (f"the one-ulp yardstick ({d + 1}/{YARDSTICK_DRAWS})", "y64",
-         lambda d=d: nudged_twin(candidate.net, ref.net32, SEED + d)) for d in range(YARDSTICK_DRAWS)]
-    for what, key, build in runs:
-        net = build()
+    # One float64 net serves the twin and both yardstick draws: each draw nudges the written parameters in place
+    # and the next restores them from the float32 net (exact), instead of cloning and casting the net again.
+    written = written_by_adaptation(candidate.net, ref.net32)
+    net = candidate.twin()
+    inputs = [candidate.target.normalize(raw, "float64") for raw in ref.batches]
+    runs = [("its float64 twin", "a64", None)] + [
+        (f"the one-ulp yardstick ({d + 1}/{YARDSTICK_DRAWS})", "y64", SEED + d) for d in range(YARDSTICK_DRAWS)]
+    nudged = False
+    for what, key, seed in runs:
+        if seed is not None:
+            if nudged:
+                restore_twin(net, candidate.net, written)
+            nudge_in_place(net, written, seed)
+            nudged = True
         for k, raw in enumerate(ref.batches):
             say(f"running {what} in float64 on {len(raw)} images of {raw.shape[2]}x{raw.shape[3]} ({k + 1}/{n})")
-            out = run_probes(net, candidate.target.normalize(raw, "float64"), ref.probes, "float64")
+            out = run_probes(net, inputs[k], ref.probes, "float64")
             for name, c in collected.items():
                 (c[key] if key == "a64" else c[key][k]).append(out[name])
-        del net
+            del out
+    del net
     return collected
 
 

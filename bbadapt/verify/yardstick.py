@@ -58,14 +58,32 @@ def written_by_adaptation(adapted_net, original) -> set[str]:
 
 def nudged_twin(adapted_net, original, seed: int = SEED):
     """The float64 twin of ``adapted_net`` with every number the adaptation wrote moved by one float32 ulp."""
-    import mxnet as mx
-
     from bbadapt.core.rewrite import clone
 
-    written = written_by_adaptation(adapted_net, original)
     twin = clone(adapted_net, trainable=False, dtype="float64")
+    return nudge_in_place(twin, written_by_adaptation(adapted_net, original), seed)
+
+
+def nudge_in_place(twin, written: set[str], seed: int = SEED):
+    """``twin`` (a float64 twin) with its ``written`` parameters moved by one float32 ulp, in place; returns it.
+
+    The same numbers as :func:`nudged_twin` for the same seed: the parameters are visited in the
+    same (sorted) order, so the random directions fall on the same elements."""
+    import mxnet as mx
+
     rng = np.random.RandomState(seed)
     for name, param in sorted(twin._collect_params_with_prefix().items()):
         if name in written:
             param.set_data(mx.nd.array(nudge(param.data().asnumpy(), rng), dtype="float64"))
+    return twin
+
+
+def restore_twin(twin, adapted_net, written: set[str]):
+    """Undo :func:`nudge_in_place`: the ``written`` parameters cast again from ``adapted_net``'s float32 ones.
+
+    Exact: a float64 twin holds its float32 numbers cast, and casting them again gives the same bits."""
+    params = adapted_net._collect_params_with_prefix()
+    for name, param in twin._collect_params_with_prefix().items():
+        if name in written:
+            param.set_data(params[name].data().astype("float64"))
     return twin
