@@ -100,6 +100,31 @@ def candidates(graph: dict) -> list[str]:
     return [name for name in by_names if _traced_signature(name) == signature]
 
 
+def matches(graph: dict, name: str) -> bool:
+    """Whether zoo model ``name`` has the graph's parameter names and layers: :func:`candidates`'s test, one model.
+
+    Building one model instead of the whole zoo (57 of them, about 4 s) is what makes a conversion
+    whose model the user named start at once."""
+    from bbadapt.core import zoo
+
+    net = zoo.instantiate(zoo.model_info(name), pretrained=False)
+    names = frozenset(_strip_prefix(list(net.collect_params().keys())))
+    return (names == frozenset(_strip_prefix(graph_variables(graph)))
+            and _traced_signature(name) == frozenset(layer_signature(graph["nodes"]).items()))
+
+
+def identify(graph: dict, arch: str | None) -> list[str]:
+    """The zoo models the graph is checked to match: only ``arch`` where it is named and matches (the
+    user's word, confirmed), else every zoo model that matches (for the choice or the refusal)."""
+    from bbadapt.core import zoo
+
+    if arch:
+        zoo.model_info(arch)  # unknown names: one line with suggestions
+        if matches(graph, arch):
+            return [arch]
+    return candidates(graph)
+
+
 def _choose(found: list[str], arch: str | None, origin: str) -> str:
     from bbadapt.core import zoo
 
@@ -143,7 +168,7 @@ def read_export(path: Path, arch: str | None = None, progress=None) -> Converted
     json_path, params_path, note = ndarray_file.pair(path)
     graph = ndarray_file.symbol_json(json_path)
     say(f"identifying the architecture of {json_path.name}")
-    found = candidates(graph)
+    found = identify(graph, arch)
     name = _choose(found, arch, str(json_path))
     arrays = ndarray_file.load(params_path)
     say(f"filling {name} from {params_path.name}")

@@ -115,6 +115,18 @@ def test_relatives_with_identical_parameters_are_told_apart_by_their_graph(tmp_p
     assert shapes[0] == shapes[1]  # nothing but the graph tells them apart
 
 
+def test_a_named_model_is_confirmed_against_the_graph_without_building_the_zoo():
+    """Naming the model (the CLI's MODEL argument) checks that one model; the zoo is built only to refuse."""
+    gluon_params._zoo_names.cache_clear()
+    json_path = images.data_dir() / "cifar_resnet20_v1-symbol.json"
+    converted = readers.read(json_path, arch="cifar_resnet20_v1")
+    assert converted.arch == {"zoo": "cifar_resnet20_v1"} and converted.provenance["candidates"] == ["cifar_resnet20_v1"]
+    assert gluon_params._zoo_names.cache_info().currsize == 0
+    with pytest.raises(ModelError, match="--arch cifar_resnet20_v2 contradicts .* matches cifar_resnet20_v1"):
+        readers.read(json_path, arch="cifar_resnet20_v2")
+    assert gluon_params._zoo_names.cache_info().currsize == 1
+
+
 def test_ambiguity_is_an_error_listing_the_candidates_and_arch_picks():
     with pytest.raises(ModelError, match="fits several zoo models \\(resnet50_v1c, resnet50_v1d\\); pick one with --arch"):
         gluon_params._choose(["resnet50_v1c", "resnet50_v1d"], None, "x-symbol.json")
