@@ -46,7 +46,7 @@ lint: $(STAMP)
 FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle tests/test_architecture.py
 SECOND_RUN := tests/benchmarks tests/engines tests/converters
 PYTEST      := OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
-               $(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -p no:cacheprovider --durations=10
+               $(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -p no:cacheprovider --durations=30
 # horovod has no binary wheels: built once per machine into ~/.cache/bbadapt/wheels/horovod-VERSION-py311-mxnetX/
 # (scripts/horovod-wheel.sh), then installed from there in seconds.
 HOROVOD := $(VENV)/.horovod

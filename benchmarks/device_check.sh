@@ -11,7 +11,8 @@
 #   2. build the exported C4 and FPN detectors from benchmarks/device_check/*.json with seeded weights
 #      (an exported ResNet-50 detector is too large to carry; export itself needs MXNet);
 #   3. bbadapt train EXPORT on tests/data/raccoon_voc, 30 iterations (one epoch of its 30 training photos,
-#      one image per step) in float32 and with --amp, at the default sizes (smoke: 1 photo, short side 128);
+#      one image per step) in float32 and with --amp, at the default sizes (smoke: 1 photo, short side 128,
+#      16 sampled RoIs: device_check.py shrink_for_smoke);
 #      this is the torch engine's `bbadapt train`: without it the step fails, saying so;
 #   4. bbadapt evaluate of the trained checkpoint (VOC07 mAP: the device has no pycocotools);
 #   5. train step and inference timed with the backbone BN as eval-mode BatchNorm2d, FrozenBatchNorm2d, fused;
