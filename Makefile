@@ -43,7 +43,7 @@ lint: $(STAMP)
 # --max-worker-restart=0: a worker that crashes fails the run at once. xdist's replacement worker, under
 # --dist loadgroup, waited forever for work (seen here and on CI: a segfault at 97% of run 1, then idle until
 # the CI limit). Run 1's workers never import torch (see tests/conftest.py): loading it beside MXNet crashed one.
-FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle tests/test_architecture.py
+FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle tests/test_architecture.py tests/test_xdist_groups.py
 SECOND_RUN := tests/benchmarks tests/engines tests/converters
 PYTEST      := OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
                $(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -p no:cacheprovider --durations=30

@@ -65,6 +65,11 @@ print("VERDICTS " + json.dumps(out))
 """
 
 
+# Both tests read one module fixture (a subprocess per instruction set, about 100 s): on one xdist worker it runs
+# once; spread over two, each worker ran it (seen in make test's durations: 99 s setup twice).
+pytestmark = pytest.mark.xdist_group("verdict-isa")
+
+
 def _verdicts(configuration: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("DNNL_MAX_CPU_ISA", "MXNET_MKLDNN_ENABLED")}
     env.update(configuration, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
