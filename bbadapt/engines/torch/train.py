@@ -181,8 +181,26 @@ def train(directory: str | os.PathLike, dataset: str, config, *, gpus: Optional[
     ranks.start()
     try:
         return _Run(directory, export, config, ranks, data, val, last, start, progress, notes).fit()
+    except RuntimeError as exc:
+        if ranks.size > 1 and peer_lost(exc):
+            # Another rank died and this one's collective failed before torchrun's SIGTERM arrived: the same
+            # stop as that SIGTERM (the CLI names the other process), not an internal error. The SIGTERM that
+            # follows must not interrupt this process's last line.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            TERMINATED.append("peer")
+            raise KeyboardInterrupt from exc
+        raise
     finally:
         ranks.stop()
+
+
+def peer_lost(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the job is gone (gloo's and NCCL's words)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return (isinstance(exc, getattr(dist, "DistBackendError", ())) or "closed by peer" in text
+            or "reset by peer" in text or "gloo/transport" in text or "NCCL" in text)
 
 
 class _Run:
