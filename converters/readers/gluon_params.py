@@ -67,16 +67,21 @@ def graph_variables(graph: dict) -> list[str]:
     return [n["name"] for n in graph["nodes"] if n["op"] == "null" and n["name"] != "data"]
 
 
-@functools.lru_cache(maxsize=1)
-def _zoo_names() -> dict[str, frozenset]:
-    """Zoo model -> its parameter names with the instance prefix stripped (models built unmaterialized)."""
+@functools.cache
+def _param_names(name: str) -> frozenset:
+    """Zoo model ``name``'s parameter names with the instance prefix stripped (the model built unmaterialized)."""
     from bbadapt.core import zoo
 
-    names = {}
-    for name, info in zoo.MODELS.items():
-        net = zoo.instantiate(info, pretrained=False)
-        names[name] = frozenset(_strip_prefix(list(net.collect_params().keys())))
-    return names
+    net = zoo.instantiate(zoo.model_info(name), pretrained=False)
+    return frozenset(_strip_prefix(list(net.collect_params().keys())))
+
+
+@functools.lru_cache(maxsize=1)
+def _zoo_names() -> dict[str, frozenset]:
+    """Zoo model -> its parameter names with the instance prefix stripped (every model built: about 4 s)."""
+    from bbadapt.core import zoo
+
+    return {name: _param_names(name) for name in zoo.MODELS}
 
 
 @functools.cache
@@ -92,36 +97,31 @@ def _traced_signature(name: str) -> frozenset:
     return frozenset(layer_signature(json.loads(out.tojson())["nodes"]).items())
 
 
+def _graph_key(graph: dict) -> tuple[frozenset, frozenset]:
+    """What a zoo model must share with the graph: its parameter names (prefix stripped) and its layers."""
+    return frozenset(_strip_prefix(graph_variables(graph))), frozenset(layer_signature(graph["nodes"]).items())
+
+
 def candidates(graph: dict) -> list[str]:
     """Zoo models whose parameter names and layers both match the graph (usually one)."""
-    wanted = frozenset(_strip_prefix(graph_variables(graph)))
-    by_names = [name for name, names in _zoo_names().items() if names == wanted]
-    signature = frozenset(layer_signature(graph["nodes"]).items())
-    return [name for name in by_names if _traced_signature(name) == signature]
+    names, signature = _graph_key(graph)
+    return [name for name, zoo_names in _zoo_names().items()
+            if zoo_names == names and _traced_signature(name) == signature]
 
 
 def matches(graph: dict, name: str) -> bool:
-    """Whether zoo model ``name`` has the graph's parameter names and layers: :func:`candidates`'s test, one model.
-
-    Building one model instead of the whole zoo (57 of them, about 4 s) is what makes a conversion
-    whose model the user named start at once."""
-    from bbadapt.core import zoo
-
-    net = zoo.instantiate(zoo.model_info(name), pretrained=False)
-    names = frozenset(_strip_prefix(list(net.collect_params().keys())))
-    return (names == frozenset(_strip_prefix(graph_variables(graph)))
-            and _traced_signature(name) == frozenset(layer_signature(graph["nodes"]).items()))
+    """:func:`candidates`'s test for one model: building one instead of the whole zoo is what makes a
+    conversion whose model the user named start at once."""
+    names, signature = _graph_key(graph)
+    return _param_names(name) == names and _traced_signature(name) == signature
 
 
 def identify(graph: dict, arch: str | None) -> list[str]:
     """The zoo models the graph is checked to match: only ``arch`` where it is named and matches (the
-    user's word, confirmed), else every zoo model that matches (for the choice or the refusal)."""
-    from bbadapt.core import zoo
-
-    if arch:
-        zoo.model_info(arch)  # unknown names: one line with suggestions
-        if matches(graph, arch):
-            return [arch]
+    user's word, confirmed; an unknown name is one line with suggestions), else every zoo model that
+    matches (for the choice or the refusal)."""
+    if arch and matches(graph, arch):
+        return [arch]
     return candidates(graph)
 
 
