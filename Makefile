@@ -7,13 +7,24 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint benchmark fuzz clean gpu-setup
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/test-constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,test,lint,torch,timm,onnx,coco]"
+	$(BIN)/python -m pip install -q -c scripts/test-constraints.txt -e ".[cpu,test,lint,torch,timm,onnx,coco]"
 	# onnxruntime's metadata asks numpy>=1.24.2 (mxnet 1.9.1 needs <1.24); 1.16.3 runs on 1.23.5 (tested)
 	$(BIN)/python -m pip install -q --no-deps onnxruntime==1.16.3
 	touch $(STAMP)
+
+# The torch engine's own environment (issue 20, item 7): a PyTorch user's install, `pip install -e ".[torch]"`,
+# with numpy 2 and no mxnet or gluoncv. tests/benchmarks/test_device_check_smoke.py runs the device check in it
+# (train and evaluate of the exported C4 and FPN detectors). About 70 s and 5.6 GB (torch's CUDA build, from disk).
+TORCH_VENV  := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed
+$(TORCH_STAMP): pyproject.toml scripts/test-constraints.txt
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q -c scripts/test-constraints.txt -e ".[torch]" "numpy>=2"
+	touch $@
 
 # Offline: converts the packaged, real pretrained CIFAR ResNet-20 v2 (gluoncv export files)
 # to raw-RGB-0..255 input, an ImageNet ResNet-50 v2 with calibrated random weights, and builds
@@ -46,6 +57,7 @@ lint: $(STAMP)
 FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle tests/test_architecture.py tests/test_xdist_groups.py
 SECOND_RUN := tests/benchmarks tests/engines tests/converters
 PYTEST      := OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
+               BBADAPT_TORCH_ONLY_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python \
                $(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -p no:cacheprovider --durations=30
 # horovod has no binary wheels: built once per machine into ~/.cache/bbadapt/wheels/horovod-VERSION-py311-mxnetX/
 # (scripts/horovod-wheel.sh), then installed from there in seconds.
@@ -63,7 +75,7 @@ $(CHROMIUM): $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $@
 
-test: lint $(HOROVOD) $(CHROMIUM)
+test: lint $(HOROVOD) $(CHROMIUM) $(TORCH_STAMP)
 	$(PYTEST) -m "not horovod" $(FIRST_RUN)
 	$(PYTEST) -m "not horovod" $(SECOND_RUN)
 	$(SERIAL) -m horovod tests/engines/gluon/test_horovod.py

@@ -566,7 +566,10 @@ def doctor(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     gpu: bool = typer.Option(False, "--gpu", help="exit 1 (one line on stderr) unless a usable GPU exists"),
 ) -> None:
-    """What this environment can run: mxnet build, CUDA libraries, driver, GPUs, horovod (see docs/gpu.md)."""
+    """What this environment can run: mxnet build, CUDA libraries, driver, GPUs, horovod, torch (see docs/gpu.md).
+
+    Exit 0 when either engine runs on the CPU (MXNet; or torch for a torchvision export); ``--gpu``: MXNet's GPU.
+    """
     import json
 
     with user_errors():
@@ -578,8 +581,9 @@ def doctor(
         else:
             for line in render(report):
                 out_console.print(line, markup=False, highlight=False)
-        if not report["cpu_ok"]:
-            fail(f"mxnet cannot run here: {report['mxnet'].get('error') or report['mxnet'].get('cpu_check')}", 1)
+        if not report["cpu_ok"] and not report["torch_ok"]:
+            fail(f"neither engine can run here: mxnet: {report['mxnet'].get('error') or report['mxnet'].get('cpu_check')}; "
+                 f"torch: {report['torch']['error']}", 1)
         if gpu and report["gpu"]["problem"]:
             fail(f"no usable GPU: {report['gpu']['problem']}", 1)
 

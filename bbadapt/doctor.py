@@ -8,13 +8,15 @@ install); the NVIDIA driver and each GPU with its verdict (see
 Every section is gathered on its own: one that fails (mxnet cannot be imported, no
 driver) is reported as such and never hides the others. ``collect`` returns plain data
 (what ``--json`` prints); ``render`` turns it into lines; the CLI decides the exit code
-from ``cpu_ok`` and ``gpu``.
+from ``cpu_ok``, ``torch_ok`` and ``gpu``.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import re
+import subprocess
 import sys
 from typing import Optional
 
@@ -38,6 +40,8 @@ def collect(query: Optional[GpuQuery] = None) -> dict:
     report["packages"] = packages_section()
     report["cpu_ok"] = report["mxnet"].get("error") is None and report["mxnet"].get("cpu_check") is True
     report["gpu"] = gpu_usability(report)
+    report["torch"] = torch_section()
+    report["torch_ok"] = report["torch"].get("error") is None
     return report
 
 
@@ -133,6 +137,60 @@ def horovod_section() -> dict:
     return section
 
 
+# Run in a child process: torch is never imported beside mxnet in doctor's own process (the two loaded together
+# crashed a test worker once), and a broken torch install cannot take doctor down with it.
+TORCH_PROBE = """
+import json
+out = {}
+try:
+    import torch, torchvision
+    from torchvision.ops import nms
+    out.update(torch=torch.__version__, torchvision=torchvision.__version__, cuda_build=torch.version.cuda)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0]])
+    out["cpu_check"] = nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]
+    out["gpus"] = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            try:
+                ok = torch.ones(2, device=f"cuda:{i}").sum().item() == 2.0
+                problem = None
+            except Exception as exc:
+                ok, problem = False, str(exc).splitlines()[0]
+            out["gpus"].append(dict(index=i, name=p.name, capability=f"{p.major}.{p.minor}",
+                                    memory_gib=p.total_memory / 2**30, runs=ok, problem=problem))
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+print(json.dumps(out))
+"""
+TORCH_MINIMUM = {"torch": (2, 4), "torchvision": (0, 19)}
+
+
+def torch_section(timeout: float = 300.0) -> dict:
+    """torch and torchvision (the torch engine): versions, a torchvision op on the CPU, each CUDA GPU used once."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", TORCH_PROBE], capture_output=True, text=True, timeout=timeout)
+        section = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.stdout.strip() else {
+            "error": f"the torch probe exited {probe.returncode}: {cuda_libs.first_line(probe.stderr.strip() or 'no output')}"}
+    except subprocess.TimeoutExpired:
+        section = {"error": f"importing torch took over {timeout:.0f} s"}
+    if section.get("error", "").startswith("ModuleNotFoundError"):
+        section["error"] = "not installed (pip install -e '.[torch]'; docs/training.md)"
+    if section.get("error") is None:
+        for name, minimum in TORCH_MINIMUM.items():
+            if _release(section[name]) < minimum:
+                section["error"] = f"{name} {section[name]} is older than {'.'.join(map(str, minimum))}"
+                break
+        else:
+            if section.get("cpu_check") is not True:
+                section["error"] = "torchvision.ops.nms gave a wrong result on the CPU"
+    return section
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
 def packages_section() -> dict:
     import importlib.metadata as metadata
 
@@ -196,7 +254,18 @@ def render(report: dict) -> list[str]:
     gpu = report["gpu"]
     lines.append("GPU work      " + (f"yes, GPU {', '.join(map(str, gpu['usable']))}" if not gpu["problem"]
                                      else f"no: {gpu['problem']}"))
+    lines.append(f"torch engine  {_torch_text(report['torch'])}")
     return lines
+
+
+def _torch_text(section: dict) -> str:
+    """One line: what the torch engine (train/evaluate of a torchvision export) runs on here."""
+    if section.get("error"):
+        return f"NO: {section['error']}"
+    gpus = ", ".join(f"GPU {g['index']} {g['name']} (sm_{g['capability'].replace('.', '')}) "
+                     + ("yes" if g["runs"] else f"NO: {g['problem']}") for g in section["gpus"])
+    return (f"torch {section['torch']}, torchvision {section['torchvision']}: CPU yes, "
+            + (gpus or "no CUDA GPU"))
 
 
 def _library_lines(section: dict) -> list[str]:

@@ -83,6 +83,10 @@ def test_doctor_on_the_cpu_build_says_cpu_yes_gpu_no_and_exits_0(text_run):
     assert f"numpy {importlib.metadata.version('numpy')}" in packages
     assert line(text_run, "CPU work").split()[-1] == "yes"
     assert line(text_run, "GPU work").startswith(f"GPU work      no: {CPU_BUILD}")
+    torch_line = line(text_run, "torch engine")  # torch's own __version__ carries the build: 2.14.1+cu130
+    assert torch_line.startswith(f"torch engine  torch {importlib.metadata.version('torch')}")
+    assert f", torchvision {importlib.metadata.version('torchvision')}" in torch_line
+    assert torch_line.endswith(": CPU yes, no CUDA GPU")
     assert len(text_run.stdout.splitlines()) <= 24, "one screen"
 
 
@@ -96,6 +100,10 @@ def test_doctor_json_carries_the_same_facts(json_report):
     assert json_report["gpus"] == [] and json_report["horovod"]["installed"] is bool(HOROVOD)
     assert json_report["packages"]["numpy"] == importlib.metadata.version("numpy")
     assert json_report["cpu_ok"] is True
+    # the torch engine, probed in a child process (torch never loads beside mxnet): nms ran on the CPU
+    assert json_report["torch_ok"] is True and json_report["torch"]["cpu_check"] is True
+    assert json_report["torch"]["torch"].split("+")[0] == importlib.metadata.version("torch").split("+")[0]
+    assert json_report["torch"]["gpus"] == []
     assert json_report["gpu"]["usable"] == [] and json_report["gpu"]["problem"].startswith(CPU_BUILD)
 
 
