@@ -34,6 +34,7 @@ Level 4 uses fixed tolerances; when partners are missing, the export in float64 
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -88,6 +89,22 @@ def _np(x) -> np.ndarray:
     return x.asnumpy() if hasattr(x, "asnumpy") else x.detach().cpu().numpy()
 
 
+ROI_CHUNK = 50  # RoIs per float64 pass through the RoI head (C4: stage 4 on each); float32 passes take them all
+
+
+def _roi_chunks(proposals: np.ndarray, dtype) -> list[np.ndarray]:
+    """``proposals`` in chunks of ``ROI_CHUNK`` for a float64 run, whole otherwise.
+
+    Each RoI goes through the head on its own (pooling, convs, BatchNorm in inference, fully connected
+    layers: no op mixes RoIs), so a chunk computes the same numbers as the whole batch; in float64 only the
+    summation order inside a kernel may change, 1e-16 relative, nine orders below the yardstick. What it
+    saves: a C4 head holds 300 RoIs x 1024 x 14 x 14 float64 numbers (0.5 GB) per activation at once."""
+    float64 = dtype is np.float64 or str(dtype) in ("float64", "torch.float64")
+    if not float64 or len(proposals) <= ROI_CHUNK:
+        return [proposals]
+    return [proposals[i:i + ROI_CHUNK] for i in range(0, len(proposals), ROI_CHUNK)]
+
+
 def _transformed(model, x):
     """The model's own normalization of ``x``, resizing off (the photos come at the check size)."""
     model.transform.resize_images = False
@@ -103,7 +120,7 @@ class Float64Twin:
     """
 
     def __init__(self, model) -> None:
-        self._source, self._model = model, None
+        self._source, self._model, self._yard = model, None, None
 
     def model(self):
         if self._model is None:
@@ -112,22 +129,27 @@ class Float64Twin:
         return self._model
 
     def nudged(self):
-        """The yardstick's models, one at a time (each a float64 copy of the whole detector)."""
+        """The yardstick's models, one at a time: one float64 copy of the detector, made on first need and kept
+        across images, its numbers set to the twin's moved by one ulp for each draw (the same numbers a fresh
+        copy of the twin moved in the same order gets)."""
         import torch
 
         from bbadapt.verify.equivalence import YARDSTICK_DRAWS
         from bbadapt.verify.yardstick import SEED, nudge
 
+        twin = self.model()
+        if self._yard is None:
+            self._yard = copy.deepcopy(twin)
+        clean = dict([*twin.named_parameters(), *twin.named_buffers()])
         for k in range(YARDSTICK_DRAWS):
-            twin = copy.deepcopy(self.model())
             rng = np.random.RandomState(SEED + k)
             with torch.no_grad():
-                for _name, tensor in sorted([*twin.named_parameters(), *twin.named_buffers()], key=lambda t: t[0]):
+                for name, tensor in sorted([*self._yard.named_parameters(), *self._yard.named_buffers()],
+                                           key=lambda t: t[0]):
                     if tensor.is_floating_point():
-                        moved = nudge(tensor.detach().cpu().numpy(), rng)
+                        moved = nudge(clean[name].detach().cpu().numpy(), rng)
                         tensor.copy_(torch.from_numpy(moved).to(tensor.device, tensor.dtype))
-            yield twin
-            del twin
+            yield self._yard
 
 
 @contextmanager
@@ -227,16 +249,22 @@ class ImageCheck:
         for i, feat in enumerate(feats):  # the RPN reads every feature map (P2..P6, or C4)
             mid = head.conv1(feat)
             rpn[f"objectness_{i}"], rpn[f"deltas_{i}"] = _np(head.score(mid)), _np(head.loc(mid))
-        rois = np.concatenate([np.zeros((len(proposals), 1)), proposals], axis=1)
-        rois = mx.nd.array(rois, dtype=feats[0].dtype)
-        if fpn:
-            pooled = self.det._pyramid_roi_feats(mx.nd, feats, rois, tuple(s["roi_size"]), tuple(s["strides"]),
-                                                 roi_mode="align")
-            box_feat = self.det.box_features(pooled)
-        else:
-            pooled = mx.nd.contrib.ROIAlign(feats[0], rois, tuple(s["roi_size"]), 1.0 / s["strides"], sample_ratio=2)
-            box_feat = mx.nd.contrib.AdaptiveAvgPooling2D(self.det.top_features(pooled), output_size=1)
-        roi = {"class_logits": _np(self.det.class_predictor(box_feat)), "box_deltas": _np(self.det.box_predictor(box_feat))}
+        logits, deltas = [], []
+        for chunk in _roi_chunks(proposals, feats[0].dtype):
+            rois = np.concatenate([np.zeros((len(chunk), 1)), chunk], axis=1)
+            rois = mx.nd.array(rois, dtype=feats[0].dtype)
+            if fpn:
+                pooled = self.det._pyramid_roi_feats(mx.nd, feats, rois, tuple(s["roi_size"]), tuple(s["strides"]),
+                                                     roi_mode="align")
+                box_feat = self.det.box_features(pooled)
+            else:
+                pooled = mx.nd.contrib.ROIAlign(feats[0], rois, tuple(s["roi_size"]), 1.0 / s["strides"],
+                                                sample_ratio=2)
+                box_feat = mx.nd.contrib.AdaptiveAvgPooling2D(self.det.top_features(pooled), output_size=1)
+            del pooled
+            logits.append(_np(self.det.class_predictor(box_feat)))
+            deltas.append(_np(self.det.box_predictor(box_feat)))
+        roi = {"class_logits": np.concatenate(logits), "box_deltas": np.concatenate(deltas)}
         return {"backbone": {n: _np(f) for n, f in zip(self._feature_names(), feats, strict=True)}, "rpn": rpn,
                 "roi_heads": roi}
 
@@ -272,11 +300,16 @@ class ImageCheck:
         for i, (logit, delta) in enumerate(zip(logits, deltas, strict=True)):
             rpn[f"objectness_{i}"], rpn[f"deltas_{i}"] = _np(logit), _np(delta)
         heads = model.roi_heads
-        boxes = torch.from_numpy(proposals).to(images.tensors)
-        pooled = heads.box_roi_pool(feats, [boxes], images.image_sizes)
-        logits, deltas = heads.box_predictor(heads.box_head(pooled))
+        logits, deltas = [], []
+        for chunk in _roi_chunks(proposals, images.tensors.dtype):
+            boxes = torch.from_numpy(chunk).to(images.tensors)
+            pooled = heads.box_roi_pool(feats, [boxes], images.image_sizes)
+            logit, delta = heads.box_predictor(heads.box_head(pooled))
+            del pooled
+            logits.append(_np(logit))
+            deltas.append(_np(delta)[:, 4:])  # no background rows
         levels = {"backbone": {n: _np(f) for n, f in zip(self._feature_names(), feats.values(), strict=True)}, "rpn": rpn,
-                  "roi_heads": {"class_logits": _np(logits), "box_deltas": _np(deltas)[:, 4:]}}  # no background rows
+                  "roi_heads": {"class_logits": np.concatenate(logits), "box_deltas": np.concatenate(deltas)}}
         return feats, levels
 
     @staticmethod
@@ -295,9 +328,14 @@ class ImageCheck:
         proposals = self._gluon_proposals(feats_gl)
         gl = self._gluon_levels(feats_gl, proposals)
         feats_tv, tv = self._torch_levels(proposals)
-        gl64 = self._gluon_float64(proposals)
-        tv64 = self._torch_levels(proposals, self.twin.model())[1]
-        yards = [self._torch_levels(proposals, nudged)[1] for nudged in self.twin.nudged()]
+        # The truth (GluonCV in float64, MXNet) and the export's float64 runs (torch) share nothing: the truth runs
+        # on a second thread meanwhile (both libraries release the GIL in their kernels; nothing else touches the
+        # GluonCV detector until it is back in float32).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            truth = pool.submit(self._gluon_float64, proposals)
+            tv64 = self._torch_levels(proposals, self.twin.model())[1]
+            yards = [self._torch_levels(proposals, nudged)[1] for nudged in self.twin.nudged()]
+        gl64 = truth.result()  # the pool is shut down: the thread is done (an error of the torch side comes first)
         result = {}
         for level in LEVELS:
             parts = {n: difference(gl[level][n], tv[level][n]) for n in gl[level]}
@@ -363,6 +401,24 @@ def check_image(gluon, model, raw: np.ndarray, options: CheckOptions, twin: Floa
     return {"size": list(raw.shape[2:]), **levels, "detections": detections, "passed": bool(passed)}
 
 
+@contextmanager
+def torch_threads():
+    """Torch on every core it may use while the check runs: importing MXNet leaves torch's OpenMP at one thread,
+    and the export's float64 runs (three per image) are most of the check. ``OMP_NUM_THREADS``, when set, rules."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    cores = int(wanted) if wanted.isdecimal() and int(wanted) > 0 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, cores))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     """The four-level comparison on one photo per size; ``passed`` only if every image passes."""
     from bbadapt.verify import images
@@ -371,11 +427,12 @@ def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
     sizes = options.sizes or default_sizes(gluon.settings)
     files = images.photo_files()
     results, twin = [], Float64Twin(model)
-    for i, size in enumerate(sizes):
-        say(f"checking {size[0]}x{size[1]} ({files[i % len(files)].name})")
-        raw, names = images.photos(size, limit=i % len(files) + 1)
-        result = check_image(gluon, model, raw[-1:], options, twin)
-        results.append({"photo": names[-1], **result})
+    with torch_threads():
+        for i, size in enumerate(sizes):
+            say(f"checking {size[0]}x{size[1]} ({files[i % len(files)].name})")
+            raw, names = images.photos(size, limit=i % len(files) + 1)
+            result = check_image(gluon, model, raw[-1:], options, twin)
+            results.append({"photo": names[-1], **result})
     worst = {level: max(r[level]["max_rel"] for r in results) for level in LEVELS}
     ratio = max(r[level]["float64"]["worst_rms_ratio"] for r in results for level in LEVELS)
     matched = sum(r["detections"]["count_a"] - r["detections"]["unmatched"] for r in results)
