@@ -29,17 +29,22 @@ BYTES_PER_ACTIVATION = 9.0
 
 def activation_elements_per_pixel(net) -> float:
     """Elements of every intermediate output of ``net`` per input pixel, for one image."""
-    import mxnet as mx
-
     from bbadapt.core.rewrite import clone
 
-    eager = clone(net, trainable=False)
-    internals = eager(mx.sym.var("data")).get_internals()
+    return activation_elements(clone(net, trainable=False), (1, 3, PROBE_SIDE, PROBE_SIDE)) / float(PROBE_SIDE * PROBE_SIDE)
+
+
+def activation_elements(block, shape: tuple[int, ...]) -> int:
+    """Elements of every intermediate output of the (eager) ``block`` fed one input of ``shape``, read off its
+    symbolic graph (nothing is allocated); a block with several outputs counts them all."""
+    import mxnet as mx
+
+    out = block(mx.sym.var("data"))
+    internals = (mx.sym.Group(list(out)) if isinstance(out, (list, tuple)) else out).get_internals()
     outputs = [name for name in internals.list_outputs() if name.endswith("_output")]
-    _, shapes, _ = internals.infer_shape_partial(data=(1, 3, PROBE_SIDE, PROBE_SIDE))
+    _, shapes, _ = internals.infer_shape_partial(data=shape)
     by_name = dict(zip(internals.list_outputs(), shapes or [], strict=False))
-    total = sum(int(_product(by_name[name])) for name in outputs if by_name.get(name))
-    return total / float(PROBE_SIDE * PROBE_SIDE)
+    return sum(int(_product(by_name[name])) for name in outputs if by_name.get(name))
 
 
 def _product(shape) -> int:

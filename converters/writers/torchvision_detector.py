@@ -587,7 +587,7 @@ def export_ownership_problem(out: Path) -> str | None:
 def export_detector(bundle: str | os.PathLike | BundleManifest, out: str | os.PathLike, force: bool = False, progress=None,
                     options: ExportOptions | None = None) -> dict:
     """Write ``out`` (a directory) from the detector in ``bundle`` (a directory or its manifest); see the module docstring."""
-    from converters.writers.torchvision_detector_check import CheckOptions, run_check
+    from converters.writers.torchvision_detector_check import CheckOptions, default_sizes, require_memory, run_check
 
     options = options or ExportOptions(force=force)
     force = force or options.force
@@ -599,6 +599,8 @@ def export_detector(bundle: str | os.PathLike | BundleManifest, out: str | os.Pa
     _require_torch()
     say(f"loading the detector from {directory_of(bundle)}")
     gluon = load_gluon(bundle)
+    say("estimating the check's memory")
+    require_memory(gluon, options.sizes or default_sizes(gluon.settings))  # refused before anything is written
     state, body, depth = state_dict(gluon)
     config = make_config(gluon, body, depth, options.input_range)
     with atomic.staged_directory(out, force, export_ownership_problem, what="torchvision export") as stage:

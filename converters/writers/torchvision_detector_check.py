@@ -65,6 +65,51 @@ def default_sizes(settings: dict) -> list[tuple[int, int]]:
     return [odd, normal, (64, 80)]
 
 
+# What the check holds at its peak, per unit (calibrated with benchmarks/bench_proof_cost.py, see benchmarks/README.md):
+# every detector parameter lives as GluonCV float32 (cast to float64 and back for the truth), the export in float32,
+# its float64 twin and the yardstick's float64 copy; the largest image's feature maps in float32 and float64 on both
+# sides; the RoI head's activations for every proposal in float32, in chunks of ROI_CHUNK in float64.
+# Every intermediate output is counted though few are alive at once: resnet50_v2 C4 at the default sizes reads 34M
+# parameters, 682 feature elements a pixel and 2.6M head elements a RoI (x 300 RoIs).
+PARAM_BYTES = 40.0  # float32 GluonCV (+ its float64 cast) + float32 export + float64 twin + float64 yardstick copy
+FEATURE_BYTES = 2.0  # per activation element of the features network at the largest size
+HEAD_BYTES = 2.0  # per activation element of the RoI head and its pooled input, per RoI (GluonCV's float32 pass)
+
+
+def check_bytes(gluon, sizes: list[tuple[int, int]]) -> int:
+    """Estimated peak memory growth of :func:`run_check` at ``sizes``, read off the detector's symbolic graphs."""
+    import mxnet as mx
+
+    from bbadapt.verify.budget import PROBE_SIDE, activation_elements
+
+    det = gluon.detector
+    side = 4 * PROBE_SIDE  # deep enough for FPN's stride-64 level
+    features = activation_elements(det.features, (1, 3, side, side)) / float(side * side)
+    out = det.features(mx.sym.var("data"))
+    first = out[0] if isinstance(out, (list, tuple)) else out
+    channels = int(first.infer_shape(data=(1, 3, side, side))[1][0][1])
+    roi = tuple(int(v) for v in gluon.settings["roi_size"])
+    head = det.box_features if gluon.layout == "fpn" else det.top_features
+    per_roi = channels * roi[0] * roi[1] + activation_elements(head, (1, channels, *roi))
+    rois = int(det.rpn.get_test_post_nms())
+    params = sum(int(np.prod(p.shape)) for p in det.collect_params().values())
+    pixels = max(h * w for h, w in sizes)
+    return int(params * PARAM_BYTES + pixels * features * FEATURE_BYTES + rois * per_roi * HEAD_BYTES)
+
+
+def require_memory(gluon, sizes: list[tuple[int, int]]) -> int:
+    """Refuse (one line, before any image is allocated) a check that would not fit in memory; return the estimate."""
+    from bbadapt.platform.errors import ResourceError
+    from bbadapt.verify.budget import available_bytes
+
+    need, have = check_bytes(gluon, sizes), available_bytes()
+    if need > have:
+        h, w = max(sizes, key=lambda s: s[0] * s[1])
+        raise ResourceError(f"the torchvision export's check at {h}x{w} needs about {need / 2**30:.1f} GB of memory and "
+                            f"{have / 2**30:.1f} GB is available; choose smaller sizes or free memory")
+    return need
+
+
 def difference(reference: np.ndarray, other: np.ndarray) -> dict:
     reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
     if reference.shape != other.shape:

@@ -240,6 +240,36 @@ def test_a_check_size_too_small_for_the_detector_is_one_line_and_nothing_is_writ
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_check_that_would_not_fit_in_memory_is_refused_in_one_line_before_anything_is_written(c4, tmp_path):
+    """Estimated from the detector's graphs before any image is allocated, as convert's check is (verify/budget.py):
+    through the API at sizes far beyond memory, and through the CLI at the default sizes on a machine that has
+    256 MB left (available_bytes patched in the CLI's process, the one thing that differs)."""
+    import subprocess
+
+    from bbadapt.platform.errors import ResourceError
+    from converters.writers.torchvision_detector import export as export_bundle
+    from converters.writers.torchvision_detector import load_gluon
+    from converters.writers.torchvision_detector_check import check_bytes, default_sizes
+    from tests.cli.test_cli_errors import assert_refused
+
+    bundle, _, _ = c4
+    with pytest.raises(ResourceError, match=r"^the torchvision export's check at 100000x100000 needs about [0-9.]+ GB "
+                                            r"of memory and [0-9.]+ GB is available; choose smaller sizes"):
+        export_bundle(bundle, tmp_path / "tv", sizes=[(100000, 100000)])
+    assert list(tmp_path.iterdir()) == []
+    gluon = load_gluon(bundle)
+    small, big = check_bytes(gluon, [(64, 80)]), check_bytes(gluon, default_sizes(gluon.settings))
+    assert 2**20 < small < big < check_bytes(gluon, [(1000, 1000)])  # grows with the largest image
+    cli = ("import sys\nimport bbadapt.verify.budget as budget\nbudget.available_bytes = lambda: 256 * 2**20\n"
+           "from bbadapt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "tv"
+    result = subprocess.run([sys.executable, "-c", cli, "export", str(bundle), "--torchvision", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    line = assert_refused(result, 1, tmp_path=tmp_path, out=out, mentions=("needs about", "0.2 GB is available"))
+    h, w = max(default_sizes(gluon.settings), key=lambda size: size[0] * size[1])  # the detector's normal size
+    assert f"torchvision export's check at {h}x{w} needs about" in line
+
+
 def test_a_body_the_description_does_not_build_is_refused_and_nothing_is_written(tmp_path):
     from bbadapt.platform.errors import ModelError
 
