@@ -34,7 +34,6 @@ Level 4 uses fixed tolerances; when partners are missing, the export in float64 
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -374,14 +373,9 @@ class ImageCheck:
         proposals = self._gluon_proposals(feats_gl)
         gl = self._gluon_levels(feats_gl, proposals)
         feats_tv, tv = self._torch_levels(proposals)
-        # The truth (GluonCV in float64, MXNet) and the export's float64 runs (torch) share nothing: the truth runs
-        # on a second thread meanwhile (both libraries release the GIL in their kernels; nothing else touches the
-        # GluonCV detector until it is back in float32).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            truth = pool.submit(self._gluon_float64, proposals)
-            tv64 = self._torch_levels(proposals, self.twin.model())[1]
-            yards = [self._torch_levels(proposals, nudged)[1] for nudged in self.twin.nudged()]
-        gl64 = truth.result()  # the pool is shut down: the thread is done (an error of the torch side comes first)
+        gl64 = self._gluon_float64(proposals)
+        tv64 = self._torch_levels(proposals, self.twin.model())[1]
+        yards = [self._torch_levels(proposals, nudged)[1] for nudged in self.twin.nudged()]
         result = {}
         for level in LEVELS:
             parts = {n: difference(gl[level][n], tv[level][n]) for n in gl[level]}
