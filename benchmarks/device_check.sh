@@ -72,13 +72,13 @@ t0=$(date +%s.%N)
 "$PYTHON" -m bbadapt.cli doctor --json > "$WORK/doctor.json" 2> "$WORK/doctor.err"
 code=$?
 if "$PYTHON" -c "import json,sys; json.load(open(sys.argv[1]))" "$WORK/doctor.json" 2>/dev/null; then
-    note=$("$PYTHON" -c "
+    read -r ok note < <("$PYTHON" -c "
 import json, sys
 r = json.load(open(sys.argv[1])); t = r['torch']
 gpus = ', '.join(g['name'] + (' runs' if g['runs'] else ' FAILS') for g in t.get('gpus', [])) or 'no CUDA GPU'
-print(('mxnet runs' if r['cpu_ok'] else 'no usable mxnet') + '; torch ' + ('NO: ' + t['error'] if t.get('error') else t['torch'] + ': ' + gpus))
+print(1 if r['torch_ok'] else 0, ('mxnet runs' if r['cpu_ok'] else 'no usable mxnet') + '; torch '
+      + ('NO: ' + t['error'] if t.get('error') else t['torch'] + ': ' + gpus))
 " "$WORK/doctor.json")
-    ok=$("$PYTHON" -c "import json,sys; print(1 if json.load(open(sys.argv[1]))['torch_ok'] else 0)" "$WORK/doctor.json")
     record "doctor" "$ok" "$(awk "BEGIN{print $(date +%s.%N) - $t0}")" "$note (exit $code)"
 else
     record "doctor" 0 "$(awk "BEGIN{print $(date +%s.%N) - $t0}")" "$(tail -n 1 "$WORK/doctor.err")"
