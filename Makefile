@@ -26,6 +26,16 @@ $(TORCH_STAMP): pyproject.toml scripts/test-constraints.txt
 	$(TORCH_VENV)/bin/python -m pip install -q -c scripts/test-constraints.txt -e ".[torch]" "numpy>=2"
 	touch $@
 
+# Where a deployed detector runs (issue 24): onnxruntime, numpy and Pillow only, no torch, no mxnet, no bbadapt.
+# tests/engines/torch/test_deploy.py feeds it decoded JPEGs through the exported ONNX file. About 15 s, 80 MB.
+ORT_VENV  := .venv-ort
+ORT_STAMP := $(ORT_VENV)/.installed
+$(ORT_STAMP): scripts/deploy-requirements.txt
+	test -x $(ORT_VENV)/bin/python || $(PYTHON) -m venv $(ORT_VENV)
+	$(ORT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ORT_VENV)/bin/python -m pip install -q -r scripts/deploy-requirements.txt
+	touch $@
+
 # Offline: converts the packaged, real pretrained CIFAR ResNet-20 v2 (gluoncv export files)
 # to raw-RGB-0..255 input, an ImageNet ResNet-50 v2 with calibrated random weights, and builds
 # a Faster R-CNN (raccoon) on a ResNet-18 v1b backbone, ready for `bbadapt train`.
@@ -58,6 +68,7 @@ FIRST_RUN  := tests/cli tests/core tests/platform tests/verify tests/bundle test
 SECOND_RUN := tests/benchmarks tests/engines tests/converters
 PYTEST      := OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 MXNET_HOME=$(CURDIR)/.pytest-mxnet-home \
                BBADAPT_TORCH_ONLY_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python \
+               BBADAPT_ORT_ONLY_PYTHON=$(CURDIR)/$(ORT_VENV)/bin/python \
                $(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -p no:cacheprovider --durations=30
 # horovod has no binary wheels: built once per machine into ~/.cache/bbadapt/wheels/horovod-VERSION-py311-mxnetX/
 # (scripts/horovod-wheel.sh), then installed from there in seconds.
@@ -75,7 +86,7 @@ $(CHROMIUM): $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $@
 
-test: lint $(HOROVOD) $(CHROMIUM) $(TORCH_STAMP)
+test: lint $(HOROVOD) $(CHROMIUM) $(TORCH_STAMP) $(ORT_STAMP)
 	$(PYTEST) -m "not horovod" $(FIRST_RUN)
 	$(PYTEST) -m "not horovod" $(SECOND_RUN)
 	$(SERIAL) -m horovod tests/engines/gluon/test_horovod.py

@@ -313,6 +313,10 @@ EXPORT_LABELS = {
     "check_passed": "check passed", "check_max_abs": "check: largest |exported - MXNet|",
     "check_max_rel": "check: largest |exported - MXNet| / max |MXNet|",
     "check_worst_max_rel": "check: worst max rel against the bundle", "meaning": "what it is", "note": "note",
+    "check": "wrote the proof", "classes": "classes", "bytes": "file size (bytes)",
+    "cases": "checked (size, batch, image) cases", "takes": "input",
+    "judged_in_float64": "cases with near-ties, judged by the eager model in float64 (passed)",
+    "eager_detections": "detections by the eager torch model", "file_detections": "detections by the written file",
 }
 
 
@@ -342,20 +346,41 @@ def export(
                                          show_default="none"),
     timm: Optional[Path] = typer.Option(None, "--timm", help="DIR: a timm folder (config.json + model.safetensors), "
                                         "checked in timm against the bundle", show_default="none"),
+    torchscript: Optional[Path] = typer.Option(None, "--torchscript", help="FILE.pt: a torchvision export or torch "
+                                               "checkpoint as one TorchScript detector taking uint8 pixels (docs/deploy.md)",
+                                               show_default="none"),
+    deploy_input: str = typer.Option("rgb", "--deploy-input", help="--onnx/--torchscript of a detector: the order of the "
+                                     "decoded pixels the file takes, rgb (PIL) or bgr (OpenCV)"),
     backbone: bool = typer.Option(False, "--backbone", help="export the backbone of a detector bundle "
                                                             "(with --torchvision or --onnx)", show_default="off"),
     force: bool = typer.Option(False, help="replace an existing export"),
 ) -> None:
-    """Carry an adapted backbone or detector out: MXNet symbol, torchvision weights, or ONNX."""
+    """Carry an adapted backbone or detector out: MXNet symbol, torchvision weights, ONNX, TorchScript.
+
+    DIR a torchvision export or torch checkpoint with --onnx or --torchscript: one deployable detector file
+    (uint8 pixels in, resize and normalization inside), proven in onnxruntime / TorchScript first."""
     import importlib
 
     with user_errors():
-        chosen = {k: v for k, v in {"symbol": symbol, "torchvision": torchvision, "onnx": onnx, "timm": timm}.items() if v}
+        chosen = {k: v for k, v in {"symbol": symbol, "torchvision": torchvision, "onnx": onnx, "timm": timm,
+                                    "torchscript": torchscript}.items() if v}
         if len(chosen) != 1:
-            raise OptionError("give exactly one of --symbol PREFIX, --torchvision FILE, --onnx FILE, --timm DIR")
+            raise OptionError("give exactly one of --symbol PREFIX, --torchvision FILE, --onnx FILE, --timm DIR, "
+                              "--torchscript FILE")
         (kind, target), = chosen.items()
-        if backbone and kind == "symbol":
-            raise OptionError("--backbone goes with --torchvision or --onnx (or --timm); --symbol exports the whole detector")
+        if backbone and kind in ("symbol", "torchscript"):
+            raise OptionError(f"--backbone goes with --torchvision or --onnx (or --timm); --{kind} exports the whole detector")
+        from bbadapt.engines.torch.export import is_export
+
+        if kind == "torchscript" or (kind == "onnx" and is_export(directory)):
+            from bbadapt.engines.torch.deploy import DeployOptions, deploy
+
+            options = DeployOptions(form=kind, channel_order=deploy_input, force=force)
+            with progress_line() as say:
+                summary = deploy(directory, target, options, progress=say)
+            for line in _export_lines(summary):
+                out_console.print(line, markup=False)
+            return
         module, function = EXPORTERS[kind]
         exporter = getattr(importlib.import_module(module), function)
         extra = {"backbone": True} if backbone else {}

@@ -57,8 +57,8 @@ def open_bundle(bundle: str | os.PathLike | BundleManifest, backbone: bool = Fal
                           "backbone is not supported yet: export the whole detector with --symbol, or the "
                           "bundle's backbone with --backbone on the bundle directory")
     if kind != "backbone" and not (backbone and kind == "detector"):
-        raise OutputError(f"{directory} holds a {kind}; export its backbone with --backbone, "
-                          "or the whole detector with --symbol")
+        raise OutputError(f"{directory} holds a {kind}; export its backbone with --backbone, or the whole detector "
+                          "with --symbol, or --torchvision DIR and then `export DIR --onnx` (docs/deploy.md)")
     if kind == "backbone" and backbone:
         raise OutputError(f"{directory} is a backbone bundle already; drop --backbone")
     check_params(manifest)

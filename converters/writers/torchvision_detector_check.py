@@ -39,10 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bbadapt.verify.detections import FP64_FACTOR
+
 REL_TOL = 1e-4
 BOX_REL_TOL = 1e-5  # boxes match within 1e-2 px + 1e-5 of the coordinate (random heads throw boxes to 1e7 px)
 
-FP64_FACTOR = 2.0  # the forward check's factor (bbadapt.verify.equivalence.CheckOptions.fp64_factor)
 LEVELS = ("backbone", "rpn", "roi_heads")
 FPN_LEVELS = ["P2", "P3", "P4", "P5", "P6"]
 
@@ -238,21 +239,15 @@ def float64_rule(gl32: dict, gl64: dict, tv32: dict, tv64: dict, yards: list[dic
 def detections_opinion(gluon: list, torch32: list, torch64: list) -> dict:
     """Level 4 with missing partners: the export in float64 as the judge.
 
-    GluonCV's full detector does not run in float64 (its proposal ops fix float32), so the
-    truth is the export in float64, and the matching tolerances are raised to ``FP64_FACTOR``
-    times how far the export's own float32 detections move from it (partners found at 1e-2
-    score / 1 px). GluonCV's float32 detections must then all find partners in the float64
-    ones. An export that detects something else still fails: its float64 run is as far from
-    GluonCV as its float32 run was.
+    GluonCV's full detector does not run in float64 (its proposal ops fix float32), so the truth is the
+    export in float64 (:func:`bbadapt.verify.detections.float64_opinion`): GluonCV's float32 detections
+    must all find partners in it, at tolerances raised to what the export's own float32 rounding moves.
     """
-    from bbadapt.engines.gluon.detector_bundle import BOX_TOL, SCORE_TOL, compare_detections
+    from bbadapt.verify.detections import float64_opinion
 
-    own = compare_detections(torch32, torch64, score_tol=1e-2, box_tol=1.0, box_rel_tol=BOX_REL_TOL)
-    score_tol = max(SCORE_TOL, FP64_FACTOR * own["max_abs_score_diff"])
-    box_tol = max(BOX_TOL, FP64_FACTOR * own["max_abs_box_diff_px"])
-    judged = compare_detections(gluon, torch64, score_tol=score_tol, box_tol=box_tol, box_rel_tol=BOX_REL_TOL)
-    return {"export_fp32_vs_fp64": {k: own[k] for k in ("unmatched", "max_abs_score_diff", "max_abs_box_diff_px")},
-            "gluoncv_vs_export_fp64": judged, "passed": judged["passed"]}
+    opinion = float64_opinion(gluon, torch32, torch64, box_rel_tol=BOX_REL_TOL)
+    return {"export_fp32_vs_fp64": opinion["reference_fp32_vs_fp64"],
+            "gluoncv_vs_export_fp64": opinion["candidate_vs_reference_fp64"], "passed": opinion["passed"]}
 
 
 class ImageCheck:

@@ -27,10 +27,9 @@ from bbadapt.engines.gluon.options import DetectorOptions, require_detector_fits
 from bbadapt.platform.atomic import replace_together
 from bbadapt.platform.devices import check_contexts
 from bbadapt.platform.errors import BbadaptError, OutputError
+from bbadapt.verify.detections import BOX_TOL, SCORE_TOL, compare_detections, detections  # noqa: F401 - re-exported
 
 Progress = Callable[[str], None]
-SCORE_TOL = 1e-4  # softmax outputs in [0, 1]; float32 reassociation (fused BN) moves them ~1e-6
-BOX_TOL = 1e-2  # pixels; box coordinates are O(100) px, float32 relative error ~1e-6 gives ~1e-4 px
 EXPORT_SHORT = 320
 TARGET_GENERATOR = "_target_generator."  # built on the first training step; never part of a saved detector
 
@@ -153,47 +152,6 @@ def load_detector(directory: str | os.PathLike | BundleManifest, ctx=None, **ove
 
 
 # ---------------------------------------------------------------- detections
-
-
-def detections(output) -> np.ndarray:
-    """Valid detections of image 0 as rows ``(class id, score, x1, y1, x2, y2)``, sorted."""
-    ids, scores, boxes = (np.asarray(o.asnumpy() if hasattr(o, "asnumpy") else o, dtype=np.float64)[0]
-                          for o in output[:3])
-    rows = np.concatenate([ids.reshape(-1, 1), scores.reshape(-1, 1), boxes.reshape(-1, 4)], axis=1)
-    rows = rows[rows[:, 0] >= 0]
-    return rows[np.lexsort((-rows[:, 1], rows[:, 0]))]
-
-
-def compare_detections(a, b, score_tol: float = SCORE_TOL, box_tol: float = BOX_TOL, box_rel_tol: float = 0.0) -> dict:
-    """Do two detectors' outputs agree? Each detection of ``a`` must have a partner in ``b``.
-
-    Two empty outputs agree; callers that need evidence check ``count_a``.
-
-    Partners share the class, their scores differ by at most ``score_tol`` and their boxes
-    by at most ``box_tol`` px (+ ``box_rel_tol`` times the coordinate: float32 boxes far
-    outside the image, as random heads give, differ by ulps of 1e7) per coordinate. Near-tied
-    scores may come out in either order, so partners are matched (greedily, best box first)
-    rather than compared by rank.
-    """
-    da, db = detections(a), detections(b)
-    used = np.zeros(len(db), dtype=bool)
-    score_diff, box_diff, unmatched = 0.0, 0.0, 0
-    for row in da:
-        cand = np.where(~used & (db[:, 0] == row[0]) & (np.abs(db[:, 1] - row[1]) <= score_tol))[0]
-        if len(cand) == 0:
-            unmatched += 1
-            continue
-        dist = np.max(np.abs(db[cand, 2:] - row[2:]) - box_rel_tol * np.abs(row[2:]), axis=1)
-        best = cand[int(np.argmin(dist))]
-        if dist.min() > box_tol:
-            unmatched += 1
-            continue
-        used[best] = True
-        score_diff = max(score_diff, abs(db[best, 1] - row[1]))
-        box_diff = max(box_diff, float(np.max(np.abs(db[best, 2:] - row[2:]))))
-    return {"count_a": len(da), "count_b": len(db), "unmatched": unmatched, "max_abs_score_diff": score_diff,
-            "max_abs_box_diff_px": box_diff, "score_tol": score_tol, "box_tol_px": box_tol, "box_rel_tol": box_rel_tol,
-            "passed": unmatched == 0 and len(da) == len(db)}
 
 
 # ---------------------------------------------------------------- symbol export
