@@ -63,6 +63,13 @@ def c4(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def c4_onnx(c4, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``bbadapt export C4 --onnx detector.onnx`` run once through the real CLI (mxnet and gluoncv unimportable)."""
+    out = tmp_path_factory.mktemp("deploy-c4-onnx") / "deploy" / "detector.onnx"
+    return bbadapt("export", c4, "--onnx", out), out
+
+
+@pytest.fixture(scope="module")
 def fpn_v2(tmp_path_factory) -> Path:
     """A torchvision export of an FPN detector on a Gluon resnet18_v2 (pre-activation) body, input 0..255."""
     return _export(tmp_path_factory.mktemp("deploy-fpn"), "resnet18_v2", "fpn", "255")
@@ -107,14 +114,13 @@ def assert_proven(check_path: Path, form: str) -> dict:
 
 
 @pytest.mark.xdist_group("deploy-c4")
-def test_onnx_of_a_c4_export_is_proven_at_three_sizes_and_two_batches_and_carries_its_contract(c4, tmp_path):
+def test_onnx_of_a_c4_export_is_proven_at_three_sizes_and_two_batches_and_carries_its_contract(c4_onnx):
     import onnx
 
-    out = tmp_path / "deploy" / "detector.onnx"
-    result = bbadapt("export", c4, "--onnx", out)  # the real CLI, mxnet and gluoncv unimportable
+    result, out = c4_onnx
     assert result.returncode == 0, result.stderr
     assert "check passed: yes" in result.stdout and "detections without a partner" in result.stdout
-    assert_proven(tmp_path / "deploy" / "detector.check.json", "onnx")
+    assert_proven(out.parent / "detector.check.json", "onnx")
     model = onnx.load(str(out))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == ["raccoon"] and "uint8 [N, H, W, 3], RGB" in meta["input"]
@@ -128,17 +134,15 @@ def test_onnx_of_a_c4_export_is_proven_at_three_sizes_and_two_batches_and_carrie
 
 
 @pytest.mark.xdist_group("deploy-c4")
-def test_the_onnx_file_runs_on_decoded_jpegs_where_only_onnxruntime_numpy_and_pillow_are(c4, tmp_path):
-    from bbadapt.engines.torch.deploy import DeployOptions, deploy
-
+def test_the_onnx_file_runs_on_decoded_jpegs_where_only_onnxruntime_numpy_and_pillow_are(c4, c4_onnx, tmp_path):
     if not Path(ORT_ONLY_PYTHON).is_file():
         pytest.fail(f"{ORT_ONLY_PYTHON} missing: `make test` builds .venv-ort (scripts/deploy-requirements.txt)")
     bare = subprocess.run([ORT_ONLY_PYTHON, "-c", "import importlib.util as u; "
                            "print([m for m in ('torch', 'mxnet', 'bbadapt', 'onnxruntime') if u.find_spec(m)])"],
                           capture_output=True, text=True, cwd=tmp_path, env={"PATH": os.environ["PATH"]})
     assert bare.stdout.strip() == "['onnxruntime']", bare.stdout + bare.stderr
-    out = tmp_path / "detector.onnx"
-    deploy(c4, out, DeployOptions(form="onnx"))
+    out = c4_onnx[1]
+    assert out.is_file(), c4_onnx[0].stderr
     example = REPO / "docs" / "examples" / "deploy_onnxruntime.py"
     for photo in PHOTOS[:2]:  # each JPEG at its own size, decoded in that venv
         run = subprocess.run([ORT_ONLY_PYTHON, str(example), str(out), str(photo)], capture_output=True, text=True,
@@ -180,6 +184,20 @@ def test_an_fpn_export_on_a_v2_body_deploys_for_bgr_frames(fpn_v2, tmp_path):
 
 
 # --------------------------------------------------------------------------- TorchScript
+
+
+@pytest.mark.xdist_group("deploy-c4")
+def test_torchscript_of_a_c4_export_is_proven_and_carries_its_contract(c4, tmp_path):
+    import torch
+
+    result = bbadapt("export", c4, "--torchscript", tmp_path / "detector.pt")
+    assert result.returncode == 0, result.stderr
+    check = assert_proven(tmp_path / "detector.check.json", "torchscript")
+    assert check["runtime"] == "torch.jit.load" and check["opset"] is None
+    extra = {"bbadapt.json": ""}
+    torch.jit.load(str(tmp_path / "detector.pt"), _extra_files=extra)
+    meta = json.loads(extra["bbadapt.json"])
+    assert json.loads(meta["classes"]) == ["raccoon"] and "uint8 [N, H, W, 3], RGB" in meta["input"]
 
 
 @pytest.mark.xdist_group("deploy-fpn")
@@ -229,13 +247,11 @@ def test_a_torch_engine_checkpoint_deploys_with_its_trained_weights(c4, tmp_path
 
 
 @pytest.mark.xdist_group("deploy-c4")
-def test_bad_input_to_the_deployed_file_fails_in_onnxruntime_itself(c4, tmp_path):
+def test_bad_input_to_the_deployed_file_fails_in_onnxruntime_itself(c4_onnx):
     import onnxruntime as ort
 
-    from bbadapt.engines.torch.deploy import DeployOptions, deploy
-
-    out = tmp_path / "detector.onnx"
-    deploy(c4, out, DeployOptions(form="onnx"))
+    out = c4_onnx[1]
+    assert out.is_file(), c4_onnx[0].stderr
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="(?i)unexpected input data type|tensor\\(float\\)"):
         session.run(None, {"images": np.zeros((1, 64, 64, 3), np.float32)})  # float, not decoded uint8
