@@ -10,6 +10,7 @@ import numpy as np
 
 SCORE_TOL = 1e-4  # softmax outputs in [0, 1]; float32 reassociation (fused BN) moves them ~1e-6
 BOX_TOL = 1e-2  # pixels; box coordinates are O(100) px, float32 relative error ~1e-6 gives ~1e-4 px
+BOX_REL_TOL = 1e-5  # export checks: boxes within box_tol + 1e-5 of the coordinate (random heads throw boxes to 1e7 px)
 FP64_FACTOR = 2.0  # the forward check's factor (bbadapt.verify.equivalence.CheckOptions.fp64_factor)
 
 

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bbadapt.verify.detections import FP64_FACTOR
+from bbadapt.verify.detections import BOX_REL_TOL, FP64_FACTOR
 
 REL_TOL = 1e-4
-BOX_REL_TOL = 1e-5  # boxes match within 1e-2 px + 1e-5 of the coordinate (random heads throw boxes to 1e7 px)
 
 LEVELS = ("backbone", "rpn", "roi_heads")
 FPN_LEVELS = ["P2", "P3", "P4", "P5", "P6"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import roi_align
 
 CHANNEL_ORDERS = ("rgb", "bgr")
@@ -109,23 +110,6 @@ def ranks_of(mask: Tensor) -> Tensor:
     return torch.where(mask, size_of(mask, -1).to(torch.float32) - position, torch.full_like(position, -1.0))
 
 
-def decode(deltas: Tensor, boxes: Tensor, weights: tuple[float, float, float, float], clip: float) -> Tensor:
-    """torchvision ``BoxCoder.decode_single``, broadcasting over leading dims (the same arithmetic, in the same order)."""
-    widths = boxes[..., 2] - boxes[..., 0]
-    heights = boxes[..., 3] - boxes[..., 1]
-    ctr_x = boxes[..., 0] + 0.5 * widths
-    ctr_y = boxes[..., 1] + 0.5 * heights
-    wx, wy, ww, wh = weights
-    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
-    dw, dh = torch.clamp(deltas[..., 2] / ww, max=clip), torch.clamp(deltas[..., 3] / wh, max=clip)
-    pred_ctr_x = dx * widths + ctr_x
-    pred_ctr_y = dy * heights + ctr_y
-    pred_w = torch.exp(dw) * widths
-    pred_h = torch.exp(dh) * heights
-    half_w, half_h = 0.5 * pred_w, 0.5 * pred_h
-    return torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=-1)
-
-
 def gather_rows(values: Tensor, index: Tensor) -> Tensor:
     """``values[n, index[n, j], ...]`` for a ``[N, M, ...]`` tensor and a ``[N, K]`` index."""
     extra = values.shape[2:]
@@ -180,28 +164,18 @@ class DeployDetector(nn.Module):
     # ------------------------------------------------------------ RPN
 
     def anchors(self, features: list[Tensor]) -> Tensor:
-        """GluonCV's anchors ``[A, 4]`` in the order torchvision flattens the RPN head's outputs."""
+        """GluonCV's anchors ``[A, 4]`` by the export's own generator (its sizes stay symbolic in a trace)."""
         generator = self.model.rpn.anchor_generator
-        per_level = []
-        for level, feature in enumerate(features):
-            stride = float(generator.strides[level])
-            ys = positions(feature[0, 0, :, 0], 0) * stride
-            xs = positions(feature[0, 0, 0, :], 0) * stride
-            sy, sx = torch.meshgrid(ys, xs, indexing="ij")
-            shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
-            cell = generator.cell_anchors[level].to(feature.device, feature.dtype).reshape(1, -1, 4)
-            per_level.append((shifts + cell).reshape(-1, 4))
-        return torch.cat(per_level)
+        return torch.cat([generator.grid(level, f.shape[-2], f.shape[-1], f.device, f.dtype)
+                          for level, f in enumerate(features)])
 
     def proposals(self, features: list[Tensor], height: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
         """RoIs ``[N, P, 4]`` and their mask ``[N, P]``: GluonCV's proposal selection per image."""
-        objectness, deltas = self.model.rpn.head(features)
         n = features[0].shape[0]
-        scores = torch.cat([o.permute(0, 2, 3, 1).reshape(n, -1) for o in objectness], dim=1).sigmoid()
-        deltas = torch.cat([d.reshape(n, -1, 4, d.shape[2], d.shape[3]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
-                            for d in deltas], dim=1)
-        coder = self.model.rpn.box_coder
-        boxes = decode(deltas, self.anchors(features)[None], coder.weights, coder.bbox_xform_clip)
+        objectness, deltas = concat_box_prediction_layers(*self.model.rpn.head(features))  # torchvision's RPN order
+        scores = objectness.reshape(n, -1).sigmoid()
+        anchors = self.anchors(features)[None].expand(n, -1, -1).reshape(-1, 4)
+        boxes = self.model.rpn.box_coder.decode_single(deltas, anchors).reshape(n, -1, 4)
         zero = torch.zeros_like(width)
         boxes = torch.stack((boxes[..., 0].clamp(zero, width), boxes[..., 1].clamp(zero, height),
                              boxes[..., 2].clamp(zero, width), boxes[..., 3].clamp(zero, height)), dim=-1)
@@ -234,8 +208,7 @@ class DeployDetector(nn.Module):
         n, p = boxes.shape[0], boxes.shape[1]  # sizes read off a shape stay symbolic in a trace
         rois = torch.cat((positions(boxes[..., :1], 0), boxes), dim=2).reshape(-1, 5)
         logits, regression = heads.box_predictor(heads.box_head(self.pool(features, rois)))
-        coder = heads.box_coder
-        decoded = decode(regression.reshape(n, p, -1, 4)[:, :, 1:], boxes[:, :, None], coder.weights, coder.bbox_xform_clip)
+        decoded = heads.box_coder.decode_single(regression, rois[:, 1:]).reshape(n, p, -1, 4)[:, :, 1:]
         scores = torch.softmax(logits, -1).reshape(n, p, -1)[:, :, 1:].permute(0, 2, 1)          # [N, C, P]
         decoded = decoded.permute(0, 2, 1, 3)                                                     # [N, C, P, 4]
         candidate = mask[:, None, :] & (scores > self.score_thresh)
