@@ -6,7 +6,8 @@ the graph is :class:`bbadapt.engines.torch.deploy_model.DeployDetector`, traced 
 photos at :data:`CHECK_SIZES` (none of them the traced size), one and two images a batch, beside the eager
 model (``frcnn_runtime``, the one the export's own check proved against GluonCV), fed the same pixels as
 float RGB 0..1. Detections are matched one to one (:func:`bbadapt.verify.detections.compare_detections`);
-any miss and nothing is written. The figures go to ``<name>.check.json`` beside the file.
+any miss and nothing is written. The figures go to ``<file name>.check.json`` beside the file
+(``detector.onnx.check.json``: an ONNX and a TorchScript file of one detector can share a folder).
 
 ONNX goes through torch's TorchScript-based exporter (``dynamo=False``) at opset :data:`OPSET`: the graph's
 sizes are data-dependent (proposals left after NMS), which that exporter traces as ONNX ops and
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bbadapt.platform.errors import OptionError, OutputError
+from bbadapt.verify.detections import BOX_REL_TOL
 
 OPSET = 17  # onnxruntime >= 1.14 runs it; NonMaxSuppression, RoiAlign and Resize as used here exist since 11..16
 TRACE_SIZE = (240, 320)  # (height, width) the graph is traced at; every size is dynamic
@@ -36,7 +38,6 @@ CHECK_BATCHES = (1, 2)
 INPUTS = ("images",)
 OUTPUTS = ("boxes", "scores", "labels", "batch_index")
 FORMS = {".onnx": "onnx", ".pt": "torchscript"}
-BOX_REL_TOL = 1e-5  # as the torchvision check: random heads throw boxes far out, where float32 ulps are large
 RUNTIME_NOTE = {"onnx": "onnxruntime (CPUExecutionProvider)", "torchscript": "torch.jit.load"}
 
 Progress = Callable[[str], None]
@@ -224,10 +225,10 @@ def deploy(directory: str | os.PathLike, out: str | os.PathLike, options: Deploy
     """Write the detector at ``directory`` (torchvision export or torch checkpoint) as one deployable file.
 
     Refuses an existing ``out`` unless ``options.force``; the file is proven before it is moved into place
-    and nothing is left when the proof fails. Returns a summary (also written to ``<name>.check.json``).
+    and nothing is left when the proof fails. Returns a summary (also written to ``<file name>.check.json``).
     """
     from bbadapt.engines.torch.deploy_model import CHANNEL_ORDERS, DeployDetector
-    from bbadapt.engines.torch.export import load_model, read_export
+    from bbadapt.engines.torch.export import load_model
     from bbadapt.platform.atomic import check_target, write_file
 
     say = progress or _quiet
@@ -235,13 +236,11 @@ def deploy(directory: str | os.PathLike, out: str | os.PathLike, options: Deploy
     form = form_of(out, options.form)
     if options.channel_order not in CHANNEL_ORDERS:
         raise OptionError(f"--deploy-input {options.channel_order!r}: expected one of {', '.join(CHANNEL_ORDERS)}")
-    check_path = out.with_name(f"{out.stem}.check.json")
+    check_path = out.with_name(f"{out.name}.check.json")
     check_target(out, options.force, None, kind="file")
     check_target(check_path, options.force, None, kind="file")
     require_packages(form)
-    read_export(directory)  # not an export or checkpoint: one line, before any progress
-    say(f"loading {directory}")
-    model, export = load_model(directory)
+    model, export = load_model(directory)  # not an export or checkpoint: one line, before any progress
     deployed = DeployDetector(model, options.channel_order).eval()
     meta = metadata(export, options)
     with tempfile.TemporaryDirectory(prefix=".bbadapt-deploy-", dir=out.parent if out.parent.is_dir() else None) as tmp:

@@ -4,7 +4,7 @@ Specification:
 * ``bbadapt export EXPORT --onnx FILE.onnx`` (or ``--torchscript FILE.pt``) writes the file only after the
   written bytes, run in onnxruntime (or ``torch.jit.load``), give the eager torchvision model's detections on
   real photos at three sizes that are not the traced size, one and two images a batch; the figures go to
-  ``FILE.check.json``, the contract to the file's metadata;
+  ``FILE.onnx.check.json`` (``FILE.pt.check.json``), the contract to the file's metadata;
 * the ONNX file runs where only onnxruntime, numpy and Pillow are installed (``.venv-ort``), on decoded JPEGs;
 * a torch-engine checkpoint deploys as an export does; BGR input (OpenCV) is an option;
 * bad input to the file fails in onnxruntime itself; a refused export leaves nothing behind.
@@ -120,7 +120,7 @@ def test_onnx_of_a_c4_export_is_proven_at_three_sizes_and_two_batches_and_carrie
     result, out = c4_onnx
     assert result.returncode == 0, result.stderr
     assert "check passed: yes" in result.stdout and "detections without a partner" in result.stdout
-    assert_proven(out.parent / "detector.check.json", "onnx")
+    assert_proven(out.parent / "detector.onnx.check.json", "onnx")
     model = onnx.load(str(out))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == ["raccoon"] and "uint8 [N, H, W, 3], RGB" in meta["input"]
@@ -130,7 +130,7 @@ def test_onnx_of_a_c4_export_is_proven_at_three_sizes_and_two_batches_and_carrie
     assert [d.dim_param or d.dim_value for d in images.type.tensor_type.shape.dim] == ["N", "H", "W", 3]
     assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels", "batch_index"]
     assert model.opset_import[0].version == 17
-    assert sorted(p.name for p in out.parent.iterdir()) == ["detector.check.json", "detector.onnx"]  # nothing staged
+    assert sorted(p.name for p in out.parent.iterdir()) == ["detector.onnx", "detector.onnx.check.json"]  # nothing staged
 
 
 @pytest.mark.xdist_group("deploy-c4")
@@ -172,7 +172,7 @@ def test_an_fpn_export_on_a_v2_body_deploys_for_bgr_frames(fpn_v2, tmp_path):
     out = tmp_path / "fpn.onnx"
     summary = deploy(fpn_v2, out, DeployOptions(form="onnx", channel_order="bgr"))
     assert summary["passed"] and summary["unmatched"] == 0 and summary["cases"] == 9
-    assert_proven(tmp_path / "fpn.check.json", "onnx")
+    assert_proven(tmp_path / "fpn.onnx.check.json", "onnx")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     rgb = check_images((300, 420), 2)
     bgr_out = deployed_rows(session.run(None, {"images": rgb[..., ::-1].copy()}), 2)
@@ -187,13 +187,16 @@ def test_an_fpn_export_on_a_v2_body_deploys_for_bgr_frames(fpn_v2, tmp_path):
 
 
 @pytest.mark.xdist_group("deploy-c4")
-def test_torchscript_of_a_c4_export_is_proven_and_carries_its_contract(c4, tmp_path):
+def test_torchscript_of_a_c4_export_is_proven_and_carries_its_contract(c4, c4_onnx, tmp_path):
     import torch
 
+    onnx_check = c4_onnx[1].parent / "detector.onnx.check.json"
+    shutil.copy(onnx_check, tmp_path)  # the ONNX file's proof stays where the TorchScript file's goes beside it
     result = bbadapt("export", c4, "--torchscript", tmp_path / "detector.pt")
     assert result.returncode == 0, result.stderr
-    check = assert_proven(tmp_path / "detector.check.json", "torchscript")
+    check = assert_proven(tmp_path / "detector.pt.check.json", "torchscript")
     assert check["runtime"] == "torch.jit.load" and check["opset"] is None
+    assert (tmp_path / "detector.onnx.check.json").read_bytes() == onnx_check.read_bytes()
     extra = {"bbadapt.json": ""}
     torch.jit.load(str(tmp_path / "detector.pt"), _extra_files=extra)
     meta = json.loads(extra["bbadapt.json"])
@@ -206,7 +209,7 @@ def test_torchscript_of_an_fpn_v2_export_loads_with_torch_and_torchvision_alone(
 
     out = tmp_path / "fpn.pt"
     deploy(fpn_v2, out, DeployOptions(form="torchscript"))
-    assert_proven(tmp_path / "fpn.check.json", "torchscript")
+    assert_proven(tmp_path / "fpn.pt.check.json", "torchscript")
     batch = check_images((333, 517), 2)
     np.save(tmp_path / "batch.npy", batch)
     run = subprocess.run([sys.executable, "-c", TORCH_ONLY_LOAD, str(out), str(tmp_path / "batch.npy"),
@@ -231,7 +234,7 @@ def test_a_torch_engine_checkpoint_deploys_with_its_trained_weights(c4, tmp_path
     out = tmp_path / "trained.onnx"
     result = bbadapt("export", checkpoint, "--onnx", out, "--deploy-input", "rgb")
     assert result.returncode == 0, result.stderr
-    assert_proven(tmp_path / "trained.check.json", "onnx")
+    assert_proven(tmp_path / "trained.onnx.check.json", "onnx")
     batch = check_images((375, 500), 1)
     ours = deployed_rows(runner("onnx", out)(batch), 1)
     assert_same(eager(checkpoint, batch), ours)
