@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bbadapt.platform.heap import release_free_memory
 from bbadapt.verify.detections import BOX_REL_TOL, FP64_FACTOR
 
 REL_TOL = 1e-4
@@ -65,13 +66,13 @@ def default_sizes(settings: dict) -> list[tuple[int, int]]:
 
 
 # What the check holds at its peak, per unit (calibrated with benchmarks/bench_proof_cost.py, see benchmarks/README.md):
-# every detector parameter lives as GluonCV float32 (cast to float64 and back for the truth), the export in float32,
-# its float64 twin and the yardstick's float64 copy; the largest image's feature maps in float32 and float64 on both
-# sides; the RoI head's activations for every proposal in float32, in chunks of ROI_CHUNK in float64.
+# every detector parameter lives as GluonCV float32 (cast to float64 and back for the truth), the export in float32
+# and its float64 twin (which the yardstick's draws move in place); the largest image's feature maps in float32 and
+# float64 on both sides; the RoI head's activations for every proposal in float32, in chunks of ROI_CHUNK in float64.
 # Every intermediate output is counted though few are alive at once: resnet50_v2 C4 at the default sizes reads 34M
-# parameters, 682 feature elements a pixel and 2.6M head elements a RoI (x 300 RoIs), so 3.9 GB; measured 2026-12-06,
-# the export grew by 3.4 GB from where the estimate is made (1.8 GB -> 5.2 GB peak, benchmarks/bench_proof_cost.py).
-PARAM_BYTES = 40.0  # float32 GluonCV (+ its float64 cast) + float32 export + float64 twin + float64 yardstick copy
+# parameters, 682 feature elements a pixel and 2.6M head elements a RoI (x 300 RoIs), so 3.6 GB; measured 2026-12-07,
+# the export grew by 2.3 GB from where the estimate is made (2.0 GB -> 4.3 GB peak, benchmarks/bench_proof_cost.py).
+PARAM_BYTES = 32.0  # float32 GluonCV (+ its float64 cast) + float32 export + float64 twin
 FEATURE_BYTES = 2.0  # per activation element of the features network at the largest size
 HEAD_BYTES = 2.5  # per activation element of the RoI head and its pooled input, per RoI (GluonCV's float32 pass)
 
@@ -162,39 +163,74 @@ class Float64Twin:
     ``nudged()``: the one-ulp yardstick's models, the twin with every float number of the export
     (parameters and buffers) moved by one float32 ulp, in ``YARDSTICK_DRAWS`` seeded directions.
     Every number of an export was written by it (copied or recomputed from the bundle), so all move.
+
+    The twin is channels-last: torch's float64 convolution (no oneDNN kernel; im2col and MKL's
+    dgemm) runs the C4 head 14% faster that way, measured, and the sums it reorders move a
+    float64 result by 1e-14 relative, seven orders below the yardstick.
     """
 
     def __init__(self, model) -> None:
-        self._source, self._model, self._yard = model, None, None
+        self._source, self._model = model, None
 
     def model(self):
         if self._model is None:
-            self._model = copy.deepcopy(self._source).double()
+            import torch
+
+            self._model = copy.deepcopy(self._source).double().to(memory_format=torch.channels_last)
             self._model.transform.resize_images = False
         return self._model
 
+    def _numbers(self, model) -> list[tuple[str, object]]:
+        return sorted([*model.named_parameters(), *model.named_buffers()], key=lambda t: t[0])
+
     def nudged(self):
-        """The yardstick's models, one at a time: one float64 copy of the detector, made on first need and kept
-        across images, its numbers set to the twin's moved by one ulp for each draw (the same numbers a fresh
-        copy of the twin moved in the same order gets)."""
+        """The yardstick's models, one at a time: the twin itself, its numbers moved by one ulp for each draw and
+        set back afterwards (from the float32 export, cast: the same bits), so no second float64 copy of the
+        detector is held. The moves are those a fresh copy of the twin moved in the same order would get."""
         import torch
 
         from bbadapt.verify.equivalence import YARDSTICK_DRAWS
         from bbadapt.verify.yardstick import SEED, nudge
 
         twin = self.model()
-        if self._yard is None:
-            self._yard = copy.deepcopy(twin)
-        clean = dict([*twin.named_parameters(), *twin.named_buffers()])
-        for k in range(YARDSTICK_DRAWS):
-            rng = np.random.RandomState(SEED + k)
+        source = dict(self._numbers(self._source))
+        try:
+            for k in range(YARDSTICK_DRAWS):
+                rng = np.random.RandomState(SEED + k)
+                with torch.no_grad():
+                    for name, tensor in self._numbers(twin):
+                        if tensor.is_floating_point():
+                            moved = nudge(source[name].detach().cpu().numpy().astype(np.float64), rng)
+                            tensor.copy_(torch.from_numpy(moved).to(tensor.device, tensor.dtype))
+                yield twin
+        finally:
             with torch.no_grad():
-                for name, tensor in sorted([*self._yard.named_parameters(), *self._yard.named_buffers()],
-                                           key=lambda t: t[0]):
+                for name, tensor in self._numbers(twin):
                     if tensor.is_floating_point():
-                        moved = nudge(clean[name].detach().cpu().numpy(), rng)
-                        tensor.copy_(torch.from_numpy(moved).to(tensor.device, tensor.dtype))
-            yield self._yard
+                        tensor.copy_(source[name].to(tensor.dtype))
+
+
+@contextmanager
+def roi_chunked(model):
+    """``model``'s own forward with its box head fed ``ROI_CHUNK`` RoIs at a time (see :func:`_roi_chunks`): the
+    float64 opinion's full forward then holds one chunk's head activations, not all 300 RoIs' (C4: 0.5 GB each)."""
+    import torch
+
+    class RoiChunks(torch.nn.Module):
+        def __init__(self, head) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, pooled):
+            return torch.cat([self.head(part) for part in pooled.split(ROI_CHUNK)])
+
+    heads = model.roi_heads
+    head = heads.box_head
+    heads.box_head = RoiChunks(head)
+    try:
+        yield model
+    finally:
+        heads.box_head = head
 
 
 @contextmanager
@@ -368,8 +404,13 @@ class ImageCheck:
         gl = self._gluon_levels(feats_gl, proposals)
         feats_tv, tv = self._torch_levels(proposals)
         gl64 = self._gluon_float64(proposals)
+        release_free_memory()
         tv64 = self._torch_levels(proposals, self.twin.model())[1]
-        yards = [self._torch_levels(proposals, nudged)[1] for nudged in self.twin.nudged()]
+        release_free_memory()
+        yards = []
+        for nudged in self.twin.nudged():
+            yards.append(self._torch_levels(proposals, nudged)[1])
+            release_free_memory()
         result = {}
         for level in LEVELS:
             parts = {n: difference(gl[level][n], tv[level][n]) for n in gl[level]}
@@ -418,7 +459,8 @@ class ImageCheck:
         if not result["passed"]:
             import torch
 
-            exact = self.torch_detections(self.twin.model(), self.x_tv.to(torch.float64))
+            with roi_chunked(self.twin.model()) as twin:
+                exact = self.torch_detections(twin, self.x_tv.to(torch.float64))
             result["float64"] = detections_opinion(gluon, torch_side, exact)
             result["passed"] = result["float64"]["passed"]
         return result
@@ -467,6 +509,7 @@ def run_check(gluon, model, options: CheckOptions, progress=None) -> dict:
             raw, names = images.photos(size, limit=i % len(files) + 1)
             result = check_image(gluon, model, raw[-1:], options, twin)
             results.append({"photo": names[-1], **result})
+            release_free_memory()
     worst = {level: max(r[level]["max_rel"] for r in results) for level in LEVELS}
     ratio = max(r[level]["float64"]["worst_rms_ratio"] for r in results for level in LEVELS)
     matched = sum(r["detections"]["count_a"] - r["detections"]["unmatched"] for r in results)

@@ -229,6 +229,65 @@ def test_missing_detection_partners_are_judged_against_the_export_run_in_float64
     assert not check["passed"] and "detections judged against the float64 export: 64x80 failed" in check["summary"]
 
 
+def test_the_yardstick_moves_the_float64_twin_in_place_by_one_ulp_and_gives_it_back_bit_for_bit(c4):
+    """One float64 copy serves the twin and both yardstick draws: each draw moves every number by exactly one
+    float32 ulp in its own seeded directions (the numbers a fresh copy moved would get), and the twin is
+    restored exactly, since the float64 opinion on detections runs it afterwards."""
+    import copy
+
+    import torch
+
+    from bbadapt.verify.yardstick import SEED, nudge, ulp
+    from converters.writers.torchvision_detector_check import Float64Twin
+
+    _, export, _ = c4
+    model = _load(export)
+    twin = Float64Twin(model)
+    clean = {n: t.detach().clone() for n, t in twin.model().state_dict().items()}
+    draws = [{n: t.detach().clone() for n, t in moved.state_dict().items()} for moved in twin.nudged()]
+    assert len(draws) == 2
+    fresh = copy.deepcopy(model).double()  # what a fresh copy moved in the same order gets, for the first draw
+    rng = np.random.RandomState(SEED)
+    for name, tensor in sorted([*fresh.named_parameters(), *fresh.named_buffers()], key=lambda t: t[0]):
+        if tensor.is_floating_point():
+            expected = nudge(tensor.detach().numpy(), rng)
+            assert np.array_equal(draws[0][name].numpy(), expected), name
+    weight = "backbone.body.layer3.0.conv1.weight"
+    step = np.abs(draws[1][weight].numpy() - clean[weight].numpy())
+    assert np.array_equal(step, ulp(clean[weight].numpy())) and not torch.equal(draws[0][weight], draws[1][weight])
+    after = twin.model().state_dict()
+    assert all(torch.equal(after[n], clean[n]) for n in clean)  # given back, bit for bit
+    assert all(torch.equal(after[n], t.double()) for n, t in model.state_dict().items() if t.is_floating_point())
+
+
+def test_the_float64_opinion_runs_its_box_head_in_chunks_of_rois_and_detects_the_same(c4):
+    """The float64 full forward feeds its box head ROI_CHUNK RoIs at a time (memory), which computes each RoI alone:
+    the same detections up to float64 summation order, and the model is given back unchanged."""
+    import torch
+
+    from bbadapt.verify import images
+    from converters.writers.torchvision_detector_check import ROI_CHUNK, Float64Twin, ImageCheck, roi_chunked
+
+    _, export, _ = c4
+    model = _load(export)
+    twin = Float64Twin(model).model()
+    x = torch.from_numpy(images.photos(SIZES[0], limit=1)[0][0] / 255.0).double()
+    with torch.no_grad():
+        whole = ImageCheck.torch_detections(twin, x)
+        assert len(twin.rpn(*_transformed_for(twin, x))[0][0]) > 2 * ROI_CHUNK  # several chunks
+        head = twin.roi_heads.box_head
+        with roi_chunked(twin) as chunked:
+            parts = ImageCheck.torch_detections(chunked, x)
+        assert twin.roi_heads.box_head is head
+    assert whole[1].size > 0 and all(a.shape == b.shape for a, b in zip(whole, parts, strict=True))
+    assert all(np.allclose(a, b, rtol=1e-12, atol=1e-9) for a, b in zip(whole, parts, strict=True))
+
+
+def _transformed_for(model, x):
+    images = model.transform([x])[0]
+    return images, model.backbone(images.tensors)
+
+
 def test_a_check_size_too_small_for_the_detector_is_one_line_and_nothing_is_written(c4, tmp_path):
     from bbadapt.platform.errors import OptionError
     from converters.writers.torchvision_detector import export as export_bundle
