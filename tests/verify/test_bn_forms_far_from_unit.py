@@ -101,7 +101,8 @@ def test_where_float32_cannot_show_the_tolerance_the_floor_is_reported_and_float
     report = check(net, SOURCE, bbadapt.adapt(net, SOURCE, TARGET, bn="fused"), options=CheckOptions(tolerance=1e-6),
                    ref=_reference())
     noisy = {p["name"]: p["float32_floor"] for p in report["probes"] if p["float32_floor"] > 1e-6}
-    assert noisy and len(noisy) < len(report["probes"])  # some probes, not all
+    assert noisy  # how many depends on the CPU's float32 kernels: all six under AVX-512 on an AMD EPYC, not under AVX2
+    assert all(p["tolerance"] == max(1e-6, p["float32_floor"]) for p in report["probes"])  # the rule, probe by probe
     assert report["tolerance"]["raised"] == noisy
     assert all(_own_error(p) < p["float32_floor"] for p in report["probes"])  # the original's rounding is part of it
     assert report["passed"], report["reasons"]
