@@ -128,7 +128,7 @@ def nudge_in_place(twin, written: set[str], seed: int = SEED):
         if name in written:
             values = param.data().asnumpy().astype(np.float64, copy=False)  # our own copy: moved in place
             _move(values.reshape(-1), rng, scratch)
-            param.set_data(values)  # copied once, into the twin's own array
+            param.set_data(values)  # copied once into the twin's own array (float64: never in a oneDNN layout)
     return twin
 
 
