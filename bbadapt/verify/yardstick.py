@@ -92,7 +92,7 @@ def _move(flat: np.ndarray, rng: np.random.RandomState, scratch: _Scratch) -> No
 
 def nudge(values: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     """``values`` (float64) moved by one float32 ulp each, up or down at random (a new array)."""
-    moved = np.array(values, dtype=np.float64)
+    moved = np.array(values, dtype=np.float64, order="C")  # C order: reshape(-1) is a view, and draws go in C order
     _move(moved.reshape(-1), rng, _Scratch(moved.size))
     return moved
 

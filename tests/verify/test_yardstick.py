@@ -50,7 +50,9 @@ def test_a_step_is_numpys_float32_spacing_bit_for_bit_across_chunks_and_special_
 
 
 def test_a_nudge_moves_each_number_by_its_ulp_in_the_directions_one_draw_over_the_whole_array_gives():
-    arrays = [awkward((2 * CHUNK + 5,), 1), awkward((512, 256, 3, 3), 2), awkward((7,), 3)]
+    channels_last = awkward((64, 3, 7, 7), 4).transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)  # torch's strides
+    arrays = [awkward((2 * CHUNK + 5,), 1), awkward((512, 256, 3, 3), 2), awkward((7,), 3), channels_last,
+              np.asfortranarray(awkward((300, 401), 5))]
     ours, definition = np.random.RandomState(yardstick.SEED), np.random.RandomState(yardstick.SEED)
     for values in arrays:  # one generator across arrays, as the check walks a net's parameters
         before = values.copy()
