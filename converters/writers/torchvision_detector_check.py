@@ -200,7 +200,7 @@ class Float64Twin:
                 with torch.no_grad():
                     for name, tensor in self._numbers(twin):
                         if tensor.is_floating_point():
-                            moved = nudge(source[name].detach().cpu().numpy().astype(np.float64), rng)
+                            moved = nudge(source[name].detach().cpu().numpy(), rng)  # nudge makes its own float64 copy
                             tensor.copy_(torch.from_numpy(moved).to(tensor.device, tensor.dtype))
                 yield twin
         finally:

@@ -8,8 +8,7 @@ array for the directions, so a verdict does not change with the speed-up.
 
 import numpy as np
 
-from bbadapt.verify import yardstick
-from bbadapt.verify.yardstick import CHUNK, nudge, ulp
+from bbadapt.verify.yardstick import CHUNK, SEED, nudge, ulp
 
 
 def spacing(values: np.ndarray) -> np.ndarray:
@@ -53,7 +52,7 @@ def test_a_nudge_moves_each_number_by_its_ulp_in_the_directions_one_draw_over_th
     channels_last = awkward((64, 3, 7, 7), 4).transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)  # torch's strides
     arrays = [awkward((2 * CHUNK + 5,), 1), awkward((512, 256, 3, 3), 2), awkward((7,), 3), channels_last,
               np.asfortranarray(awkward((300, 401), 5))]
-    ours, definition = np.random.RandomState(yardstick.SEED), np.random.RandomState(yardstick.SEED)
+    ours, definition = np.random.RandomState(SEED), np.random.RandomState(SEED)
     for values in arrays:  # one generator across arrays, as the check walks a net's parameters
         before = values.copy()
         got = nudge(values, ours)
